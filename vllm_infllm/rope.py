@@ -1,0 +1,42 @@
+"""Rotary-embedding helpers for the global-position remap of DESIGN §2.
+
+The model applies RoPE before our backend sees q/k, so keys in the cache are `R(j)·k_raw(j)`.
+InfLLM's global logit is `<R(n_local-1)·q_raw(p), k_raw(j)>`; we get there from the rotated
+tensors with the model's own table: keys are rotated back by `-j`, queries by `n_local-1-p`.
+Rotations by a negative angle use the table row of |a| with the sine negated, so un-rotating
+a key is the exact inverse of what the model did (same cos/sin values).
+
+Tables are NeoX style (rotate-half over the two halves of the head dim), `cos, sin: [rows, D/2]`,
+as vLLM's `RotaryEmbedding.cos_sin_cache` stores them (cos half then sin half).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Rotate `x[..., D]` by signed integer positions `pos` (shape = x.shape[:k] for some k).
+
+    Computes in fp32 and returns fp32. `pos` may be negative: R(-a) = R(a)^T.
+    """
+    pos = pos.to(torch.long)
+    idx = pos.abs()
+    c = cos[idx].float()
+    s = sin[idx].float() * torch.where(pos < 0, -1.0, 1.0).unsqueeze(-1)
+    while c.dim() < x.dim():  # broadcast over head (and any further) dims
+        c, s = c.unsqueeze(-2), s.unsqueeze(-2)
+    x = x.float()
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+def rope_table(head_dim: int, rows: int, base: float = 10000.0, dtype=torch.float32):
+    """A plain NeoX rotary table (`cos, sin: [rows, head_dim/2]`), for tests and benchmarks.
+
+    In vLLM the backend uses the model's own table instead (see backend.py).
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.arange(rows, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
