@@ -104,7 +104,10 @@ def infllm_reference_trace(
 
     for c0, c1 in selection_chunks(T, config, prefill_len, step_bounds):
         # Sealing: a unit's representatives are fixed when it first becomes a candidate.
-        K = config.num_candidates(c0)
+        w0 = max(0, c0 - n_local + 1)
+        K = 0  # candidates: units that end at or before w(c0)
+        while n_init + (K + 1) * B <= w0:
+            K += 1
         for u in range(K):
             if u not in reprs:
                 toks = unit_tokens(u)

@@ -8,6 +8,7 @@ import itertools
 
 import torch
 
+from vllm_infllm import ops as ops_pkg
 from vllm_infllm.config import InfLLMConfig
 from vllm_infllm.reference import infllm_reference_trace
 from vllm_infllm.rope import rope_table, rotate
@@ -38,21 +39,30 @@ def make_request(prefill_pieces, decode_steps, Hq, Hkv, D, gen, scale_qk=1.0):
     return Request(list(prefill_pieces) + [1] * decode_steps, sum(prefill_pieces), q, k, v)
 
 
-def run_paged(requests, config: InfLLMConfig, cos, sin, *, layers=1, dtype=torch.float32,
-              device="cpu", ops=None, gen=None, num_blocks=None, fill=None):
-    """Run all requests through the paged runtime; returns per-layer lists of [T, Hq, D] outputs.
+@dataclasses.dataclass
+class PagedRun:
+    outs: list  # [layer][request] -> [T, Hq, D] fp32
+    caches: list  # per layer [num_blocks, Hkv, B, 2D]
+    memories: list  # per layer LayerMemory
+    block_table: torch.Tensor  # [num_requests, width]
 
-    Layer l uses (q, k, v) * (1 + l) * ... (a per-layer variant) so layers have different state.
-    `fill(r)` may be given to pre-fill blocks with garbage state (recycling tests).
+
+def run_paged(requests, config: InfLLMConfig, cos, sin, *, layers=1, dtype=torch.float32,
+              device="cpu", ops=None, gen=None, num_blocks=None, reuse: PagedRun | None = None):
+    """Run all requests through the paged runtime, step by step like vLLM's scheduler would.
+
+    Layer l sees a scaled variant of (q, k, v) so layers hold different state. Blocks start
+    with random K/V and stale side state (scores, sealed=True), or with what `reuse` left in
+    them (recycling): the runtime must reset blocks it writes from offset 0.
     """
     B = config.block_size
     Hq, D = requests[0].q.shape[1:]
     Hkv = requests[0].k.shape[1]
     need = sum(-(-r.total // B) for r in requests)
-    num_blocks = num_blocks or need + 3
+    num_blocks = reuse.caches[0].shape[0] if reuse else (num_blocks or need + 3)
     gen = gen or torch.Generator().manual_seed(1234)
     perm = torch.randperm(num_blocks, generator=gen)
-    tables, at = [], 0
+    at = 0
     width = max(-(-r.total // B) for r in requests)
     block_table = torch.zeros(len(requests), width, dtype=torch.int32)
     for i, r in enumerate(requests):
@@ -61,7 +71,9 @@ def run_paged(requests, config: InfLLMConfig, cos, sin, *, layers=1, dtype=torch
         at += nb
     block_table = block_table.to(device)
     caches, memories = [], []
-    for _ in range(layers):
+    if reuse is not None:
+        caches, memories = reuse.caches, reuse.memories
+    for _ in range(layers if reuse is None else 0):
         kv = torch.randn(num_blocks, Hkv, B, 2 * D, generator=gen).to(dtype=dtype, device=device)
         mem = LayerMemory.allocate(num_blocks, Hq, D, B, dtype, device)
         mem.scores.copy_(torch.rand(mem.scores.shape, generator=gen))  # stale garbage: must be reset
@@ -100,8 +112,6 @@ def run_paged(requests, config: InfLLMConfig, cos, sin, *, layers=1, dtype=torch
             q = rotate(q, cos, sin, positions).to(dtype=dtype, device=device)
             k = rotate(k, cos, sin, positions).to(dtype=dtype, device=device)
             v = v.to(dtype=dtype, device=device)
-            from vllm_infllm import ops as ops_pkg
-
             o = ops_mod or ops_pkg.for_device(device)
             o.write_kv(caches[l], k, v, slots.to(device), memories[l])
             out = torch.zeros(T, Hq, D, dtype=dtype, device=device)
@@ -111,7 +121,7 @@ def run_paged(requests, config: InfLLMConfig, cos, sin, *, layers=1, dtype=torch
                 outs[l][i][a:b] = out[qsl[s] : qsl[s + 1]].float().cpu()
         for i, a, b in rows:
             done[i] = b
-    return outs
+    return PagedRun(outs, caches, memories, block_table)
 
 
 def run_oracle(requests, config, cos, sin, layer=0):

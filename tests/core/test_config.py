@@ -1,0 +1,60 @@
+import pytest
+
+from vllm_infllm.config import InfLLMConfig, InfLLMConfigError
+
+
+def test_defaults_are_the_papers():
+    c = InfLLMConfig.from_dict({})
+    assert c.to_dict() == dict(n_init=128, n_local=4096, block_size=128, topk=16, repr_topk=4, chunk=512)
+    assert InfLLMConfig.from_dict(None) == c
+    assert c.max_attended() == 128 + 4096 + 16 * 128 + 128 + 512
+
+
+def test_from_dict_overrides():
+    c = InfLLMConfig.from_dict({"n_local": 1024, "topk": 4})
+    assert (c.n_local, c.topk, c.n_init) == (1024, 4, 128)
+
+
+@pytest.mark.parametrize(
+    "values, field, words",
+    [
+        ({"n_init": 100}, "n_init", ["multiple of block_size=128", "n_init=0 or 128"]),
+        ({"chunk": 8192}, "chunk", ["chunk <= n_local=4096"]),
+        ({"block_size": 256, "n_local": 128, "chunk": 64, "n_init": 0}, "block_size", ["block_size <= n_local"]),
+        ({"repr_topk": 0}, "repr_topk", ["1 <= repr_topk <= block_size=128"]),
+        ({"repr_topk": 129}, "repr_topk", ["1 <= repr_topk"]),
+        ({"topk": -1}, "topk", ["topk >= 0"]),
+        ({"n_local": 0}, "n_local", ["n_local >= 1"]),
+        ({"topk": 2.5}, "topk", ["must be an integer"]),
+        ({"topk": "16"}, "topk", ["must be an integer"]),
+        ({"topk": True}, "topk", ["must be an integer"]),
+    ],
+)
+def test_bad_values_name_field_value_rule_and_fix(values, field, words):
+    with pytest.raises(InfLLMConfigError) as e:
+        InfLLMConfig.from_dict(values)
+    msg = str(e.value)
+    assert f"{field}=" in msg
+    assert repr(values[field]) in msg
+    for w in words:
+        assert w in msg
+    if "integer" not in msg:
+        assert "Fix:" in msg
+
+
+def test_unknown_key_suggests_closest():
+    with pytest.raises(InfLLMConfigError, match=r"unknown key 'top_k'.*Did you mean 'topk'"):
+        InfLLMConfig.from_dict({"top_k": 4})
+    with pytest.raises(InfLLMConfigError, match="Valid keys: n_init, n_local"):
+        InfLLMConfig.from_dict({"zzz": 1})
+    with pytest.raises(InfLLMConfigError, match="JSON object"):
+        InfLLMConfig.from_dict([("topk", 1)])
+
+
+def test_candidate_rule():
+    c = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=2, chunk=32)
+    # w(c0) = c0 - 63; units end at 32 + 16 (k+1)
+    assert c.window_start(10) == 0 and c.window_start(100) == 37
+    assert c.num_candidates(63 + 47) == 0  # w = 47: unit 0 ends at 48
+    assert c.num_candidates(63 + 48) == 1
+    assert c.num_candidates(63 + 80) == 3

@@ -1,0 +1,91 @@
+"""The paged torch runtime against the oracle, driven like vLLM drives it: varlen batches mixing
+prefill pieces (not aligned to `chunk`) and decodes, random block tables, GQA, several layers,
+recycled blocks with stale state."""
+
+import pytest
+import torch
+from harness import make_request, run_oracle, run_paged
+
+from vllm_infllm.config import InfLLMConfig
+from vllm_infllm.rope import rope_table
+
+SMALL = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32)
+
+
+def batch(Hq, Hkv, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        make_request([45, 77, 100], 6, Hq, Hkv, D, g),  # steps cut chunks at 45, 122 (chunk 32)
+        make_request([9], 30, Hq, Hkv, D, g),  # short prompt, long decode: mixed batches
+        make_request([260], 3, Hq, Hkv, D, g),  # one long step: several waves
+        make_request([31, 1, 40, 1], 12, Hq, Hkv, D, g),  # 1-token prefill pieces
+    ]
+
+
+def assert_matches_oracle(reqs, run, cfg, cos, sin, layers, atol=1e-4):
+    for layer in range(layers):
+        for r, out, tr in zip(reqs, run.outs[layer], run_oracle(reqs, cfg, cos, sin, layer)):
+            torch.testing.assert_close(out, tr.out, rtol=1e-4, atol=atol)
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (6, 2), (7, 1), (8, 1)])
+@pytest.mark.parametrize("D", [64, 128])
+def test_paged_matches_oracle(Hq, Hkv, D):
+    reqs = batch(Hq, Hkv, D)
+    cos, sin = rope_table(D, 1024)
+    run = run_paged(reqs, SMALL, cos, sin, layers=2)
+    assert_matches_oracle(reqs, run, SMALL, cos, sin, layers=2)
+
+
+def test_representatives_and_selection_match_oracle():
+    reqs = batch(6, 2, 64, seed=5)
+    cos, sin = rope_table(64, 1024)
+    run = run_paged(reqs, SMALL, cos, sin)
+    mem, table = run.memories[0], run.block_table
+    sealed_checked = 0
+    for i, tr in enumerate(run_oracle(reqs, SMALL, cos, sin)):
+        for u, r in tr.reprs.items():
+            blk = table[i, SMALL.init_blocks + u]
+            assert mem.sealed[blk]
+            torch.testing.assert_close(mem.reprs[blk], r, rtol=1e-4, atol=1e-5)
+            sealed_checked += 1
+    assert sealed_checked > 10
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        InfLLMConfig(n_init=0, n_local=48, block_size=16, topk=1, repr_topk=1, chunk=48),
+        InfLLMConfig(n_init=16, n_local=32, block_size=16, topk=0, repr_topk=2, chunk=16),
+        InfLLMConfig(n_init=64, n_local=128, block_size=32, topk=3, repr_topk=32, chunk=64),
+    ],
+    ids=["no-init", "topk0-control", "wide"],
+)
+def test_other_configs(cfg):
+    reqs = batch(6, 3, 64, seed=2)
+    cos, sin = rope_table(64, 1024)
+    run = run_paged(reqs, cfg, cos, sin)
+    assert_matches_oracle(reqs, run, cfg, cos, sin, layers=1)
+
+
+def test_recycled_blocks_start_afresh():
+    # First batch fills every block with real state; the second batch gets the same physical
+    # blocks in another order and must not see any of it (scores, sealed flags, reprs).
+    cos, sin = rope_table(64, 1024)
+    g = torch.Generator().manual_seed(9)
+    first = [make_request([200], 20, 6, 2, 64, g), make_request([150], 40, 6, 2, 64, g)]
+    run1 = run_paged(first, SMALL, cos, sin, num_blocks=40)
+    assert run1.memories[0].sealed.sum() > 10
+    second = [make_request([120, 90], 10, 6, 2, 64, g), make_request([230], 8, 6, 2, 64, g)]
+    run2 = run_paged(second, SMALL, cos, sin, reuse=run1, gen=torch.Generator().manual_seed(3))
+    assert_matches_oracle(second, run2, SMALL, cos, sin, layers=1)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 6e-2)])
+def test_half_precision_cache(dtype, tol):
+    reqs = batch(6, 2, 64, seed=4)[:3]
+    cos, sin = rope_table(64, 1024)
+    run = run_paged(reqs, SMALL, cos, sin, dtype=dtype)
+    for r, out, tr in zip(reqs, run.outs[0], run_oracle(reqs, SMALL, cos, sin)):
+        assert (out - tr.out).abs().max() < tol * 5
+        assert (out - tr.out).abs().mean() < tol

@@ -1,0 +1,124 @@
+"""The oracle against independent facts: dense attention where InfLLM must equal it, a planted
+needle it must find, and the sliding-window control that must miss it."""
+
+import pytest
+import torch
+
+from vllm_infllm.config import InfLLMConfig
+from vllm_infllm.reference import infllm_attention_reference, infllm_reference_trace, selection_chunks
+from vllm_infllm.rope import rope_table, rotate
+
+
+def dense_causal(q, k, v, cos, sin):
+    """Plain causal attention with RoPE at absolute positions (torch SDPA)."""
+    T, Hq, _ = q.shape
+    G = Hq // k.shape[1]
+    pos = torch.arange(T)
+    ql, kl = rotate(q, cos, sin, pos), rotate(k, cos, sin, pos)
+    kl, vv = kl.repeat_interleave(G, 1), v.float().repeat_interleave(G, 1)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        ql.transpose(0, 1), kl.transpose(0, 1), vv.transpose(0, 1), is_causal=True
+    )
+    return o.transpose(0, 1)
+
+
+def rand_qkv(T, Hq, Hkv, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(T, Hq, D, generator=g), torch.randn(T, Hkv, D, generator=g),
+            torch.randn(T, Hkv, D, generator=g))
+
+
+SMALL = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32)
+
+
+@pytest.mark.parametrize("prefill_len", [None, 10, 50])
+def test_short_context_is_dense(prefill_len):
+    # T <= n_local: every key is local, so InfLLM is dense causal attention with real RoPE.
+    q, k, v = rand_qkv(64, 6, 2, 16)
+    cos, sin = rope_table(16, 256)
+    out = infllm_attention_reference(q, k, v, cos, sin, SMALL, prefill_len)
+    torch.testing.assert_close(out, dense_causal(q, k, v, cos, sin), rtol=1e-5, atol=1e-5)
+
+
+def test_init_plus_local_is_dense_without_positions():
+    # n_local < T <= n_init + n_local: init keys are attended globally at distance n_local-1,
+    # which equals dense attention exactly when the rotary table is the identity.
+    q, k, v = rand_qkv(96, 4, 4, 16)
+    one, zero = torch.ones(256, 8), torch.zeros(256, 8)
+    out = infllm_attention_reference(q, k, v, one, zero, SMALL, prefill_len=70)
+    torch.testing.assert_close(out, dense_causal(q, k, v, one, zero), rtol=1e-5, atol=1e-5)
+    # ... and differs with a real table (global keys sit at distance n_local-1, not their own).
+    cos, sin = rope_table(16, 256)
+    assert (infllm_attention_reference(q, k, v, cos, sin, SMALL) - dense_causal(q, k, v, cos, sin)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("prefill_len", [None, 130, 300])
+def test_all_units_selected_is_dense_without_positions(prefill_len):
+    # topk >= number of units: init + every unit + remainder + local = all keys, each once.
+    q, k, v = rand_qkv(300, 6, 3, 16, seed=1)
+    one, zero = torch.ones(512, 8), torch.zeros(512, 8)
+    cfg = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=100, repr_topk=2, chunk=32)
+    out = infllm_attention_reference(q, k, v, one, zero, cfg, prefill_len)
+    torch.testing.assert_close(out, dense_causal(q, k, v, one, zero), rtol=1e-5, atol=1e-5)
+
+
+def test_selection_chunks_follow_alignment_steps_and_decode():
+    cfg = SMALL  # chunk 32
+    assert selection_chunks(100, cfg, prefill_len=70) == (
+        [(0, 32), (32, 64), (64, 70)] + [(p, p + 1) for p in range(70, 100)]
+    )
+    assert selection_chunks(70, cfg, step_bounds=[20, 40]) == [(0, 20), (20, 32), (32, 40), (40, 64), (64, 70)]
+
+
+def planted_needle(topk, T=700, D=32, needle_unit=7, seed=0):
+    """Noise everywhere, one memory unit whose raw keys point along R(n_local-1)·d and whose
+    values are a marker; decode queries point along d."""
+    cfg = InfLLMConfig(n_init=16, n_local=64, block_size=16, topk=topk, repr_topk=2, chunk=32)
+    g = torch.Generator().manual_seed(seed)
+    Hq, Hkv = 4, 2
+    q = torch.randn(T, Hq, D, generator=g) * 0.3
+    k = torch.randn(T, Hkv, D, generator=g) * 0.3
+    v = torch.randn(T, Hkv, D, generator=g)
+    cos, sin = rope_table(D, 1024)
+    d = torch.randn(D, generator=g)
+    d = d / d.norm()
+    toks = torch.arange(cfg.n_init + needle_unit * 16, cfg.n_init + (needle_unit + 1) * 16)
+    k_dir = rotate(d[None, None], cos, sin, torch.tensor([cfg.n_local - 1]))[0, 0]
+    k[toks] = 12.0 * k_dir
+    marker = torch.zeros(D)
+    marker[0] = 5.0
+    v[toks] = marker
+    prefill = T - 8
+    q[prefill:] = 3.0 * d
+    trace = infllm_reference_trace(q, k, v, cos, sin, cfg, prefill_len=prefill)
+    return trace, needle_unit, marker, prefill
+
+
+def test_planted_needle_is_selected_and_dominates():
+    trace, unit, marker, prefill = planted_needle(topk=1)
+    decode = [c for c in trace.chunks if c.c0 >= prefill]
+    assert decode and all(c.selected == [unit] and c.num_candidates > 20 for c in decode)
+    out = trace.out[prefill:]  # [8, Hq, D]
+    assert torch.cosine_similarity(out.reshape(-1, out.shape[-1]), marker[None], dim=-1).min() > 0.95
+
+
+def test_sliding_window_control_misses_the_needle():
+    trace, unit, marker, prefill = planted_needle(topk=0)
+    assert all(c.selected == [] for c in trace.chunks)
+    out = trace.out[prefill:]
+    assert torch.cosine_similarity(out.reshape(-1, out.shape[-1]), marker[None], dim=-1).max() < 0.5
+
+
+def test_representatives_are_mean_raw_keys_of_top_scored_tokens():
+    q, k, v = rand_qkv(200, 4, 2, 16, seed=3)
+    cos, sin = rope_table(16, 256)
+    tr = infllm_reference_trace(q, k, v, cos, sin, SMALL)
+    assert set(tr.reprs) == set(range(SMALL.num_candidates(tr.chunks[-1].c0)))
+    for u, r in tr.reprs.items():
+        toks = torch.arange(32 + 16 * u, 32 + 16 * (u + 1))
+        for h in range(4):
+            best = tr.scores[h, toks].argsort(descending=True)[:3]
+            torch.testing.assert_close(r[h], k[toks[best], h // 2].mean(0))
+    # every key's score is the total local softmax mass it received: a token inside the
+    # windows of many queries has a positive score; all scores are below the number of queries.
+    assert (tr.scores > 0).all() and (tr.scores <= 200).all()
