@@ -40,3 +40,12 @@ def rope_table(head_dim: int, rows: int, base: float = 10000.0, dtype=torch.floa
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     angles = torch.arange(rows, dtype=torch.float64)[:, None] * inv_freq[None, :]
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def global_query_shift(pos: torch.Tensor, n_local: int) -> torch.Tensor:
+    """Angle that takes a query rotated at `pos` to InfLLM's global position n_local-1.
+
+    Only queries with p >= n_local have global keys (w(p) > 0); others get 0, so that a model
+    whose table is shorter than n_local (all its contexts dense) never reads past the table.
+    """
+    return torch.where(pos >= n_local, n_local - 1 - pos, 0)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..config import InfLLMConfig
-from ..rope import rotate
+from ..rope import global_query_shift, rotate
 from ..runtime import ChunkBatch, LayerMemory
 
 # Upper bound on elements of one padded logits tensor (tiles x heads x queries x keys).
@@ -80,7 +80,7 @@ def _chunk_mean_query(query, chunks: ChunkBatch, cos, sin, config: InfLLMConfig)
     valid = i[None, :] < chunks.length[:, None]
     rows = torch.where(valid, chunks.q0[:, None] + i, chunks.q0[:, None])
     pos = chunks.c0[:, None] + i
-    q = rotate(query[rows], cos, sin, config.n_local - 1 - pos)  # [n, L, Hq, D]
+    q = rotate(query[rows], cos, sin, global_query_shift(pos, config.n_local))  # [n, L, Hq, D]
     q = q * valid[..., None, None]
     return q.sum(1) / chunks.length[:, None, None]
 
@@ -175,7 +175,7 @@ def _attend_tiles(query, kv_cache, memory, block_table, chunks, selected, cos, s
     gpos_c = torch.where(gmask.any(dim=1), gpos, 0)
     k_glob, v_glob, _ = _gather_kv(kv_cache, block_table, req, gpos_c)
     k_glob = rotate(k_glob, cos, sin, -gpos_c)  # raw keys
-    q_glob = rotate(q, cos, sin, n_local - 1 - pos)  # R(n_local-1) q_raw
+    q_glob = rotate(q, cos, sin, global_query_shift(pos, n_local))  # R(n_local-1) q_raw
 
     # One softmax over local + global (GQA: query head h reads KV head h // G).
     qg = q.view(len(tiles), Qt, Hkv, G, D)
