@@ -83,7 +83,11 @@ def plan_step(
 
     Request r owns query rows [query_start_loc[r], query_start_loc[r+1]) at positions
     seq_lens[r] - query_len + i. Prefill spans are cut at absolute multiples of `chunk`;
-    a one-token query (decode) is a chunk of its own.
+    a one-token query (decode) is a chunk of its own, and so is the last query of every
+    step. That query produces the next token when the step ends the prompt; a selection by
+    the mean of up to `chunk` filler queries would hide from it what it is asked about (the
+    original InfLLM likewise feeds the last prompt token alone). Selection chunks are thus
+    cut at step starts, at multiples of `chunk`, and before each step's last query.
     """
     qsl = [int(x) for x in query_start_loc]
     lens = [int(x) for x in seq_lens]
@@ -100,6 +104,8 @@ def plan_step(
         c0, end = start, start + n_q
         while c0 < end:
             c1 = min(end, (c0 // config.chunk + 1) * config.chunk)
+            if c1 == end and c0 < end - 1:
+                c1 = end - 1  # the step's last query selects alone (see plan_step's doc)
             chunks.append((r, c0, c1 - c0, qsl[r] + (c0 - start), config.num_candidates(c0)))
             c0 = c1
         per_req.append(chunks)

@@ -28,7 +28,10 @@ class Request:
         return sum(self.pieces)
 
     def step_bounds(self):
-        return list(itertools.accumulate(self.pieces))[:-1]
+        """Where the runtime cuts selection chunks besides multiples of `chunk`: each step's
+        start, and its last query (selected alone, see runtime.plan_step)."""
+        ends = list(itertools.accumulate(self.pieces))
+        return ends[:-1] + [e - 1 for e, n in zip(ends, self.pieces) if n > 1]
 
 
 def make_request(prefill_pieces, decode_steps, Hq, Hkv, D, gen, scale_qk=1.0):

@@ -177,19 +177,53 @@ def _attend_tiles(query, kv_cache, memory, block_table, chunks, selected, cos, s
     k_glob = rotate(k_glob, cos, sin, -gpos_c)  # raw keys
     q_glob = rotate(q, cos, sin, global_query_shift(pos, n_local))  # R(n_local-1) q_raw
 
-    # One softmax over local + global (GQA: query head h reads KV head h // G).
-    qg = q.view(len(tiles), Qt, Hkv, G, D)
-    s_loc = torch.einsum("nqhgd,nlhd->nhgql", qg, k_loc) * scale
-    s_glob = torch.einsum("nqhgd,nlhd->nhgql", q_glob.view_as(qg), k_glob) * scale
-    s_loc = s_loc.masked_fill(~lmask[:, None, None], float("-inf"))
-    s_glob = s_glob.masked_fill(~gmask[:, None, None], float("-inf"))
-    probs = torch.softmax(torch.cat([s_loc, s_glob], dim=-1), dim=-1).nan_to_num(0.0)
-    p_loc, p_glob = probs[..., :n_loc], probs[..., n_loc:]
-    o = torch.einsum("nhgql,nlhd->nqhgd", p_loc, v_loc) + torch.einsum("nhgql,nlhd->nqhgd", p_glob, v_glob)
-    out[rows[qvalid]] = o.reshape(len(tiles), Qt, Hq, D)[qvalid].to(out.dtype)
+    # Two partial attentions merged by log-sum-exp == one softmax over local + global.
+    # GQA: the G query heads of a KV head are folded into the query axis (no K/V copies).
+    n = len(tiles)
+
+    def fold(x):  # [n, Qt, Hq, D] -> [n, Hkv, G*Qt, D]
+        return x.view(n, Qt, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(n, Hkv, G * Qt, D)
+
+    q_loc = fold(q)
+    o_loc, lse_loc = _partial_attention(q_loc, k_loc.transpose(1, 2), v_loc.transpose(1, 2), lmask, scale, G)
+    o_glob, lse_glob = _partial_attention(
+        fold(q_glob), k_glob.transpose(1, 2), v_glob.transpose(1, 2), gmask, scale, G
+    )
+    lse = torch.logaddexp(lse_loc, lse_glob)  # [n, Hkv, G*Qt]; local is never empty
+    o = o_loc * (lse_loc - lse).exp()[..., None] + o_glob * (lse_glob - lse).exp()[..., None]
+    o = o.view(n, Hkv, G, Qt, D).permute(0, 3, 1, 2, 4).reshape(n, Qt, Hq, D)
+    out[rows[qvalid]] = o[qvalid].to(out.dtype)
 
     if config.topk > 0:  # representative scores: fp32 mass each local key received
-        mass = p_loc.sum(dim=3).reshape(len(tiles), Hq, n_loc).transpose(1, 2)  # [n, Lloc, Hq]
+        s_loc = torch.matmul(q_loc, k_loc.permute(0, 2, 3, 1)) * scale  # [n, Hkv, G*Qt, Lloc]
+        p_loc = (s_loc - lse[..., None]).exp().masked_fill(~_fold_mask(lmask, G), 0.0)
+        mass = p_loc.view(n, Hq, Qt, n_loc).sum(dim=2).transpose(1, 2)  # [n, Lloc, Hq]
         heads = torch.arange(Hq, device=device)[None, None, :]
         index = (phys_loc[..., None], heads, (lpos_c % B)[..., None])
         memory.scores.index_put_(index, mass, accumulate=True)
+
+
+def _fold_mask(mask, G):
+    """[n, Qt, L] -> [n, 1, G*Qt, L], matching the folded query axis."""
+    n, Qt, L = mask.shape
+    return mask[:, None].expand(n, G, Qt, L).reshape(n, 1, G * Qt, L)
+
+
+def _partial_attention(q, k, v, mask, scale, G):
+    """Softmax attention over a masked key set: (out, lse); rows with no key get lse = -inf.
+
+    q: [n, Hkv, G*Qt, D], k, v: [n, Hkv, L, D], mask: [n, Qt, L] bool (shared by the G heads).
+    On CPU this is torch's fused flash kernel, which also returns the LSE we merge with.
+    """
+    fmask = _fold_mask(mask, G)
+    if q.device.type == "cpu" and k.shape[2] > 0:
+        bias = torch.zeros(fmask.shape, dtype=q.dtype, device=q.device).masked_fill_(~fmask, float("-inf"))
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=bias, scale=scale
+        )[:2]
+    else:
+        s = (torch.matmul(q, k.transpose(-1, -2)) * scale).masked_fill(~fmask, float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)
+        o = torch.matmul((s - lse[..., None]).exp().nan_to_num(0.0), v)
+    empty = ~fmask.any(dim=-1)  # [n, 1, G*Qt]
+    return o.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, float("-inf"))
