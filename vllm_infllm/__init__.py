@@ -66,6 +66,8 @@ def register() -> None:
     else:
         register_backend(custom, BACKEND_CLASS)
 
+    from .engine_args import patch_engine_args
     from .platform import patch_cpu_platform
 
     patch_cpu_platform()
+    patch_engine_args()

@@ -544,9 +544,12 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
 
 
 def infllm_config_from_vllm(vllm_config: VllmConfig) -> InfLLMConfig:
+    return infllm_config_from_additional(vllm_config.additional_config)
+
+
+def infllm_config_from_additional(additional_config: dict | None) -> InfLLMConfig:
     """`additional_config["infllm"]` as a validated InfLLMConfig (block size fixed at 128)."""
-    extra = (vllm_config.additional_config or {}) if vllm_config is not None else {}
-    config = InfLLMConfig.from_dict(extra.get("infllm"))
+    config = InfLLMConfig.from_dict((additional_config or {}).get("infllm"))
     if config.block_size != INFLLM_BLOCK_SIZE:
         raise InfLLMConfigError(
             f"infllm config: block_size={config.block_size} is not supported by the vLLM "
