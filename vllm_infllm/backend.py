@@ -181,21 +181,6 @@ def write_kv_to_cache(
     kv[blk, :, off, d:] = value.to(kv.dtype)
 
 
-def gather_request_kv(
-    kv_cache: torch.Tensor,
-    block_ids: torch.Tensor,
-    seq_len: int,
-    num_kv_heads: int,
-    head_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys/values of positions ``[0, seq_len)`` of one request: ``[seq_len, Hkv, D]`` each."""
-    block_size = kv_cache.shape[2]
-    nblk = -(-seq_len // block_size)
-    pages = kv_cache[block_ids[:nblk].to(torch.long), :num_kv_heads]  # [nblk, Hkv, N, 2D]
-    kv = pages.transpose(1, 2).reshape(nblk * block_size, num_kv_heads, -1)[:seq_len]
-    return kv[..., :head_size], kv[..., head_size:]
-
-
 # --------------------------------------------------------------------------------------------
 # The model's rotary table
 # --------------------------------------------------------------------------------------------
@@ -447,7 +432,8 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
         )
         self.extra_impl_args = extra_impl_args
         cfg = get_current_vllm_config_or_none()
-        self.config = infllm_config_from_vllm(cfg) if cfg is not None else InfLLMConfig()
+        if cfg is not None:
+            infllm_config_from_vllm(cfg)  # fail while the model is built, not at the first step
         # The model's rotary module; the model built it just before this layer.
         self.rope = None
         if cfg is not None and cfg.model_config is not None:

