@@ -51,6 +51,12 @@ def register() -> None:
             f"attention backend {BACKEND_NAME} is already registered to "
             f"{AttentionBackendEnum[BACKEND_NAME].get_path()!r}, not {BACKEND_CLASS!r}"
         )
+    member = AttentionBackendEnum[BACKEND_NAME]
+    if "__reduce_ex__" not in vars(member):
+        # A spawn-started process (vLLM's CPU engine core always is) unpickles the config
+        # before it loads plugins, and the dynamic member does not exist there yet: pickle
+        # it as "register, then look it up" instead of "AttentionBackendEnum(<value>)".
+        object.__setattr__(member, "__reduce_ex__", lambda protocol: (_backend_member, (BACKEND_NAME,)))
 
     custom = AttentionBackendEnum.CUSTOM
     if custom.is_overridden() and custom.get_path() != BACKEND_CLASS:
@@ -71,3 +77,11 @@ def register() -> None:
 
     patch_cpu_platform()
     patch_engine_args()
+
+
+def _backend_member(name: str):
+    """Unpickle our AttentionBackendEnum member in a process that has not loaded plugins."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    register()
+    return AttentionBackendEnum[name]
