@@ -187,3 +187,46 @@ else:
     raise AssertionError("MLA accepted")
 """
     )
+
+
+def test_engine_args_validate_config_and_extend_rope(python_subprocess):
+    # With infllm selected, the config is validated and a max_model_len beyond the model's
+    # trained length extends its RoPE table, before any engine starts.
+    from vllm_infllm.assets import default_model_dir
+
+    model = default_model_dir()
+    if not (model / "config.json").exists():
+        pytest.skip("model not converted: run scripts/setup.sh")
+    python_subprocess(
+        f"""
+import vllm.plugins
+vllm.plugins.load_general_plugins()
+from vllm.engine.arg_utils import EngineArgs
+from vllm_infllm.config import InfLLMConfigError
+
+def model_config(**kw):
+    return EngineArgs(model={str(model)!r}, **kw).create_model_config()
+
+try:
+    model_config(attention_backend="infllm", additional_config={{"infllm": {{"top_k": 4}}}})
+    raise AssertionError("bad key accepted")
+except InfLLMConfigError as e:
+    assert "Did you mean 'topk'" in str(e), e
+try:
+    model_config(attention_backend="infllm", additional_config={{"infllm": {{"block_size": 64, "n_init": 0}}}})
+    raise AssertionError("block_size 64 accepted")
+except InfLLMConfigError as e:
+    assert "kernel blocks" in str(e), e
+
+mc = model_config(attention_backend="infllm", max_model_len=32768)
+assert mc.max_model_len == 32768 and mc.hf_text_config.max_position_embeddings == 32768
+mc = model_config(attention_backend="infllm")                    # nothing asked: unchanged
+assert mc.max_model_len == 8192 and mc.hf_text_config.max_position_embeddings == 8192
+try:                                                               # other backends: vLLM's rule
+    model_config(max_model_len=32768)
+    raise AssertionError("vLLM accepted a length beyond the model without infllm")
+except Exception as e:
+    assert "max_model_len" in str(e) or "max_position_embeddings" in str(e), e
+""",
+        env={"VLLM_PLUGINS": None},
+    )
