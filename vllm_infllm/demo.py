@@ -1,7 +1,7 @@
 """Passkey demo: SmolLM2-135M (trained on 8K tokens) finds a number hidden in a longer prompt.
 
     bash scripts/demo.sh                       # set-up, then this with the defaults
-    python -m vllm_infllm.demo --length 16000 --depth 0.3 --topk 4 --n-local 1024
+    python -m vllm_infllm.demo --length 12000 --depth 0.25 --topk 4 --n-local 1024 --control
 
 Runs vLLM's offline `LLM(attention_backend="infllm")` on the CPU build and prints, for each
 depth, the expected key, the model's answer, right/wrong and the time. `--control` also runs
@@ -18,10 +18,10 @@ import time
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF model folder (default: the converted SmolLM2)")
-    ap.add_argument("--length", type=int, default=12000, help="prompt length in tokens")
-    ap.add_argument("--depth", type=float, nargs="+", default=[0.25, 0.5, 0.75],
+    ap.add_argument("--length", type=int, default=8000, help="prompt length in tokens")
+    ap.add_argument("--depth", type=float, nargs="+", default=[0.5, 0.9],
                     help="needle depths in [0, 1] (one prompt each, batched)")
-    ap.add_argument("--n-local", type=int, default=1024)
+    ap.add_argument("--n-local", type=int, default=512)
     ap.add_argument("--topk", type=int, default=4)
     ap.add_argument("--control", action="store_true", help="also run topk=0 (sliding window + sinks)")
     ap.add_argument("--dtype", default="float32")
