@@ -1,0 +1,221 @@
+"""Prefill and decode throughput of SmolLM2 through vLLM's offline `LLM`: InfLLM vs CPU_ATTN.
+
+    python benchmarks/speed.py --cases 4000x1 8000x1 2000x8 --decode-tokens 64 \
+        --out benchmarks/results/speed
+
+Each configuration runs in its own subprocess of this invocation (one engine, clean peak RSS),
+one after the other, on the same prompts:
+
+  infllm    attention_backend="infllm", additional_config {"infllm": --infllm-config}
+            (default {"n_local": 1024, "topk": 4}; other knobs = package defaults:
+            n_init 128, block 128, repr_topk 4, chunk 512)
+  cpu_attn  vLLM's own CPU attention backend (no attention_backend argument), max_model_len
+            8192: SmolLM2's RoPE table ends at 8192, so cases with prompt + new tokens > 8192 are
+            SKIPPED, unless --cpu-attn-long, which raises the table with
+            hf_overrides={"max_position_embeddings": N} (what the plugin does for InfLLM); the
+            run then checks that the sampled logprobs are finite and records `nan` if not.
+
+Measurement, per case LxB (B prompts of L tokens: passkey prompts with distinct keys), prefix
+caching OFF so every generate recomputes the prefill, greedy, ignore_eos:
+  T1 = wall time of generate(max_tokens=1)          -> prefill tokens/s = B*L / T1
+  T2 = wall time of generate(max_tokens=N+1)        -> decode tokens/s  = B*N / (T2 - T1)
+(T1 includes the one decode-free sampling step; engine start and a short warm-up generate are
+excluded.) Also recorded: vLLM's per-request timestamps (first/last token) when available, the
+engine's KV-cache capacity, and peak RSS of the worker process (resource.getrusage ru_maxrss,
+which includes the pre-allocated KV cache, VLLM_CPU_KVCACHE_SPACE GiB, once touched).
+Ratios are infllm / cpu_attn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FULL_MAX_LEN = 8192
+
+
+def parse_case(s: str) -> tuple[int, int]:
+    L, _, B = s.lower().partition("x")
+    return int(L), int(B or 1)
+
+
+def worker(args) -> dict:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from vllm_infllm.assets import default_model_dir
+    from vllm_infllm.passkey import make_passkey_prompt
+
+    model = args.model or str(default_model_dir())
+    tok = AutoTokenizer.from_pretrained(model)
+    cases = [parse_case(c) for c in args.cases]
+    N = args.decode_tokens
+    name = args._worker
+    longest = max(L for L, _ in cases) + N + 8
+    kw = dict(model=model, enforce_eager=True, dtype=args.dtype, enable_prefix_caching=False,
+              max_num_seqs=max(B for _, B in cases), disable_log_stats=False)
+    if name == "infllm":
+        kw.update(attention_backend="infllm", additional_config={"infllm": json.loads(args.infllm_config)},
+                  max_model_len=max(FULL_MAX_LEN, longest))
+        limit = kw["max_model_len"]
+    elif args.cpu_attn_long and longest > FULL_MAX_LEN:
+        kw.update(max_model_len=longest, hf_overrides={"max_position_embeddings": longest})
+        limit = longest
+    else:
+        kw.update(max_model_len=FULL_MAX_LEN)
+        limit = FULL_MAX_LEN
+    t0 = time.time()
+    llm = LLM(**kw)
+    start_s = time.time() - t0
+    info = {"config": name, "engine_kwargs": {k: v for k, v in kw.items() if k != "model"},
+            "engine_start_seconds": round(start_s, 1)}
+    try:
+        cc = llm.llm_engine.vllm_config.cache_config
+        sc = llm.llm_engine.vllm_config.scheduler_config
+        info["kv_cache_blocks"] = cc.num_gpu_blocks
+        info["kv_block_size"] = cc.block_size
+        info["max_num_batched_tokens"] = sc.max_num_batched_tokens
+    except Exception as e:  # pragma: no cover - introspection only
+        info["introspection_error"] = repr(e)
+    # warm-up: one short request (first-call costs out of the measurement)
+    warm = make_passkey_prompt(tok, 600, 0.5, seed=99).text
+    llm.generate([warm], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
+
+    results = []
+    for L, B in cases:
+        rec = {"config": name, "length": L, "batch": B, "decode_tokens": N}
+        if L + N + 1 > limit:
+            rec["skipped"] = f"{name}: prompt {L} + {N + 1} new tokens > max_model_len {limit}"
+            results.append(rec)
+            continue
+        prompts = [make_passkey_prompt(tok, L, 0.5, seed=1000 + i) for i in range(B)]
+        texts = [p.text for p in prompts]
+        ntok = sum(p.num_tokens for p in prompts)
+        sp1 = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+        spN = SamplingParams(max_tokens=N + 1, temperature=0, ignore_eos=True, logprobs=1)
+        t = time.perf_counter()
+        llm.generate(texts, sp1, use_tqdm=False)
+        T1 = time.perf_counter() - t
+        t = time.perf_counter()
+        outs = llm.generate(texts, spN, use_tqdm=False)
+        T2 = time.perf_counter() - t
+        gen = [len(o.outputs[0].token_ids) for o in outs]
+        finite = all(
+            all(math.isfinite(lp[tid].logprob) for tid, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs or []))
+            for o in outs
+        )
+        corrupted = any(getattr(o.metrics, "is_corrupted", False) for o in outs if o.metrics is not None)
+        dec = [o.metrics.last_token_ts - o.metrics.first_token_ts for o in outs
+               if o.metrics is not None and getattr(o.metrics, "last_token_ts", 0) > 0]
+        rec.update(
+            prompt_tokens=ntok, generated=gen, t_prefill_s=round(T1, 3), t_total_s=round(T2, 3),
+            prefill_tok_s=round(ntok / T1, 1),
+            decode_tok_s=round(B * N / (T2 - T1), 2) if T2 > T1 else None,
+            decode_tok_s_from_timestamps=(round(B * N / max(dec), 2) if dec and max(dec) > 0 else None),
+            logprobs_finite=finite and not corrupted,
+            sample_text=outs[0].outputs[0].text[:60],
+            peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        )
+        print(f"[{name}] {L}x{B}: prefill {rec['prefill_tok_s']} tok/s ({T1:.1f} s), "
+              f"decode {rec['decode_tok_s']} tok/s ({T2 - T1:.1f} s for {N} tokens), "
+              f"finite={rec['logprobs_finite']}", file=sys.stderr, flush=True)
+        results.append(rec)
+    info["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    return {"info": info, "results": results}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="+", default=["4000x1", "8000x1"],
+                    help="LENGTHxBATCH, e.g. 4000x1 8000x1 2000x8")
+    ap.add_argument("--decode-tokens", type=int, default=64, help="N: decode tokens timed")
+    ap.add_argument("--configs", nargs="+", choices=["infllm", "cpu_attn"], default=["infllm", "cpu_attn"])
+    ap.add_argument("--infllm-config", default='{"n_local": 1024, "topk": 4}')
+    ap.add_argument("--cpu-attn-long", action="store_true",
+                    help="run CPU_ATTN beyond 8192 with hf_overrides max_position_embeddings")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--out", default="benchmarks/results/speed", help="output prefix (.json, .md)")
+    ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_result", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args._worker:
+        res = worker(args)
+        Path(args._result).write_text(json.dumps(res))
+        return 0
+
+    from tqdm import tqdm
+
+    raw = sys.argv[1:] if argv is None else list(argv)
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    started = time.time()
+    runs = {}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for name in tqdm(args.configs, desc="configs", file=sys.stderr):
+        res_path = out.with_name(out.name + f".{name}.worker.json")
+        cmd = [sys.executable, __file__, *raw, "--_worker", name, "--_result", str(res_path)]
+        t = time.time()
+        p = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL if not os.environ.get("SPEED_VERBOSE") else None)
+        if p.returncode != 0 or not res_path.exists():
+            runs[name] = {"info": {"config": name, "error": f"worker exited {p.returncode}"}, "results": []}
+        else:
+            runs[name] = json.loads(res_path.read_text())
+            res_path.unlink()
+        runs[name]["info"]["wall_seconds"] = round(time.time() - t, 1)
+
+    ratios = []
+    if "infllm" in runs and "cpu_attn" in runs:
+        base = {(r["length"], r["batch"]): r for r in runs["cpu_attn"]["results"] if "prefill_tok_s" in r}
+        for r in runs["infllm"]["results"]:
+            b = base.get((r["length"], r["batch"]))
+            if b and "prefill_tok_s" in r:
+                ratios.append({"length": r["length"], "batch": r["batch"],
+                               "prefill_ratio": round(r["prefill_tok_s"] / b["prefill_tok_s"], 3),
+                               "decode_ratio": (round(r["decode_tok_s"] / b["decode_tok_s"], 3)
+                                                if r["decode_tok_s"] and b["decode_tok_s"] else None)})
+    meta = {
+        "command": "python benchmarks/speed.py " + " ".join(raw),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}",
+        "VLLM_CPU_KVCACHE_SPACE": env["VLLM_CPU_KVCACHE_SPACE"],
+        "infllm_config": json.loads(args.infllm_config),
+        "total_seconds": round(time.time() - started, 1),
+    }
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "runs": runs, "ratios": ratios}, indent=1) + "\n")
+    lines = [f"# speed\n\n`{meta['command']}` ({meta['date']}, {meta['machine']})\n",
+             "| config | context | batch | prefill tok/s | decode tok/s | decode tok/s (timestamps) | finite | peak RSS GiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, run in runs.items():
+        if "error" in run["info"]:
+            lines.append(f"| {name} | — | — | {run['info']['error']} | | | | |")
+        for r in run["results"]:
+            if "skipped" in r:
+                lines.append(f"| {name} | {r['length']} | {r['batch']} | skipped: {r['skipped']} | | | | |")
+            else:
+                lines.append(f"| {name} | {r['length']} | {r['batch']} | {r['prefill_tok_s']} | {r['decode_tok_s']} | "
+                             f"{r['decode_tok_s_from_timestamps']} | {r['logprobs_finite']} | {r['peak_rss_gib']} |")
+    if ratios:
+        lines += ["", "| context | batch | prefill infllm/cpu_attn | decode infllm/cpu_attn |", "|---|---|---|---|"]
+        lines += [f"| {r['length']} | {r['batch']} | {r['prefill_ratio']} | {r['decode_ratio']} |" for r in ratios]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
