@@ -18,9 +18,11 @@ import pytest
 from vllm_infllm.assets import default_model_dir
 
 MODEL = default_model_dir()
-pytestmark = pytest.mark.skipif(
-    not (MODEL / "config.json").exists(), reason="model not converted: run scripts/setup.sh"
-)
+
+
+@pytest.fixture(autouse=True)
+def _model_converted():
+    assert (MODEL / "config.json").exists(), f"{MODEL} missing: run scripts/setup.sh"
 
 SMALL_WINDOW = {"n_local": 512, "topk": 4}
 LENGTH = 4000
