@@ -16,13 +16,14 @@ one after the other, on the same prompts:
             run then checks that the sampled logprobs are finite and records `nan` if not.
 
 Measurement, per case LxB (B prompts of L tokens: passkey prompts with distinct keys), prefix
-caching OFF so every generate recomputes the prefill, greedy, ignore_eos:
-  T1 = wall time of generate(max_tokens=1)          -> prefill tokens/s = B*L / T1
-  T2 = wall time of generate(max_tokens=N+1)        -> decode tokens/s  = B*N / (T2 - T1)
-(T1 includes the one decode-free sampling step; engine start and a short warm-up generate are
-excluded.) Also recorded: vLLM's per-request timestamps (first/last token) when available, the
-engine's KV-cache capacity, and peak RSS of the worker process (resource.getrusage ru_maxrss,
-which includes the pre-allocated KV cache, VLLM_CPU_KVCACHE_SPACE GiB, once touched).
+caching OFF, greedy, ignore_eos, ONE generate(max_tokens=N+1) per case (a 32K prefill on CPU_ATTN
+takes minutes; it is not repeated). From vLLM's per-request engine-core timestamps:
+  prefill tokens/s = B*L / (last first_token_ts - first scheduled_ts)
+  decode tokens/s  = B*N / (last last_token_ts - last first_token_ts)
+The wall time of the generate call is recorded beside them as a cross-check. Engine start and a
+short warm-up generate are excluded. Also recorded: the engine's KV-cache capacity, and peak RSS
+of the worker process (resource.getrusage ru_maxrss, which includes the pre-allocated KV cache,
+VLLM_CPU_KVCACHE_SPACE GiB, once touched).
 Ratios are infllm / cpu_attn.
 """
 
@@ -103,33 +104,32 @@ def worker(args) -> dict:
         prompts = [make_passkey_prompt(tok, L, 0.5, seed=1000 + i) for i in range(B)]
         texts = [p.text for p in prompts]
         ntok = sum(p.num_tokens for p in prompts)
-        sp1 = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
         spN = SamplingParams(max_tokens=N + 1, temperature=0, ignore_eos=True, logprobs=1)
         t = time.perf_counter()
-        llm.generate(texts, sp1, use_tqdm=False)
-        T1 = time.perf_counter() - t
-        t = time.perf_counter()
         outs = llm.generate(texts, spN, use_tqdm=False)
-        T2 = time.perf_counter() - t
+        T = time.perf_counter() - t
         gen = [len(o.outputs[0].token_ids) for o in outs]
         finite = all(
             all(math.isfinite(lp[tid].logprob) for tid, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs or []))
             for o in outs
         )
-        corrupted = any(getattr(o.metrics, "is_corrupted", False) for o in outs if o.metrics is not None)
-        dec = [o.metrics.last_token_ts - o.metrics.first_token_ts for o in outs
-               if o.metrics is not None and getattr(o.metrics, "last_token_ts", 0) > 0]
+        m = [o.metrics for o in outs]
+        if any(x is None or not getattr(x, "last_token_ts", 0) for x in m):
+            raise RuntimeError("vLLM returned no per-request timestamps; run without disable_log_stats")
+        corrupted = any(getattr(x, "is_corrupted", False) for x in m)
+        t_prefill = max(x.first_token_ts for x in m) - min(x.scheduled_ts for x in m)
+        t_decode = max(x.last_token_ts for x in m) - max(x.first_token_ts for x in m)
         rec.update(
-            prompt_tokens=ntok, generated=gen, t_prefill_s=round(T1, 3), t_total_s=round(T2, 3),
-            prefill_tok_s=round(ntok / T1, 1),
-            decode_tok_s=round(B * N / (T2 - T1), 2) if T2 > T1 else None,
-            decode_tok_s_from_timestamps=(round(B * N / max(dec), 2) if dec and max(dec) > 0 else None),
+            prompt_tokens=ntok, generated=gen, t_prefill_s=round(t_prefill, 3), t_decode_s=round(t_decode, 3),
+            t_generate_wall_s=round(T, 3),
+            prefill_tok_s=round(ntok / t_prefill, 1),
+            decode_tok_s=round(B * N / t_decode, 3) if t_decode > 0 else None,
             logprobs_finite=finite and not corrupted,
             sample_text=outs[0].outputs[0].text[:60],
             peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         )
-        print(f"[{name}] {L}x{B}: prefill {rec['prefill_tok_s']} tok/s ({T1:.1f} s), "
-              f"decode {rec['decode_tok_s']} tok/s ({T2 - T1:.1f} s for {N} tokens), "
+        print(f"[{name}] {L}x{B}: prefill {rec['prefill_tok_s']} tok/s ({t_prefill:.1f} s), "
+              f"decode {rec['decode_tok_s']} tok/s ({t_decode:.1f} s for {N} tokens), "
               f"finite={rec['logprobs_finite']}", file=sys.stderr, flush=True)
         results.append(rec)
     info["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     }
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "runs": runs, "ratios": ratios}, indent=1) + "\n")
     lines = [f"# speed\n\n`{meta['command']}` ({meta['date']}, {meta['machine']})\n",
-             "| config | context | batch | prefill tok/s | decode tok/s | decode tok/s (timestamps) | finite | peak RSS GiB |",
+             "| config | context | batch | prefill tok/s (s) | decode tok/s (s for N) | generate wall s | finite | peak RSS GiB |",
              "|---|---|---|---|---|---|---|---|"]
     for name, run in runs.items():
         if "error" in run["info"]:
@@ -207,8 +207,9 @@ def main(argv=None) -> int:
             if "skipped" in r:
                 lines.append(f"| {name} | {r['length']} | {r['batch']} | skipped: {r['skipped']} | | | | |")
             else:
-                lines.append(f"| {name} | {r['length']} | {r['batch']} | {r['prefill_tok_s']} | {r['decode_tok_s']} | "
-                             f"{r['decode_tok_s_from_timestamps']} | {r['logprobs_finite']} | {r['peak_rss_gib']} |")
+                lines.append(f"| {name} | {r['length']} | {r['batch']} | {r['prefill_tok_s']} ({r['t_prefill_s']}) | "
+                             f"{r['decode_tok_s']} ({r['t_decode_s']}) | {r['t_generate_wall_s']} | "
+                             f"{r['logprobs_finite']} | {r['peak_rss_gib']} |")
     if ratios:
         lines += ["", "| context | batch | prefill infllm/cpu_attn | decode infllm/cpu_attn |", "|---|---|---|---|"]
         lines += [f"| {r['length']} | {r['batch']} | {r['prefill_ratio']} | {r['decode_ratio']} |" for r in ratios]

@@ -21,9 +21,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Ten
     Computes in fp32 and returns fp32. `pos` may be negative: R(-a) = R(a)^T.
     """
     pos = pos.to(torch.long)
-    idx = pos.abs()
-    c = cos[idx].float()
-    s = sin[idx].float() * torch.where(pos < 0, -1.0, 1.0).unsqueeze(-1)
+    idx = pos.abs().flatten()
+    c = cos.index_select(0, idx).view(*pos.shape, -1).float()  # index_select: fast row copies
+    s = sin.index_select(0, idx).view(*pos.shape, -1).float() * torch.where(pos < 0, -1.0, 1.0).unsqueeze(-1)
     while c.dim() < x.dim():  # broadcast over head (and any further) dims
         c, s = c.unsqueeze(-2), s.unsqueeze(-2)
     x = x.float()

@@ -64,6 +64,9 @@ class ChunkBatch:
     host: dict[str, list[int]]
     max_len: int
     max_cand: int
+    # Layer-independent index work (positions, masks, block ids, RoPE rows) that the ops
+    # compute at the first layer of a step and reuse at the others: the plan is shared.
+    scratch: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def n(self) -> int:

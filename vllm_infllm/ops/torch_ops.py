@@ -40,15 +40,6 @@ def write_kv(kv_cache, key, value, slot_mapping, memory: LayerMemory | None) -> 
         memory.sealed[fresh] = False
 
 
-def _gather_kv(kv_cache, block_table, req, pos):
-    """K and V at logical positions `pos` [n, L] of requests `req` [n] -> two [n, L, Hkv, D] fp32."""
-    B = kv_cache.shape[2]
-    D = kv_cache.shape[3] // 2
-    phys = block_table[req[:, None], pos // B].to(torch.long)
-    kv = kv_cache[phys, :, pos % B].float()  # [n, L, Hkv, 2D]
-    return kv[..., :D], kv[..., D:], phys
-
-
 def seal_units(kv_cache, memory, block_table, chunks: ChunkBatch, cos, sin, config: InfLLMConfig):
     """Seal every not-yet-sealed unit among each chunk's candidates.
 
@@ -75,14 +66,28 @@ def seal_units(kv_cache, memory, block_table, chunks: ChunkBatch, cos, sin, conf
 
 
 def _chunk_mean_query(query, chunks: ChunkBatch, cos, sin, config: InfLLMConfig):
-    """q̄ = mean over the chunk of R(n_local-1)·q_raw = R(n_local-1-p)·q(p); [n, Hq, D] fp32."""
-    i = torch.arange(chunks.max_len, device=query.device)
-    valid = i[None, :] < chunks.length[:, None]
-    rows = torch.where(valid, chunks.q0[:, None] + i, chunks.q0[:, None])
-    pos = chunks.c0[:, None] + i
-    q = rotate(query[rows], cos, sin, global_query_shift(pos, config.n_local))  # [n, L, Hq, D]
-    q = q * valid[..., None, None]
-    return q.sum(1) / chunks.length[:, None, None]
+    """q̄ = mean over the chunk of R(n_local-1)·q_raw = R(n_local-1-p)·q(p); [n, Hq*D] fp32."""
+    key = ("qbar", cos.data_ptr())
+    geo = chunks.scratch.get(key)
+    if geo is None:  # layer-independent: rows, RoPE rows and weights, once per step
+        L = chunks.max_len
+        i = torch.arange(L, device=query.device)
+        valid = i[None, :] < chunks.length[:, None]
+        rows = torch.where(valid, chunks.q0[:, None] + i, chunks.q0[:, None])
+        shift = global_query_shift(chunks.c0[:, None] + i, config.n_local)
+        sign = torch.where(shift < 0, -1.0, 1.0)[..., None, None]
+        c = cos.index_select(0, shift.abs().flatten()).view(-1, L, 1, cos.shape[1]).float()
+        s = sin.index_select(0, shift.abs().flatten()).view(-1, L, 1, sin.shape[1]).float() * sign
+        weight = (valid / chunks.length[:, None]).float()[..., None, None]  # mean over valid rows
+        geo = chunks.scratch[key] = (rows.flatten(), c, s, weight, L)
+    rows, c, s, weight, L = geo
+    q = query.index_select(0, rows).float()
+    q = _rotate_rows(q.view(-1, L, *q.shape[1:]), c, s)  # [n, L, Hq, D]
+    if L > 1:
+        q = (q * weight).sum(1)
+    else:
+        q = q[:, 0]
+    return q.flatten(1)
 
 
 def select_units(query, memory, block_table, chunks: ChunkBatch, cos, sin, config: InfLLMConfig):
@@ -96,16 +101,22 @@ def select_units(query, memory, block_table, chunks: ChunkBatch, cos, sin, confi
     if max_k <= topk:  # every chunk takes all its candidates
         selected[:, :max_k] = torch.where(units < chunks.num_cand[:, None], units, -1)
         return selected
-    q_bar = _chunk_mean_query(query, chunks, cos, sin, config).flatten(1)  # [n, Hq*D]
+    q_bar = _chunk_mean_query(query, chunks, cos, sin, config)  # [n, Hq*D]
+    ragged = min(chunks.host["num_cand"]) < max_k
+    short = min(chunks.host["num_cand"]) < topk
     step = max(1, _LOGITS_BUDGET // (max_k * q_bar.shape[1]))
     for s in range(0, n, step):
         e = min(n, s + step)
-        phys = block_table[chunks.req[s:e, None], config.init_blocks + units].to(torch.long)
-        reprs = memory.reprs[phys].flatten(2).float()  # [m, K, Hq*D]
-        score = torch.einsum("mkx,mx->mk", reprs, q_bar[s:e])
-        score = score.masked_fill(units >= chunks.num_cand[s:e, None], float("-inf"))
+        phys = block_table[chunks.req[s:e], config.init_blocks : config.init_blocks + max_k]
+        reprs = memory.reprs.index_select(0, phys.flatten().to(torch.long))  # [m*K, Hq, D]
+        reprs = reprs.view(e - s, max_k, -1).float()
+        score = torch.bmm(reprs, q_bar[s:e, :, None]).squeeze(2)  # [m, K]
+        if ragged:  # pad slots of chunks with fewer candidates (their block ids may be stale)
+            score.masked_fill_(units >= chunks.num_cand[s:e, None], float("-inf"))
         top = score.topk(topk, dim=-1).indices  # sorted: valid candidates first
-        selected[s:e] = torch.where(torch.arange(topk, device=device) < chunks.num_cand[s:e, None], top, -1)
+        if short:
+            top = torch.where(torch.arange(topk, device=device) < chunks.num_cand[s:e, None], top, -1)
+        selected[s:e] = top
     return selected
 
 
@@ -121,109 +132,174 @@ def attend(query, kv_cache, memory, block_table, chunks: ChunkBatch, selected, c
     """InfLLM attention for every query of the wave; writes `out`, accumulates `memory.scores`."""
     tiles = list(_tiles(chunks))
     Hq = query.shape[1]
-    span = config.n_local + _QUERY_TILE + config.max_attended()
+    span = config.n_local + _QUERY_TILE + config.max_attended() + 2 * config.block_size
     group = max(1, _LOGITS_BUDGET // (Hq * min(_QUERY_TILE, chunks.max_len) * span))
     for s in range(0, len(tiles), group):
         _attend_tiles(query, kv_cache, memory, block_table, chunks, selected, cos, sin, config,
                       scale, out, tiles[s : s + group])
 
 
-def _attend_tiles(query, kv_cache, memory, block_table, chunks, selected, cos, sin, config,
-                  scale, out, tiles) -> None:
-    device = query.device
+def _gather_blocks(kv_cache, phys, n):
+    """Whole KV blocks `phys` [n*m] -> K, V [Hkv, n, m*B, D] fp32 (strided views of one copy).
+
+    index_select copies whole blocks (contiguous rows of the cache), far cheaper on CPU than
+    gathering token by token; the head-major copy makes (Hkv, n) one batch axis for bmm.
+    Positions a query must not see are masked by the caller: vLLM zero-fills the cache and
+    recycled blocks hold old finite K/V, so the arithmetic on masked slots stays finite.
+    """
+    Hkv, B, D2 = kv_cache.shape[1:]
+    m = phys.shape[0] // n
+    kv = kv_cache.new_empty(Hkv, n * m, B, D2)
+    for h in range(Hkv):  # per head: whole-row copies straight into the head-major layout
+        torch.index_select(kv_cache[:, h], 0, phys, out=kv[h])
+    kv = kv.float().view(Hkv, n, m * B, D2)
+    return kv[..., : D2 // 2], kv[..., D2 // 2 :]
+
+
+def _rotate_rows(x, c, s):
+    """x [..., L, D] rotated by table rows c, s [..., L, D/2] (NeoX halves); fp32."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+def _tile_geometry(chunks: ChunkBatch, tiles, block_table, cos, sin, config, G, D):
+    """Everything about a tile group that does not depend on the layer: query rows, local
+    window blocks and mask, init/remainder blocks with their mask and RoPE rows, the query's
+    global re-rotation. Computed at the first layer of a step, reused by the others.
+    """
+    device = block_table.device
     B, n_init, n_local = config.block_size, config.n_init, config.n_local
-    Hq, D = query.shape[1], query.shape[2]
-    Hkv = kv_cache.shape[1]
-    G = Hq // Hkv
+    n = len(tiles)
+    host_c0, host_cand = chunks.host["c0"], chunks.host["num_cand"]
+
+    # Host-side extents: local blocks [w(first query) // B, last query // B]; remainder blocks
+    # from R0 = n_init + num_cand*B up to w(last query).
+    Qt = max(t[2] for t in tiles)
+    lo_blk, n_loc_blk, n_rem_blk = [], 0, 0
+    for jj, f, L in tiles:
+        p0, p1 = host_c0[jj] + f, host_c0[jj] + f + L - 1
+        lo_blk.append(config.window_start(p0) // B)
+        n_loc_blk = max(n_loc_blk, p1 // B - lo_blk[-1] + 1)
+        rem = config.window_start(p1) - (n_init + host_cand[jj] * B)
+        n_rem_blk = max(n_rem_blk, -(-rem // B))
 
     j = torch.tensor([t[0] for t in tiles], device=device)
     first = torch.tensor([t[1] for t in tiles], device=device)
     tlen = torch.tensor([t[2] for t in tiles], device=device)
-    Qt = max(t[2] for t in tiles)
     req, c0 = chunks.req[j], chunks.c0[j]
     i = torch.arange(Qt, device=device)
     qvalid = i[None, :] < tlen[:, None]  # [n, Qt]
-    pos = c0[:, None] + first[:, None] + i  # [n, Qt]
-    rows = torch.where(qvalid, chunks.q0[j][:, None] + first[:, None] + i, 0)
+    # Rows past a tile's length repeat its last query (no empty softmax rows); they are
+    # dropped when writing `out` and weighted 0 in the representative scores.
+    i_eff = torch.minimum(i[None, :], tlen[:, None] - 1)
+    pos = c0[:, None] + first[:, None] + i_eff  # [n, Qt]
+    rows = (chunks.q0[j][:, None] + first[:, None] + i_eff).flatten()
     win = (pos - n_local + 1).clamp(min=0)  # w(p)
-    q = query[rows].float()  # [n, Qt, Hq, D], post-RoPE
+    all_valid = all(t[2] == Qt for t in tiles)
+    valid_idx = None if all_valid else qvalid.flatten().nonzero().squeeze(1)
+    bt = block_table.index_select(0, req).to(torch.long)  # [n, max_blocks]
+    last_blk = bt.shape[1] - 1
 
-    # Local window: positions [w(first query), last query], causal and windowed per query.
-    lstart = win[:, 0]
-    n_loc = max(int(((c0 + first + tlen) - lstart).max()), 1)
-    lpos = lstart[:, None] + torch.arange(n_loc, device=device)  # [n, Lloc]
-    lmask = (lpos[:, None, :] >= win[..., None]) & (lpos[:, None, :] <= pos[..., None]) & qvalid[..., None]
-    lpos_c = torch.minimum(lpos, (c0 + first + tlen - 1)[:, None])  # stay inside written tokens
-    k_loc, v_loc, phys_loc = _gather_kv(kv_cache, block_table, req, lpos_c)
+    def fold_mask(m):  # [n, Qt, L] -> [1, n, G*Qt, L] (the G heads of a KV head share it)
+        return m[:, None].expand(n, G, Qt, m.shape[-1]).reshape(1, n, G * Qt, m.shape[-1])
 
-    # Global keys: init, selected units, remainder [R0, w(p)); all at relative distance n_local-1.
-    R0 = n_init + chunks.num_cand[j] * B
-    gparts, gvalid = [torch.arange(n_init, device=device).expand(len(tiles), n_init)], []
-    gvalid.append(gparts[0][:, None, :] < win[..., None])
-    if selected is not None and config.topk > 0:
-        units = selected[j]  # [n, topk]
-        upos = (n_init + units.clamp(min=0) * B)[..., None] + torch.arange(B, device=device)
-        gparts.append(upos.flatten(1))
-        gvalid.append((units >= 0).repeat_interleave(B, dim=1)[:, None, :].expand(-1, Qt, -1))
-    n_rem = max(int((win.max(dim=1).values - R0).max()), 0)
-    if n_rem:
-        rpos = R0[:, None] + torch.arange(n_rem, device=device)
-        gparts.append(rpos)
-        gvalid.append(rpos[:, None, :] < win[..., None])
-    gpos = torch.cat(gparts, dim=1)
-    gmask = torch.cat(gvalid, dim=2) & qvalid[..., None]
-    gpos_c = torch.where(gmask.any(dim=1), gpos, 0)
-    k_glob, v_glob, _ = _gather_kv(kv_cache, block_table, req, gpos_c)
-    k_glob = rotate(k_glob, cos, sin, -gpos_c)  # raw keys
-    q_glob = rotate(q, cos, sin, global_query_shift(pos, n_local))  # R(n_local-1) q_raw
+    # Local window, causal and windowed per query.
+    lblk = torch.tensor(lo_blk, device=device)[:, None] + torch.arange(n_loc_blk, device=device)
+    lpos = (lblk[:, :, None] * B + torch.arange(B, device=device)).flatten(1)  # [n, Lloc]
+    lmask = (lpos[:, None, :] >= win[..., None]) & (lpos[:, None, :] <= pos[..., None])
 
-    # Two partial attentions merged by log-sum-exp == one softmax over local + global.
-    # GQA: the G query heads of a KV head are folded into the query axis (no K/V copies).
-    n = len(tiles)
+    # Global keys fixed for the step: init blocks, then remainder blocks [R0, w(p)).
+    fblks = [torch.arange(config.init_blocks, device=device).expand(n, -1)]
+    if n_rem_blk:
+        fblks.append(config.init_blocks + chunks.num_cand[j][:, None] + torch.arange(n_rem_blk, device=device))
+    fblk = torch.cat(fblks, dim=1)  # [n, F] logical
+    fpos = (fblk[:, :, None] * B + torch.arange(B, device=device)).flatten(1)
+    fmask = fpos[:, None, :] < win[..., None]
 
-    def fold(x):  # [n, Qt, Hq, D] -> [n, Hkv, G*Qt, D]
-        return x.view(n, Qt, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(n, Hkv, G * Qt, D)
-
-    q_loc = fold(q)
-    o_loc, lse_loc = _partial_attention(q_loc, k_loc.transpose(1, 2), v_loc.transpose(1, 2), lmask, scale, G)
-    o_glob, lse_glob = _partial_attention(
-        fold(q_glob), k_glob.transpose(1, 2), v_glob.transpose(1, 2), gmask, scale, G
+    shift = global_query_shift(pos, n_local)  # R(n_local-1-p): q(p) -> R(n_local-1) q_raw
+    sign = torch.where(shift < 0, -1.0, 1.0)[..., None]
+    qc = cos.index_select(0, shift.abs().flatten()).view(n, 1, Qt, -1).float()
+    qs = sin.index_select(0, shift.abs().flatten()).view(n, 1, Qt, -1).float() * sign.view(n, 1, Qt, 1)
+    rows_in_table = cos.shape[0] // B
+    return dict(
+        n=n, Qt=Qt, rows=rows, valid_idx=valid_idx, rows_valid=rows if all_valid else rows[valid_idx],
+        req=req, bt=bt, num_cand_min=min(host_cand[t[0]] for t in tiles),
+        loc_phys=bt.gather(1, lblk.clamp(max=last_blk)).flatten(), n_loc_blk=n_loc_blk,
+        loc_masked=~fold_mask(lmask),
+        fix_blk=fblk, fix_phys=bt.gather(1, fblk.clamp(max=last_blk)), fix_masked=~fold_mask(fmask),
+        q_cos=qc, q_sin=qs,  # [n, 1, Qt, D/2], broadcast over [Hkv, n, G, Qt, D/2]
+        cos_blocks=cos[: rows_in_table * B].view(rows_in_table, B, -1),
+        sin_blocks=sin[: rows_in_table * B].view(rows_in_table, B, -1),
+        table_last_blk=rows_in_table - 1,
+        mass_weight=qvalid.float()[None, :, None, None, :],  # [1, n, 1, 1, Qt]
     )
-    lse = torch.logaddexp(lse_loc, lse_glob)  # [n, Hkv, G*Qt]; local is never empty
-    o = o_loc * (lse_loc - lse).exp()[..., None] + o_glob * (lse_glob - lse).exp()[..., None]
-    o = o.view(n, Hkv, G, Qt, D).permute(0, 3, 1, 2, 4).reshape(n, Qt, Hq, D)
-    out[rows[qvalid]] = o[qvalid].to(out.dtype)
-
-    if config.topk > 0:  # representative scores: fp32 mass each local key received
-        s_loc = torch.matmul(q_loc, k_loc.permute(0, 2, 3, 1)) * scale  # [n, Hkv, G*Qt, Lloc]
-        p_loc = (s_loc - lse[..., None]).exp().masked_fill(~_fold_mask(lmask, G), 0.0)
-        mass = p_loc.view(n, Hq, Qt, n_loc).sum(dim=2).transpose(1, 2)  # [n, Lloc, Hq]
-        heads = torch.arange(Hq, device=device)[None, None, :]
-        index = (phys_loc[..., None], heads, (lpos_c % B)[..., None])
-        memory.scores.index_put_(index, mass, accumulate=True)
 
 
-def _fold_mask(mask, G):
-    """[n, Qt, L] -> [n, 1, G*Qt, L], matching the folded query axis."""
-    n, Qt, L = mask.shape
-    return mask[:, None].expand(n, G, Qt, L).reshape(n, 1, G * Qt, L)
-
-
-def _partial_attention(q, k, v, mask, scale, G):
-    """Softmax attention over a masked key set: (out, lse); rows with no key get lse = -inf.
-
-    q: [n, Hkv, G*Qt, D], k, v: [n, Hkv, L, D], mask: [n, Qt, L] bool (shared by the G heads).
-    On CPU this is torch's fused flash kernel, which also returns the LSE we merge with.
+def _attend_tiles(query, kv_cache, memory, block_table, chunks, selected, cos, sin, config,
+                  scale, out, tiles) -> None:
+    """One softmax per query over its local window and its global keys (init, selected units,
+    remainder [R0, w(p)), all at relative distance n_local-1), on whole gathered blocks.
     """
-    fmask = _fold_mask(mask, G)
-    if q.device.type == "cpu" and k.shape[2] > 0:
-        bias = torch.zeros(fmask.shape, dtype=q.dtype, device=q.device).masked_fill_(~fmask, float("-inf"))
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=bias, scale=scale
-        )[:2]
-    else:
-        s = (torch.matmul(q, k.transpose(-1, -2)) * scale).masked_fill(~fmask, float("-inf"))
-        lse = torch.logsumexp(s, dim=-1)
-        o = torch.matmul((s - lse[..., None]).exp().nan_to_num(0.0), v)
-    empty = ~fmask.any(dim=-1)  # [n, 1, G*Qt]
-    return o.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, float("-inf"))
+    B = config.block_size
+    Hq, D = query.shape[1], query.shape[2]
+    Hkv = kv_cache.shape[1]
+    G = Hq // Hkv
+    key = ("tiles", tiles[0][0], tiles[0][1], len(tiles), G, D, block_table.data_ptr(), cos.data_ptr())
+    geo = chunks.scratch.get(key)
+    if geo is None:
+        geo = chunks.scratch[key] = _tile_geometry(chunks, tiles, block_table, cos, sin, config, G, D)
+    n, Qt = geo["n"], geo["Qt"]
+
+    # Queries, folded so the G query heads of a KV head share its K/V: [Hkv, n, G, Qt, D].
+    q = query.index_select(0, geo["rows"]).view(n, Qt, Hkv, G, D).permute(2, 0, 3, 1, 4)
+    q = q.float().contiguous().mul_(scale)
+    q_glob = _rotate_rows(q, geo["q_cos"], geo["q_sin"])  # R(n_local-1) q_raw
+    q, q_glob = q.view(Hkv, n, G * Qt, D), q_glob.view(Hkv, n, G * Qt, D)
+
+    # Local window, causal and windowed per query.
+    k_loc, v_loc = _gather_blocks(kv_cache, geo["loc_phys"], n)
+    s_loc = torch.matmul(q, k_loc.transpose(-1, -2)).masked_fill_(geo["loc_masked"], float("-inf"))
+
+    # Global keys: init + remainder blocks (fixed for the step), then this layer's selection.
+    blk, phys = geo["fix_blk"], geo["fix_phys"]
+    units = selected[geo["req"].new_tensor([t[0] for t in tiles])] if (
+        selected is not None and config.topk > 0) else None
+    if units is not None:
+        ublk = config.init_blocks + units.clamp(min=0)
+        blk, phys = torch.cat((blk, ublk), 1), torch.cat((phys, geo["bt"].gather(1, ublk)), 1)
+    s_glob = v_glob = None
+    if blk.shape[1]:
+        k_glob, v_glob = _gather_blocks(kv_cache, phys.flatten(), n)
+        tb = blk.clamp(max=geo["table_last_blk"]).flatten()  # masked positions only beyond it
+        c = geo["cos_blocks"].index_select(0, tb).view(n, -1, D // 2).float()
+        sn = geo["sin_blocks"].index_select(0, tb).view(n, -1, D // 2).float()
+        k_glob = _rotate_rows(k_glob, c, -sn)  # R(-j): back to raw keys
+        s_glob = torch.matmul(q_glob, k_glob.transpose(-1, -2))  # [Hkv, n, G*Qt, Lg]
+        F = geo["fix_blk"].shape[1] * B
+        s_glob[..., :F].masked_fill_(geo["fix_masked"], float("-inf"))
+        if units is not None and geo["num_cand_min"] < config.topk:  # some slots hold no unit
+            s_glob[..., F:].masked_fill_((units < 0).repeat_interleave(B, dim=1)[None, :, None, :], float("-inf"))
+
+    # One softmax over local + global (local is never empty), in place: these are big.
+    m = s_loc.amax(dim=-1, keepdim=True)
+    if s_glob is not None:
+        m = torch.maximum(m, s_glob.amax(dim=-1, keepdim=True))
+    p_loc = s_loc.sub_(m).exp_()
+    denom = p_loc.sum(dim=-1, keepdim=True)
+    o = torch.matmul(p_loc, v_loc)
+    if s_glob is not None:
+        p_glob = s_glob.sub_(m).exp_()
+        denom += p_glob.sum(dim=-1, keepdim=True)
+        o.add_(torch.matmul(p_glob, v_glob))
+    o = o.div_(denom).view(Hkv, n, G, Qt, D).permute(1, 3, 0, 2, 4).reshape(n * Qt, Hq, D)
+    if geo["valid_idx"] is not None:
+        o = o.index_select(0, geo["valid_idx"])
+    out.index_copy_(0, geo["rows_valid"], o.to(out.dtype))
+
+    if config.topk > 0:  # representative scores: fp32 softmax mass each local key received
+        w = geo["mass_weight"] / denom.view(Hkv, n, G, 1, Qt)
+        mass = torch.matmul(w, p_loc.view(Hkv, n, G, Qt, -1))  # [Hkv, n, G, 1, Lloc]
+        nb = geo["n_loc_blk"]
+        mass = mass.view(Hkv, n, G, nb, B).permute(1, 3, 0, 2, 4).reshape(n * nb, Hq, B)
+        memory.scores.index_add_(0, geo["loc_phys"], mass)
