@@ -18,6 +18,7 @@ Configurations (one engine each; all its prompts in one `generate` call)
                 (n_init 128, block 128, repr_topk 4, chunk 512): the `demo.py` defaults, i.e.
                 the model sees 128 + 1024 + 4*128 = 1664 keys per query instead of 4K..32K.
   infllm-small  as infllm with n_local=512 (the engine tests' config).
+  infllm-2k     as infllm with n_local=2048 (128 + 2048 + 512 keys per query).
   control       infllm-small with topk=0: sliding window + sinks only, cannot see a needle that
                 left its 512-token window.
   infllm-default the package defaults (n_local 4096, topk 16).
@@ -47,6 +48,7 @@ FULL_MAX_LEN = 8192
 CONFIGS = {
     "infllm": {"n_local": 1024, "topk": 4},
     "infllm-small": {"n_local": 512, "topk": 4},
+    "infllm-2k": {"n_local": 2048, "topk": 4},
     "control": {"n_local": 512, "topk": 0},
     "infllm-default": {},
     "full": None,  # vLLM's CPU_ATTN

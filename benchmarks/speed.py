@@ -49,6 +49,11 @@ def parse_case(s: str) -> tuple[int, int]:
     return int(L), int(B or 1)
 
 
+def infllm_configs(args) -> dict[str, dict]:
+    """Run names of the --infllm-config values: infllm, infllm2, infllm3, ..."""
+    return {("infllm" if i == 0 else f"infllm{i + 1}"): json.loads(c) for i, c in enumerate(args.infllm_config)}
+
+
 def worker(args) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -67,8 +72,8 @@ def worker(args) -> dict:
     longest = max(L for L, _ in cases) + N + 8
     kw = dict(model=model, enforce_eager=True, dtype=args.dtype, enable_prefix_caching=False,
               max_num_seqs=max(B for _, B in cases), disable_log_stats=False)
-    if name == "infllm":
-        kw.update(attention_backend="infllm", additional_config={"infllm": json.loads(args.infllm_config)},
+    if name.startswith("infllm"):
+        kw.update(attention_backend="infllm", additional_config={"infllm": infllm_configs(args)[name]},
                   max_model_len=max(FULL_MAX_LEN, longest))
         limit = kw["max_model_len"]
     elif args.cpu_attn_long and longest > FULL_MAX_LEN:
@@ -142,7 +147,8 @@ def main(argv=None) -> int:
                     help="LENGTHxBATCH, e.g. 4000x1 8000x1 2000x8")
     ap.add_argument("--decode-tokens", type=int, default=64, help="N: decode tokens timed")
     ap.add_argument("--configs", nargs="+", choices=["infllm", "cpu_attn"], default=["infllm", "cpu_attn"])
-    ap.add_argument("--infllm-config", default='{"n_local": 1024, "topk": 4}')
+    ap.add_argument("--infllm-config", nargs="+", default=['{"n_local": 1024, "topk": 4}'],
+                    help="one or more InfLLM configs (JSON); runs are named infllm, infllm2, ...")
     ap.add_argument("--cpu-attn-long", action="store_true",
                     help="run CPU_ATTN beyond 8192 with hf_overrides max_position_embeddings")
     ap.add_argument("--model", default=None)
@@ -166,7 +172,8 @@ def main(argv=None) -> int:
     runs = {}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for name in tqdm(args.configs, desc="configs", file=sys.stderr):
+    names = [n for c in args.configs for n in (infllm_configs(args) if c == "infllm" else [c])]
+    for name in tqdm(names, desc="configs", file=sys.stderr):
         res_path = out.with_name(out.name + f".{name}.worker.json")
         cmd = [sys.executable, __file__, *raw, "--_worker", name, "--_result", str(res_path)]
         t = time.time()
@@ -179,12 +186,12 @@ def main(argv=None) -> int:
         runs[name]["info"]["wall_seconds"] = round(time.time() - t, 1)
 
     ratios = []
-    if "infllm" in runs and "cpu_attn" in runs:
-        base = {(r["length"], r["batch"]): r for r in runs["cpu_attn"]["results"] if "prefill_tok_s" in r}
-        for r in runs["infllm"]["results"]:
+    base = {(r["length"], r["batch"]): r for r in runs.get("cpu_attn", {}).get("results", []) if "prefill_tok_s" in r}
+    for name in [n for n in runs if n.startswith("infllm")]:
+        for r in runs[name]["results"]:
             b = base.get((r["length"], r["batch"]))
             if b and "prefill_tok_s" in r:
-                ratios.append({"length": r["length"], "batch": r["batch"],
+                ratios.append({"config": name, "length": r["length"], "batch": r["batch"],
                                "prefill_ratio": round(r["prefill_tok_s"] / b["prefill_tok_s"], 3),
                                "decode_ratio": (round(r["decode_tok_s"] / b["decode_tok_s"], 3)
                                                 if r["decode_tok_s"] and b["decode_tok_s"] else None)})
@@ -193,7 +200,7 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}",
         "VLLM_CPU_KVCACHE_SPACE": env["VLLM_CPU_KVCACHE_SPACE"],
-        "infllm_config": json.loads(args.infllm_config),
+        "infllm_configs": infllm_configs(args),
         "total_seconds": round(time.time() - started, 1),
     }
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "runs": runs, "ratios": ratios}, indent=1) + "\n")
@@ -211,8 +218,11 @@ def main(argv=None) -> int:
                              f"{r['decode_tok_s']} ({r['t_decode_s']}) | {r['t_generate_wall_s']} | "
                              f"{r['logprobs_finite']} | {r['peak_rss_gib']} |")
     if ratios:
-        lines += ["", "| context | batch | prefill infllm/cpu_attn | decode infllm/cpu_attn |", "|---|---|---|---|"]
-        lines += [f"| {r['length']} | {r['batch']} | {r['prefill_ratio']} | {r['decode_ratio']} |" for r in ratios]
+        lines += ["", "| config | context | batch | prefill ratio vs cpu_attn | decode ratio vs cpu_attn |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['config']} | {r['length']} | {r['batch']} | {r['prefill_ratio']} | {r['decode_ratio']} |"
+                  for r in ratios]
+    lines += ["", "InfLLM configs: " + json.dumps(meta["infllm_configs"])]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
