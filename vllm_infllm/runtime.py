@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Sequence
 
 import torch
@@ -157,21 +158,24 @@ def infllm_forward(
     return out
 
 
-#: Steps with at most this many query tokens run the CPU ops on one thread.
-SINGLE_THREAD_MAX_TOKENS = 16
+#: Steps with at most this many query tokens run the CPU ops on one thread
+#: (VLLM_INFLLM_SINGLE_THREAD_MAX_TOKENS overrides; 0 = never).
+SINGLE_THREAD_MAX_TOKENS = int(os.environ.get("VLLM_INFLLM_SINGLE_THREAD_MAX_TOKENS", "16"))
 
 
 @contextlib.contextmanager
 def _cpu_threads(device, num_tokens: int):
     """Run a small step's CPU ops on one thread, then restore the thread count.
 
-    A decode step is ~60 small ops per layer; with vLLM's 2 bound OpenMP threads every op pays a
-    fork/join barrier, and inside the engine a decode layer took 1.6 ms instead of 0.9 ms (whole
-    SmolLM2 decode step at 4K: 85 -> 64 ms). Prefill tiles are large matmuls that do gain from
-    all threads, so they keep them. torch._C._set_num_threads because vLLM's CPU worker replaces
-    torch.set_num_threads with a no-op after binding its threads.
+    A decode step is ~60 small ops per layer; with vLLM's 2 bound OpenMP threads each op pays a
+    fork/join barrier. Measured in the engine (SmolLM2, 4K context, 2-core CPU, two runs each):
+    InfLLM attention 41-49 -> 35 ms per decoded token, whole decode step 79-86 -> 74-75 ms.
+    Prefill tiles are large matmuls that do gain from all threads (an 8K-token prefill layer:
+    0.59 s with 2 threads, 0.97 s with 1), so they keep them. torch._C.set_num_threads (the builtin behind
+    torch.set_num_threads) because vLLM's CPU worker replaces torch.set_num_threads with a no-op
+    after binding its threads.
     """
-    setter = getattr(torch._C, "_set_num_threads", None)
+    setter = getattr(torch._C, "set_num_threads", None)
     if torch.device(device).type != "cpu" or num_tokens > SINGLE_THREAD_MAX_TOKENS or setter is None:
         yield
         return

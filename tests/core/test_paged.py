@@ -89,3 +89,33 @@ def test_half_precision_cache(dtype, tol):
     for r, out, tr in zip(reqs, run.outs[0], run_oracle(reqs, SMALL, cos, sin)):
         assert (out - tr.out).abs().max() < tol * 5
         assert (out - tr.out).abs().mean() < tol
+
+
+def test_small_steps_run_on_one_thread_and_restore_it(monkeypatch):
+    """Decode-sized steps run the CPU ops on one thread (runtime._cpu_threads: fork/join
+    barriers of ~60 small ops per layer cost more than a second thread gains), larger steps on
+    all threads; the thread count is restored and the result still matches the oracle."""
+    from vllm_infllm.ops import torch_ops
+    from vllm_infllm.runtime import SINGLE_THREAD_MAX_TOKENS
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []  # (query rows in the step, threads inside attend)
+        attend = torch_ops.attend
+
+        def spy(query, *args, **kwargs):
+            seen.append((query.shape[0], torch.get_num_threads()))
+            return attend(query, *args, **kwargs)
+
+        monkeypatch.setattr(torch_ops, "attend", spy)
+        reqs = batch(6, 2, 64)
+        cos, sin = rope_table(64, 1024)
+        run = run_paged(reqs, SMALL, cos, sin)
+        assert torch.get_num_threads() == 2
+        assert_matches_oracle(reqs, run, SMALL, cos, sin, layers=1)
+        small = {t for rows, t in seen if rows <= SINGLE_THREAD_MAX_TOKENS}
+        large = {t for rows, t in seen if rows > SINGLE_THREAD_MAX_TOKENS}
+        assert small == {1} and large == {2}, seen
+    finally:
+        torch.set_num_threads(before)
