@@ -50,6 +50,11 @@ from pathlib import Path
 import torch
 
 
+def _cell(v: float) -> str:
+    """A table cell: '—' where no trial fell in the group (mean of nothing)."""
+    return "—" if math.isnan(v) else str(v)
+
+
 def seal_all(kv, memory, block_table, config, cos, sin, num_units):
     """Seal units [0, num_units) with torch_ops.seal_units: one synthetic chunk per window."""
     from vllm_infllm.ops import torch_ops
@@ -241,7 +246,7 @@ def main(argv=None) -> int:
     for x in summary:
         K = next(t["num_units"] for t in timings if t["length"] == x["length"])
         lines.append(f"| {x['length']} | {K} | {x['signal']} | {x['recall']:.2f} ({x['trials']} trials) | "
-                     f"{x['mean_out_cos_found']} / {x['mean_out_cos_missed']} |")
+                     f"{_cell(x['mean_out_cos_found'])} / {_cell(x['mean_out_cos_missed'])} |")
     lines += ["", "| context | InfLLM decode step (ms) | dense SDPA, 1 query (ms) | cache MiB | build s | peak RSS GiB |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {t['length']} | {t['infllm_step_ms']} | {t['dense_sdpa_ms']} | {t['kv_cache_mib']} | "
