@@ -160,7 +160,15 @@ def infllm_forward(
 
 #: Steps with at most this many query tokens run the CPU ops on one thread
 #: (VLLM_INFLLM_SINGLE_THREAD_MAX_TOKENS overrides; 0 = never).
-SINGLE_THREAD_MAX_TOKENS = int(os.environ.get("VLLM_INFLLM_SINGLE_THREAD_MAX_TOKENS", "16"))
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, str(default))
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} must be an integer (e.g. {name}={default})") from None
+
+
+SINGLE_THREAD_MAX_TOKENS = _env_int("VLLM_INFLLM_SINGLE_THREAD_MAX_TOKENS", 16)
 
 
 @contextlib.contextmanager
@@ -171,9 +179,9 @@ def _cpu_threads(device, num_tokens: int):
     fork/join barrier. Measured in the engine (SmolLM2, 4K context, 2-core CPU, two runs each):
     InfLLM attention 41-49 -> 35 ms per decoded token, whole decode step 79-86 -> 74-75 ms.
     Prefill tiles are large matmuls that do gain from all threads (an 8K-token prefill layer:
-    0.59 s with 2 threads, 0.97 s with 1), so they keep them. torch._C.set_num_threads (the builtin behind
-    torch.set_num_threads) because vLLM's CPU worker replaces torch.set_num_threads with a no-op
-    after binding its threads.
+    0.59 s with 2 threads, 0.97 s with 1), so they keep them. We call torch._C.set_num_threads
+    (the builtin behind torch.set_num_threads) because vLLM's CPU worker replaces
+    torch.set_num_threads with a no-op after binding its threads.
     """
     setter = getattr(torch._C, "set_num_threads", None)
     if torch.device(device).type != "cpu" or num_tokens > SINGLE_THREAD_MAX_TOKENS or setter is None:
