@@ -26,7 +26,12 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Ten
     s = sin.index_select(0, idx).view(*pos.shape, -1).float() * torch.where(pos < 0, -1.0, 1.0).unsqueeze(-1)
     while c.dim() < x.dim():  # broadcast over head (and any further) dims
         c, s = c.unsqueeze(-2), s.unsqueeze(-2)
-    x = x.float()
+    return rotate_rows(x.float(), c, s)
+
+
+def rotate_rows(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Rotate `x[..., D]` by table rows already gathered and broadcastable to `x[..., D/2]`
+    (NeoX halves; pass -sin for a negative angle). The hot path gathers rows once per step."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)

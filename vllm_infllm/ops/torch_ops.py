@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..config import InfLLMConfig
-from ..rope import global_query_shift, rotate
+from ..rope import global_query_shift, rotate, rotate_rows
 from ..runtime import ChunkBatch, LayerMemory
 
 # Upper bound on elements of one padded logits tensor (tiles x heads x queries x keys).
@@ -82,7 +82,7 @@ def _chunk_mean_query(query, chunks: ChunkBatch, cos, sin, config: InfLLMConfig)
         geo = chunks.scratch[key] = (rows.flatten(), c, s, weight, L)
     rows, c, s, weight, L = geo
     q = query.index_select(0, rows).float()
-    q = _rotate_rows(q.view(-1, L, *q.shape[1:]), c, s)  # [n, L, Hq, D]
+    q = rotate_rows(q.view(-1, L, *q.shape[1:]), c, s)  # [n, L, Hq, D]
     if L > 1:
         q = (q * weight).sum(1)
     else:
@@ -156,14 +156,7 @@ def _gather_blocks(kv_cache, phys, n):
     return kv[..., : D2 // 2], kv[..., D2 // 2 :]
 
 
-def _rotate_rows(x, c, s):
-    """x [..., L, D] rotated by table rows c, s [..., L, D/2] (NeoX halves); fp32."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-
-
-def _tile_geometry(chunks: ChunkBatch, tiles, block_table, cos, sin, config, G, D):
+def _tile_geometry(chunks: ChunkBatch, tiles, block_table, cos, sin, config, G):
     """Everything about a tile group that does not depend on the layer: query rows, local
     window blocks and mask, init/remainder blocks with their mask and RoPE rows, the query's
     global re-rotation. Computed at the first layer of a step, reused by the others.
@@ -223,7 +216,8 @@ def _tile_geometry(chunks: ChunkBatch, tiles, block_table, cos, sin, config, G, 
     qs = sin.index_select(0, shift.abs().flatten()).view(n, 1, Qt, -1).float() * sign.view(n, 1, Qt, 1)
     rows_in_table = cos.shape[0] // B
     return dict(
-        n=n, Qt=Qt, rows=rows, valid_idx=valid_idx, rows_valid=rows if all_valid else rows[valid_idx],
+        n=n, Qt=Qt, chunk_of_tile=j, rows=rows, valid_idx=valid_idx,
+        rows_valid=rows if all_valid else rows[valid_idx],
         req=req, bt=bt, num_cand_min=min(host_cand[t[0]] for t in tiles),
         loc_phys=bt.gather(1, lblk.clamp(max=last_blk)).flatten(), n_loc_blk=n_loc_blk,
         loc_masked=~fold_mask(lmask),
@@ -248,13 +242,13 @@ def _attend_tiles(query, kv_cache, memory, block_table, chunks, selected, cos, s
     key = ("tiles", tiles[0][0], tiles[0][1], len(tiles), G, D, block_table.data_ptr(), cos.data_ptr())
     geo = chunks.scratch.get(key)
     if geo is None:
-        geo = chunks.scratch[key] = _tile_geometry(chunks, tiles, block_table, cos, sin, config, G, D)
+        geo = chunks.scratch[key] = _tile_geometry(chunks, tiles, block_table, cos, sin, config, G)
     n, Qt = geo["n"], geo["Qt"]
 
     # Queries, folded so the G query heads of a KV head share its K/V: [Hkv, n, G, Qt, D].
     q = query.index_select(0, geo["rows"]).view(n, Qt, Hkv, G, D).permute(2, 0, 3, 1, 4)
     q = q.float().contiguous().mul_(scale)
-    q_glob = _rotate_rows(q, geo["q_cos"], geo["q_sin"])  # R(n_local-1) q_raw
+    q_glob = rotate_rows(q, geo["q_cos"], geo["q_sin"])  # R(n_local-1) q_raw
     q, q_glob = q.view(Hkv, n, G * Qt, D), q_glob.view(Hkv, n, G * Qt, D)
 
     # Local window, causal and windowed per query.
@@ -263,8 +257,7 @@ def _attend_tiles(query, kv_cache, memory, block_table, chunks, selected, cos, s
 
     # Global keys: init + remainder blocks (fixed for the step), then this layer's selection.
     blk, phys = geo["fix_blk"], geo["fix_phys"]
-    units = selected[geo["req"].new_tensor([t[0] for t in tiles])] if (
-        selected is not None and config.topk > 0) else None
+    units = selected[geo["chunk_of_tile"]] if (selected is not None and config.topk > 0) else None
     if units is not None:
         ublk = config.init_blocks + units.clamp(min=0)
         blk, phys = torch.cat((blk, ublk), 1), torch.cat((phys, geo["bt"].gather(1, ublk)), 1)
@@ -274,7 +267,7 @@ def _attend_tiles(query, kv_cache, memory, block_table, chunks, selected, cos, s
         tb = blk.clamp(max=geo["table_last_blk"]).flatten()  # masked positions only beyond it
         c = geo["cos_blocks"].index_select(0, tb).view(n, -1, D // 2).float()
         sn = geo["sin_blocks"].index_select(0, tb).view(n, -1, D // 2).float()
-        k_glob = _rotate_rows(k_glob, c, -sn)  # R(-j): back to raw keys
+        k_glob = rotate_rows(k_glob, c, -sn)  # R(-j): back to raw keys
         s_glob = torch.matmul(q_glob, k_glob.transpose(-1, -2))  # [Hkv, n, G*Qt, Lg]
         F = geo["fix_blk"].shape[1] * B
         s_glob[..., :F].masked_fill_(geo["fix_masked"], float("-inf"))
