@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# Set up (idempotent, fast when done) and run the test suite.
-#   bash scripts/test.sh                  # everything
+# Set up (idempotent, fast when done), lint, and run the test suite.
+#   bash scripts/test.sh                  # everything (~25 min on a fresh 2-core clone)
+#   bash scripts/test.sh -m "not slow"    # the fast tier (~3 min): no real engines
 #   bash scripts/test.sh tests/core -x    # arguments go to pytest
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/setup.sh
+
+# Lint first (about a second): the tree stays clean (rules in pyproject.toml, [tool.ruff]).
+if ! .venv/bin/ruff check --quiet .; then
+    echo "[test] ruff found the problems above: fix them (many with .venv/bin/ruff check --fix .)" >&2
+    exit 1
+fi
 
 # Tests never touch the network; engine tests set their own VLLM_* variables.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -1,6 +1,6 @@
 import pytest
 
-from vllm_infllm.config import InfLLMConfig, InfLLMConfigError
+from vllm_infllm.core.config import InfLLMConfig, InfLLMConfigError
 
 
 def test_defaults_are_the_papers():

@@ -4,10 +4,10 @@ recycled blocks with stale state."""
 
 import pytest
 import torch
-from harness import make_request, run_oracle, run_paged
 
-from vllm_infllm.config import InfLLMConfig
-from vllm_infllm.rope import rope_table
+from vllm_infllm.core.config import InfLLMConfig
+from vllm_infllm.core.rope import rope_table
+from vllm_infllm.testing import make_request, run_oracle, run_paged
 
 SMALL = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32)
 
@@ -24,7 +24,7 @@ def batch(Hq, Hkv, D, seed=0):
 
 def assert_matches_oracle(reqs, run, cfg, cos, sin, layers, atol=1e-4):
     for layer in range(layers):
-        for r, out, tr in zip(reqs, run.outs[layer], run_oracle(reqs, cfg, cos, sin, layer)):
+        for out, tr in zip(run.outs[layer], run_oracle(reqs, cfg, cos, sin, layer), strict=True):
             torch.testing.assert_close(out, tr.out, rtol=1e-4, atol=atol)
 
 
@@ -86,17 +86,17 @@ def test_half_precision_cache(dtype, tol):
     reqs = batch(6, 2, 64, seed=4)[:3]
     cos, sin = rope_table(64, 1024)
     run = run_paged(reqs, SMALL, cos, sin, dtype=dtype)
-    for r, out, tr in zip(reqs, run.outs[0], run_oracle(reqs, SMALL, cos, sin)):
+    for out, tr in zip(run.outs[0], run_oracle(reqs, SMALL, cos, sin), strict=True):
         assert (out - tr.out).abs().max() < tol * 5
         assert (out - tr.out).abs().mean() < tol
 
 
 def test_small_steps_run_on_one_thread_and_restore_it(monkeypatch):
-    """Decode-sized steps run the CPU ops on one thread (runtime._cpu_threads: fork/join
+    """Decode-sized steps run the CPU ops on one thread (core.runtime._cpu_threads: fork/join
     barriers of ~60 small ops per layer cost more than a second thread gains), larger steps on
     all threads; the thread count is restored and the result still matches the oracle."""
-    from vllm_infllm.ops import torch_ops
-    from vllm_infllm.runtime import SINGLE_THREAD_MAX_TOKENS
+    from vllm_infllm.core.ops import torch_ops
+    from vllm_infllm.core.runtime import SINGLE_THREAD_MAX_TOKENS
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -4,9 +4,9 @@ needle it must find, and the sliding-window control that must miss it."""
 import pytest
 import torch
 
-from vllm_infllm.config import InfLLMConfig
-from vllm_infllm.reference import infllm_attention_reference, infllm_reference_trace, selection_chunks
-from vllm_infllm.rope import rope_table, rotate
+from vllm_infllm.core.config import InfLLMConfig
+from vllm_infllm.core.reference import infllm_attention_reference, infllm_reference_trace, selection_chunks
+from vllm_infllm.core.rope import rope_table, rotate
 
 
 def dense_causal(q, k, v, cos, sin):

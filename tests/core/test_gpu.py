@@ -1,0 +1,124 @@
+"""The Triton kernels compiled for a CUDA GPU, at realistic sizes (the correctness half of the
+device run; `benchmarks/ops/gpu.sh` runs this file, then the timing script).
+
+* each op against the torch op on the same CUDA tensors, bf16, the default InfLLMConfig, head
+  layouts of Llama-3-8B (Hq 32 / Hkv 8 / D 128) and SmolLM2 (Hq 9 / Hkv 3 / D 64), a wave mixing
+  a 512-query prefill chunk, decodes and a short prefill, then the decodes alone (split-KV path);
+* the whole runtime with the Triton ops against the fp32 oracle at a moderate length.
+
+Marked `gpu` and skipped without CUDA: Triton compiles these kernels for a GPU only. On a CPU
+machine tests/core/test_triton_ops.py runs the same kernels in Triton's interpreter at small sizes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_infllm.core.config import InfLLMConfig
+from vllm_infllm.core.ops import torch_ops
+from vllm_infllm.core.plan import plan_step
+from vllm_infllm.core.rope import rope_table
+from vllm_infllm.testing import make_request, max_abs_err, paged_state, rel_l2_err, run_oracle, run_paged
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton compiles these kernels "
+                       "for CUDA only; test_triton_ops.py covers them in the interpreter on CPU)"),
+]
+DEV = "cuda"
+
+
+@pytest.fixture(scope="module")
+def triton_ops():
+    # Imported here, not at collection: on a CPU machine importing triton_ops without
+    # TRITON_INTERPRET would make test_triton_ops.py rerun itself in a subprocess.
+    from vllm_infllm.core.ops import triton_ops
+
+    return triton_ops
+
+
+# A wave mixing a 512-query prefill chunk 10K tokens in, decodes at 20K / 9K / 5K, and a short
+# prefill inside the dense regime.
+QUERY_LENS = [512, 1, 1, 1, 37]
+SEQ_LENS = [10752, 20000, 9000, 5000, 300]
+
+
+@pytest.mark.parametrize("Hq,Hkv,D", [(32, 8, 128), (9, 3, 64)])
+def test_ops_match_torch_ops_bf16(triton_ops, Hq, Hkv, D):
+    cfg, dtype, tol = InfLLMConfig(), torch.bfloat16, 3e-2
+    st = paged_state(Hq, Hkv, D, SEQ_LENS, dtype, cfg, device=DEV)
+    kv, table, mem = st.kv_cache, st.block_table, st.memory
+    cos, sin = rope_table(D, max(SEQ_LENS) + cfg.n_local + 1, device=DEV)
+    T = sum(QUERY_LENS)
+    g = torch.Generator(device=DEV).manual_seed(1)
+    query = torch.empty(T, Hq, D, device=DEV, dtype=dtype).normal_(generator=g)
+    key = torch.empty(T, Hkv, D, device=DEV, dtype=dtype).normal_(generator=g)
+    value = torch.empty(T, Hkv, D, device=DEV, dtype=dtype).normal_(generator=g)
+    qsl, slots = [0], []
+    for r, (n, s) in enumerate(zip(QUERY_LENS, SEQ_LENS, strict=True)):
+        qsl.append(qsl[-1] + n)
+        pos = torch.arange(s - n, s, device=DEV)
+        slots.append(table[r, pos // cfg.block_size].long() * cfg.block_size + pos % cfg.block_size)
+    slots = torch.cat(slots)
+    slots[1] = -1  # a padding token
+
+    kv_t, mem_t = kv.clone(), mem.clone()
+    torch_ops.write_kv(kv_t, key, value, slots, mem_t)
+    triton_ops.write_kv(kv, key, value, slots, mem)
+    assert torch.equal(kv, kv_t) and torch.equal(mem.scores, mem_t.scores) and torch.equal(mem.sealed, mem_t.sealed)
+
+    # The mixed waves, then the decode requests alone: a decode-only wave takes the split-KV path.
+    plan = plan_step(qsl, SEQ_LENS, cfg, device=DEV)
+    dec = [i for i, n in enumerate(QUERY_LENS) if n == 1]
+    decode_plan = plan_step(list(range(len(dec) + 1)), [SEQ_LENS[i] for i in dec], cfg, device=DEV)
+    for wave in decode_plan.waves:  # point the decode-only wave at the decodes' rows and blocks
+        wave.req.copy_(torch.tensor(dec, device=DEV))
+        wave.q0.copy_(torch.tensor([qsl[i] for i in dec], device=DEV))
+        wave.host.update(req=dec, q0=[qsl[i] for i in dec])
+
+    checked_units = 0
+    for wave in plan.waves + decode_plan.waves:
+        torch_ops.seal_units(kv, mem_t, table, wave, cos, sin, cfg)
+        triton_ops.seal_units(kv, mem, table, wave, cos, sin, cfg)
+        assert torch.equal(mem.sealed, mem_t.sealed)
+        assert max_abs_err(mem.reprs, mem_t.reprs) <= tol
+
+        sel_t = torch_ops.select_units(query, mem_t, table, wave, cos, sin, cfg)
+        sel = triton_ops.select_units(query, mem, table, wave, cos, sin, cfg)
+        for a, b in zip(sel_t.tolist(), sel.tolist(), strict=True):
+            want = {u for u in a if u >= 0}
+            if want:  # near-ties may swap in bf16
+                assert len(want & set(b)) / len(want) >= 0.85, (a, b)
+                checked_units += len(want)
+
+        before = mem_t.scores.clone()
+        o_t = torch.full((T, Hq, D), float("nan"), device=DEV, dtype=dtype)
+        o = torch.full((T, Hq, D), float("nan"), device=DEV, dtype=dtype)
+        torch_ops.attend(query, kv, mem_t, table, wave, sel_t, cos, sin, cfg, D**-0.5, o_t)
+        triton_ops.attend(query, kv, mem, table, wave, sel_t, cos, sin, cfg, D**-0.5, o)
+        rows = torch.cat([torch.arange(q0, q0 + n) for q0, n in zip(wave.host["q0"], wave.host["length"],
+                                                                      strict=True)]).to(DEV)
+        assert not o[rows].isnan().any(), "the kernel left query rows unwritten"
+        assert max_abs_err(o[rows], o_t[rows]) <= tol
+        assert rel_l2_err(o[rows], o_t[rows]) <= 1e-2
+        # The scores this wave added, not the stale totals (they would hide a broken score pass).
+        gained_t, gained = mem_t.scores - before, mem.scores - before
+        assert gained_t.abs().max() > 0
+        assert rel_l2_err(gained, gained_t) <= tol
+        mem.scores.copy_(mem_t.scores)  # keep later waves' sealing identical
+        mem.reprs.copy_(mem_t.reprs)
+    assert checked_units >= 2 * cfg.topk
+
+
+@pytest.mark.parametrize("Hq,Hkv,D", [(8, 2, 64), (9, 3, 64)])
+def test_runtime_matches_oracle_fp32(triton_ops, Hq, Hkv, D):
+    cfg = InfLLMConfig(n_init=64, n_local=512, block_size=64, topk=4, repr_topk=4, chunk=256)
+    g = torch.Generator().manual_seed(0)
+    reqs = [make_request(p, d, Hq, Hkv, D, g) for p, d in [([600, 700], 8), ([300], 24), ([1200], 4)]]
+    cos, sin = rope_table(D, 4096)
+    run = run_paged(reqs, cfg, cos, sin, ops=triton_ops, device=DEV)
+    traces = run_oracle(reqs, cfg, cos, sin)
+    assert sum(c.num_candidates > cfg.topk for tr in traces for c in tr.chunks) > 10  # real selections
+    for out, tr in zip(run.outs[0], traces, strict=True):
+        assert max_abs_err(out, tr.out) <= 1e-3

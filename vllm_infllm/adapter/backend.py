@@ -1,0 +1,297 @@
+"""The InfLLM attention backend for vLLM (written against vLLM 0.32, see the README).
+
+Four classes, in the shape of vLLM's own `v1/attention/backends/triton_attn.py`; everything they
+compute comes from the vLLM-free core (`core/plan.py`, `core/runtime.py`, `core/ops/`):
+
+* InfLLMMetadata: one step's vLLM metadata plus the core's `StepPlan`.
+* InfLLMMetadataBuilder: once per step, turns `CommonAttentionMetadata` into the `StepPlan`
+  (selection chunks grouped in waves), shared by all layers.
+* InfLLMAttentionBackend: registry name, kernel block size 128 (one KV block == one memory
+  unit), LBHNC layout, `customize_spec` adding the head slots that hold the per-block side
+  state (`side_state.py`), so vLLM's memory budget counts it.
+* InfLLMAttentionImpl (one per layer): writes K/V and resets the side state of blocks started
+  afresh (`do_kv_cache_update`), then runs `infllm_forward` with typed views of that side
+  state and the model's own rotary table (`model_support.py`).
+
+docs/design.md section 3 describes the mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from vllm.config import VllmConfig, get_current_vllm_config_or_none
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionLayer,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+
+from ..core import ops as infllm_ops
+from ..core.config import InfLLMConfig
+from ..core.plan import LayerMemory, StepPlan, plan_step
+from ..core.runtime import infllm_forward
+from .cpu_tuning import tune_cpu_malloc
+from .model_support import layer_rejection_reasons, model_rope_for_layer
+from .side_state import num_side_state_slots, side_state_views
+from .vllm_config import INFLLM_BLOCK_SIZE, infllm_config_from_vllm
+
+
+@dataclasses.dataclass
+class InfLLMMetadata:
+    num_actual_tokens: int  # real tokens (excludes padding)
+    num_reqs: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor  # [B+1] int32, device
+    query_start_loc_cpu: torch.Tensor  # [B+1] int32, cpu
+    seq_lens: torch.Tensor  # [B] int32, device (context + new tokens)
+    seq_lens_cpu: torch.Tensor  # [B] int32, cpu
+    block_table: torch.Tensor  # [B, max_blocks] int32, kernel-block ids
+    slot_mapping: torch.Tensor  # [T] int64, -1 = padding
+    num_decodes: int
+    num_prefills: int
+    num_decode_tokens: int
+    num_prefill_tokens: int
+    infllm_config: InfLLMConfig
+    plan: StepPlan  # selection chunks of this step, shared by every layer
+
+
+class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # Non-None makes the V1 runner (the CPU runner too) put decodes first.
+    reorder_batch_threshold: int | None = 1
+
+    def __init__(
+        self,
+        kv_cache_spec: AttentionSpec,
+        layer_names: list[str],
+        vllm_config: VllmConfig,
+        device: torch.device,
+    ) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        if kv_cache_spec.block_size != INFLLM_BLOCK_SIZE:
+            raise ValueError(
+                f"infllm: kernel block size is {kv_cache_spec.block_size}, expected "
+                f"{INFLLM_BLOCK_SIZE}"
+            )
+        self.infllm_config = infllm_config_from_vllm(vllm_config)
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> InfLLMMetadata:
+        cm = common_attn_metadata
+        nd, npf, ndt, npt = split_decodes_and_prefills(cm, decode_threshold=1)
+        if cm.seq_lens_cpu_upper_bound is not None and self.vllm_config.speculative_config is None:
+            seq_lens_cpu = cm.seq_lens_cpu_upper_bound  # exact without spec decode
+        else:
+            seq_lens_cpu = cm.seq_lens.cpu()
+        qsl_cpu = cm.query_start_loc_cpu[: cm.num_reqs + 1]
+        plan = plan_step(
+            qsl_cpu.tolist(), seq_lens_cpu[: cm.num_reqs].tolist(), self.infllm_config, device=self.device
+        )
+        return InfLLMMetadata(
+            num_actual_tokens=int(cm.query_start_loc_cpu[cm.num_reqs]),
+            num_reqs=cm.num_reqs,
+            max_query_len=cm.max_query_len,
+            max_seq_len=cm.max_seq_len,
+            query_start_loc=cm.query_start_loc,
+            query_start_loc_cpu=cm.query_start_loc_cpu,
+            seq_lens=cm.seq_lens,
+            seq_lens_cpu=seq_lens_cpu,
+            block_table=cm.block_table_tensor,
+            slot_mapping=cm.slot_mapping,
+            num_decodes=nd,
+            num_prefills=npf,
+            num_decode_tokens=ndt,
+            num_prefill_tokens=npt,
+            infllm_config=self.infllm_config,
+            plan=plan,
+        )
+
+
+class InfLLMAttentionBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    # Side-state views reinterpret the page bytes; quantized caches are not supported.
+    supported_kv_cache_dtypes: ClassVar[list[Any]] = ["auto", "float16", "bfloat16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "INFLLM"
+
+    @staticmethod
+    def get_impl_cls() -> type[InfLLMAttentionImpl]:
+        return InfLLMAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[InfLLMMetadataBuilder]:
+        return InfLLMMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        # Exact int: one kernel block == one memory unit. Manager blocks that are multiples of
+        # 128 (--block-size 256) are split into 128-token kernel blocks by vLLM.
+        return [INFLLM_BLOCK_SIZE]
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        # LBHNC (head-major pages): every (block, slot) is one contiguous [N, 2D] page, so
+        #  * the extra side-state slots of a block are one contiguous byte run (typed views);
+        #  * per-KV-head block selection gathers whole contiguous pages;
+        #  * it is the only layout CPU_ATTN accepts, so mixing with it on CPU cannot conflict,
+        #    and layer-outermost keeps blocks dense so 256-token blocks can still be split.
+        return (KVCacheLayout.LBHNC,)
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        if spec.num_head_slots is not None or spec.state_content_bytes is not None:
+            return spec  # already packed (ours, or another owner's: leave it)
+        num_q_heads = _num_q_heads(spec)
+        extra = num_side_state_slots(num_q_heads, spec.head_size, spec.dtype, spec.head_size_v)
+        return dataclasses.replace(spec, num_head_slots=spec.num_kv_heads + extra)
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+
+def _num_q_heads(spec: AttentionSpec) -> int:
+    """Query heads per rank for the side state (the spec only knows the KV heads)."""
+    cfg = get_current_vllm_config_or_none()
+    if cfg is not None and cfg.model_config is not None:
+        return cfg.model_config.get_num_attention_heads(cfg.parallel_config)
+    seen = InfLLMAttentionImpl._q_heads_by_kv_heads.get(spec.num_kv_heads)
+    if seen:
+        return max(seen)
+    raise RuntimeError(
+        "infllm: customize_spec needs the query-head count but no vLLM config is current "
+        "and no InfLLM layer was built yet"
+    )
+
+
+class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
+    #: Query-head counts seen per KV-head count (customize_spec's fallback when no vLLM config
+    #: is current).
+    _q_heads_by_kv_heads: ClassVar[dict[int, set[int]]] = {}
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        **extra_impl_args: Any,
+    ) -> None:
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        reasons = layer_rejection_reasons(
+            attn_type, sliding_window, alibi_slopes, logits_soft_cap, extra_impl_args.get("sinks")
+        )
+        if reasons:
+            raise ValueError("infllm does not support: " + ", ".join(reasons))
+        InfLLMAttentionImpl._q_heads_by_kv_heads.setdefault(self.num_kv_heads, set()).add(num_heads)
+        self.extra_impl_args = extra_impl_args
+        cfg = get_current_vllm_config_or_none()
+        if cfg is not None and cfg.device_config is not None and cfg.device_config.device_type == "cpu":
+            tune_cpu_malloc()
+        if cfg is not None:
+            infllm_config_from_vllm(cfg)  # fail while the model is built, not at the first step
+        # The model's rotary module; the model built it just before this layer.
+        self.rope = None
+        if cfg is not None and cfg.model_config is not None:
+            self.rope = model_rope_for_layer(cfg, head_size)
+        self._memory_key: tuple | None = None
+        self._memory: LayerMemory | None = None
+
+    def _rope_table(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [rows, D/2] of the model's own rotary table (read each step: vLLM may
+        replace the buffer when it first matches dtype/device)."""
+        if self.rope is None:
+            raise RuntimeError("infllm: no rotary table (the impl was built outside a vLLM config)")
+        cache = self.rope.cos_sin_cache
+        if cache.device != like.device:
+            cache = cache.to(like.device)
+        half = self.head_size // 2
+        return cache[:, :half], cache[:, half:]
+
+    def _layer_memory(self, kv_cache: torch.Tensor) -> LayerMemory:
+        """Typed views of this layer's side state inside the extra head slots (cached)."""
+        key = (kv_cache.data_ptr(), tuple(kv_cache.shape), kv_cache.dtype)
+        if self._memory_key != key:
+            scores, reprs, sealed = side_state_views(
+                kv_cache, self.num_kv_heads, self.num_heads, self.head_size
+            )
+            self._memory = LayerMemory(reprs=reprs, scores=scores, sealed=sealed.view(torch.bool))
+            self._memory_key = key
+        return self._memory
+
+    def do_kv_cache_update(
+        self,
+        layer: torch.nn.Module,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        if self.kv_sharing_target_layer_name is not None or kv_cache.numel() == 0:
+            return
+        n = min(slot_mapping.shape[0], key.shape[0])
+        infllm_ops.for_device(key.device).write_kv(
+            kv_cache[:, : self.num_kv_heads], key[:n], value[:n], slot_mapping[:n],
+            self._layer_memory(kv_cache),
+        )
+
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: InfLLMMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise ValueError("infllm: fused output quantization is not supported")
+        if attn_metadata is None:  # profiling / dummy run (same as FLASH_ATTN in 0.32)
+            return output.fill_(0)
+        cos, sin = self._rope_table(query)
+        infllm_forward(
+            query,
+            kv_cache[:, : self.num_kv_heads],
+            attn_metadata.block_table,
+            attn_metadata.plan,
+            self._layer_memory(kv_cache),
+            cos,
+            sin,
+            attn_metadata.infllm_config,
+            self.scale,
+            output,
+        )
+        return output

@@ -1,0 +1,134 @@
+"""InfLLM's per-block side state, packed into extra head slots of each vLLM KV page.
+
+Each physical KV block (one memory unit) carries, per layer, the state InfLLM needs to select it:
+
+    scores  [Hq, B]  float32       softmax mass each token received inside local windows
+    reprs   [Hq, D]  cache dtype   representative keys (raw, un-rotated), one per query head
+    sealed  [1]      uint8         representatives are final
+
+vLLM allocates a KV page per (layer, block). `InfLLMAttentionBackend.customize_spec` asks for
+`num_head_slots = Hkv + E` head slots instead of `Hkv`, so the page becomes
+
+    kv_cache[block] = [ K/V slot 0 | ... | K/V slot Hkv-1 | extra slot 0 | ... | extra slot E-1 ]
+                      each slot: [B, 2*D] cache elements (K in [:, :D], V in [:, D:])
+
+and the side state is one contiguous byte run at the start of the extra slots of its block:
+
+    byte 0                   scores  Hq*B*4 bytes (float32)
+    byte reprs_offset        reprs   Hq*D*es bytes (es = cache element size), reprs_offset =
+                             scores bytes rounded up to a multiple of es
+    byte sealed_offset       sealed  1 byte, sealed_offset = reprs_offset + reprs bytes
+    (rest of the E slots)    padding
+
+`E = ceil(side-state bytes / slot bytes)`, e.g. SmolLM2 (Hq 9, D 64, fp32): 4608 + 2304 + 1 =
+6913 bytes of side state in one 65536-byte slot, so E = 1 next to its 3 KV heads. Because it
+lives in the page, vLLM's memory budget counts it, and it follows the block through continuous
+batching, preemption and prefix caching (docs/design.md section 3.2). The layout needs each
+block's extra slots to be one contiguous run, which LBHNC (the layout the backend declares)
+gives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .vllm_config import INFLLM_BLOCK_SIZE
+
+#: Bytes of the per-block ``sealed`` flag.
+SEALED_BYTES = 1
+
+
+def _dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclasses.dataclass(frozen=True)
+class SideStateLayout:
+    """Byte layout of one block's side state (see the module docstring)."""
+
+    num_q_heads: int
+    head_size: int
+    block_size: int
+    dtype: torch.dtype
+
+    @property
+    def scores_offset(self) -> int:
+        return 0
+
+    @property
+    def scores_bytes(self) -> int:
+        return self.num_q_heads * self.block_size * 4
+
+    @property
+    def reprs_offset(self) -> int:
+        es = _dtype_size(self.dtype)
+        return -(-self.scores_bytes // es) * es
+
+    @property
+    def reprs_bytes(self) -> int:
+        return self.num_q_heads * self.head_size * _dtype_size(self.dtype)
+
+    @property
+    def sealed_offset(self) -> int:
+        return self.reprs_offset + self.reprs_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.sealed_offset + SEALED_BYTES
+
+    def slot_bytes(self, head_size_v: int | None = None) -> int:
+        """Bytes of one head slot of a kernel block: ``B * (D + Dv)`` cache elements."""
+        dv = self.head_size if head_size_v is None else head_size_v
+        return self.block_size * (self.head_size + dv) * _dtype_size(self.dtype)
+
+    def num_extra_slots(self, head_size_v: int | None = None) -> int:
+        """E = ceil(side-state bytes / slot bytes)."""
+        return -(-self.total_bytes // self.slot_bytes(head_size_v))
+
+
+def num_side_state_slots(
+    num_q_heads: int, head_size: int, dtype: torch.dtype, head_size_v: int | None = None
+) -> int:
+    """Extra head slots per page needed for one block's side state.
+
+    Always computed for the 128-token *kernel* block, whatever ``spec.block_size`` is:
+    ``customize_spec`` is also called with ``block_size=1`` (per-token page probes in
+    ``platforms/interface.py`` and for sliding-window specs) and with multiples of 128
+    (``--block-size 256`` is split into 128-token kernel blocks). A head slot scales with N, so
+    ``num_head_slots = Hkv + E`` gives the right page at every N that is a multiple of 128 and
+    the right per-token ratio at N=1.
+    """
+    return SideStateLayout(num_q_heads, head_size, INFLLM_BLOCK_SIZE, dtype).num_extra_slots(
+        head_size_v
+    )
+
+
+def side_state_views(
+    kv_cache: torch.Tensor, num_kv_heads: int, num_q_heads: int, head_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Typed views ``scores[NB, Hq, B] f32``, ``reprs[NB, Hq, D] (cache dtype)``, ``sealed[NB] u8``.
+
+    kv_cache: [NB, Hkv + E, B, 2*D], the layer's bound cache tensor. The views alias its extra
+    head slots ``kv_cache[:, num_kv_heads:]`` (no copy: writes go to the page). ``sealed`` is a
+    strided view (one byte per page).
+    """
+    nb, nslots, n, c = kv_cache.shape
+    extra = kv_cache[:, num_kv_heads:]
+    if nslots <= num_kv_heads:
+        raise ValueError(
+            f"kv_cache has {nslots} head slots, no extra slots beyond the {num_kv_heads} KV heads "
+            "(customize_spec did not run?)"
+        )
+    # .view (not .flatten/.reshape) so a non-contiguous layout errors instead of copying.
+    flat = extra.view(nb, -1).view(torch.uint8)  # [NB, E*N*C*es] bytes of each block
+    lay = SideStateLayout(num_q_heads, head_size, n, kv_cache.dtype)
+    if lay.total_bytes > flat.shape[1]:
+        raise ValueError(f"side state needs {lay.total_bytes} B/block, page has {flat.shape[1]}")
+    scores = flat[:, lay.scores_offset : lay.scores_offset + lay.scores_bytes]
+    scores = scores.view(torch.float32).view(nb, num_q_heads, n)
+    reprs = flat[:, lay.reprs_offset : lay.reprs_offset + lay.reprs_bytes]
+    reprs = reprs.view(kv_cache.dtype).view(nb, num_q_heads, head_size)
+    sealed = flat[:, lay.sealed_offset]
+    return scores, reprs, sealed

@@ -1,0 +1,125 @@
+"""InfLLM configuration: the knobs of docs/design.md section 2, validated with errors that say how to fix them.
+
+Pure Python (no torch, no vLLM): it is imported while vLLM parses its own config, before any
+engine process exists, so a bad value fails fast with a readable message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from typing import Any
+
+
+class InfLLMConfigError(ValueError):
+    """A bad InfLLM setting. The message names the field, its value, the rule and a fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InfLLMConfig:
+    """InfLLM hyper-parameters (defaults are the paper's Mistral/Llama-3 settings).
+
+    n_init:     tokens at the start of the sequence attended by every query ("init", attention sinks).
+    n_local:    sliding window of ordinary attention ("local window").
+    block_size: tokens per memory unit; also vLLM's kernel KV block size.
+    topk:       memory units each selection chunk reads (0 = sliding window + sinks only).
+    repr_topk:  tokens averaged into a unit's representative key, per query head.
+    chunk:      selection granularity in prefill: queries in one `chunk`-aligned span share one
+                top-k selection (the original's `exc_block_size`).
+    """
+
+    n_init: int = 128
+    n_local: int = 4096
+    block_size: int = 128
+    topk: int = 16
+    repr_topk: int = 4
+    chunk: int = 512
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InfLLMConfigError(
+                    f"infllm config: {f.name}={value!r} must be an integer "
+                    f"(got {type(value).__name__}); e.g. {f.name}={f.default}."
+                )
+        self._check(self.block_size >= 1, "block_size", "block_size >= 1", "use the default 128")
+        self._check(self.n_local >= 1, "n_local", "n_local >= 1", "use e.g. 4096")
+        self._check(self.n_init >= 0, "n_init", "n_init >= 0", "use 0 or a multiple of block_size")
+        self._check(
+            self.n_init % self.block_size == 0,
+            "n_init",
+            f"n_init must be a multiple of block_size={self.block_size} "
+            "(memory units must coincide with KV blocks)",
+            f"use n_init={self.n_init // self.block_size * self.block_size} "
+            f"or {(self.n_init // self.block_size + 1) * self.block_size}",
+        )
+        self._check(self.chunk >= 1, "chunk", "chunk >= 1", "use the default 512")
+        self._check(
+            self.chunk <= self.n_local,
+            "chunk",
+            f"chunk <= n_local={self.n_local}",
+            f"use chunk={min(512, self.n_local)} or raise n_local",
+        )
+        self._check(
+            self.block_size <= self.n_local,
+            "block_size",
+            f"block_size <= n_local={self.n_local}",
+            f"raise n_local to at least {self.block_size}",
+        )
+        self._check(
+            1 <= self.repr_topk <= self.block_size,
+            "repr_topk",
+            f"1 <= repr_topk <= block_size={self.block_size}",
+            f"use repr_topk={min(4, self.block_size)}",
+        )
+        self._check(self.topk >= 0, "topk", "topk >= 0", "use 0 (no memory) or e.g. 16")
+
+    def _check(self, ok: bool, field: str, rule: str, fix: str) -> None:
+        if not ok:
+            raise InfLLMConfigError(
+                f"infllm config: {field}={getattr(self, field)!r} is invalid: {rule}. Fix: {fix}."
+            )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> InfLLMConfig:
+        """Build from the `additional_config["infllm"]` dict; unknown keys are rejected."""
+        if values is None:
+            return cls()
+        if not isinstance(values, Mapping):
+            raise InfLLMConfigError(
+                f"infllm config must be a JSON object such as {{\"topk\": 16}}, "
+                f"got {type(values).__name__}: {values!r}."
+            )
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise InfLLMConfigError(
+                    f"infllm config: unknown key {key!r}.{hint} Valid keys: {', '.join(names)}."
+                )
+        return cls(**dict(values))
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    @property
+    def init_blocks(self) -> int:
+        """KV blocks holding the init tokens; memory unit k is KV block `init_blocks + k`."""
+        return self.n_init // self.block_size
+
+    def window_start(self, p: int) -> int:
+        """w(p): first token of position p's local window."""
+        return max(0, p - self.n_local + 1)
+
+    def num_candidates(self, c0: int) -> int:
+        """Memory units that end at or before w(c0): the candidates of a chunk starting at c0."""
+        return max(0, (self.window_start(c0) - self.n_init) // self.block_size)
+
+    def max_attended(self) -> int:
+        """Upper bound on keys one query attends (the bounded cost per token)."""
+        return (
+            self.n_init + self.n_local + self.topk * self.block_size + self.block_size + self.chunk
+        )

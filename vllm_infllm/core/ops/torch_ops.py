@@ -1,0 +1,355 @@
+"""Paged InfLLM ops in plain torch: the CPU path, and the reference the Triton kernels must match.
+
+Four ops, driven wave by wave by `core.runtime.infllm_forward` (docs/design.md section 3.4):
+  write_kv      scatter new K/V into the paged cache; reset side state of blocks started afresh
+  seal_units    compute representative keys of units that just became candidates
+  select_units  score candidate units against the chunk's mean query, keep the topk
+  attend        local window + (init, selected units, remainder) in one softmax; accumulate the
+                fp32 representative scores of local keys
+
+All arithmetic is fp32. Work is tiled so temporaries stay bounded (vLLM does not count them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import InfLLMConfig
+from ..plan import ChunkBatch, LayerMemory
+from ..rope import global_query_shift, rotate, rotate_rows
+
+# Upper bound on elements of one padded logits tensor (tiles x heads x queries x keys).
+_LOGITS_BUDGET = 1 << 24
+_QUERY_TILE = 128
+
+
+def write_kv(
+    kv_cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    memory: LayerMemory | None,
+) -> None:
+    """kv_cache[block, :, offset] = (K, V) for every slot >= 0; slot = block * B + offset.
+
+    kv_cache:      [num_blocks, Hkv, B, 2*D] (K then V; any strides)
+    key, value:    [>= T, Hkv, D] post-RoPE keys and values (rows past T are ignored)
+    slot_mapping:  [T] int, -1 = padding (skipped)
+    memory:        side state whose blocks written at offset 0 are reset (None: no reset)
+    """
+    B, D = kv_cache.shape[2], key.shape[-1]
+    n = slot_mapping.shape[0]
+    slots = slot_mapping.to(torch.long)
+    valid = slots >= 0
+    slots = slots[valid]
+    blk, off = slots // B, slots % B
+    kv_cache[blk, :, off, :D] = key[:n][valid].to(kv_cache.dtype)
+    kv_cache[blk, :, off, D:] = value[:n][valid].to(kv_cache.dtype)
+    if memory is not None:
+        # A block written from offset 0 holds a new sequence's tokens: forget its old state.
+        fresh = blk[off == 0]
+        memory.scores[fresh] = 0.0
+        memory.sealed[fresh] = False
+
+
+def seal_units(
+    kv_cache: torch.Tensor,
+    memory: LayerMemory,
+    block_table: torch.Tensor,
+    chunks: ChunkBatch,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    config: InfLLMConfig,
+) -> None:
+    """Seal every not-yet-sealed unit among each chunk's candidates: its representative keys
+    become the mean raw key of its `repr_topk` top-scored tokens, per query head.
+
+    kv_cache:     [num_blocks, Hkv, B, 2*D]
+    memory:       reads `scores` [num_blocks, Hq, B], writes `reprs` [num_blocks, Hq, D], `sealed`
+    block_table:  [num_reqs, max_blocks] int
+    cos, sin:     [rows, D/2] rotary table (rows > every sealed token's position)
+
+    Only the last `chunk // B + 2` candidates can be unsealed: the previous chunk of the request
+    (this step or an earlier one) sealed all units that were candidates at its start, at most
+    `chunk` positions earlier.
+    """
+    B, Hq = config.block_size, memory.reprs.shape[1]
+    Hkv, D = kv_cache.shape[1], kv_cache.shape[3] // 2
+    window = config.chunk // B + 2
+    units = chunks.num_cand[:, None] - window + torch.arange(window, device=chunks.req.device)
+    phys = block_table[chunks.req[:, None], config.init_blocks + units.clamp(min=0)].to(torch.long)
+    need = (units >= 0) & ~memory.sealed[phys]
+    phys, units = phys[need], units[need]
+    if phys.numel() == 0:
+        return
+    top = memory.scores[phys].topk(config.repr_topk, dim=-1).indices  # [m, Hq, r]
+    kv_head = (torch.arange(Hq, device=phys.device) // (Hq // Hkv))[None, :, None]
+    keys = kv_cache[phys[:, None, None], kv_head, top, :D]  # [m, Hq, r, D]
+    pos = config.n_init + units[:, None, None] * B + top
+    raw = rotate(keys, cos, sin, -pos)  # undo the model's RoPE: representatives are raw keys
+    memory.reprs[phys] = raw.mean(dim=2).to(memory.reprs.dtype)
+    memory.sealed[phys] = True
+
+
+def _chunk_mean_query(query, chunks: ChunkBatch, cos, sin, config: InfLLMConfig):
+    """q̄ = mean over the chunk of R(n_local-1)·q_raw = R(n_local-1-p)·q(p); [n, Hq*D] fp32."""
+    key = ("qbar", cos.data_ptr())
+    geo = chunks.scratch.get(key)
+    if geo is None:  # layer-independent: rows, RoPE rows and weights, once per step
+        L = chunks.max_len
+        i = torch.arange(L, device=query.device)
+        valid = i[None, :] < chunks.length[:, None]
+        rows = torch.where(valid, chunks.q0[:, None] + i, chunks.q0[:, None])
+        shift = global_query_shift(chunks.c0[:, None] + i, config.n_local)
+        sign = torch.where(shift < 0, -1.0, 1.0)[..., None, None]
+        c = cos.index_select(0, shift.abs().flatten()).view(-1, L, 1, cos.shape[1]).float()
+        s = sin.index_select(0, shift.abs().flatten()).view(-1, L, 1, sin.shape[1]).float() * sign
+        weight = (valid / chunks.length[:, None]).float()[..., None, None]  # mean over valid rows
+        geo = chunks.scratch[key] = (rows.flatten(), c, s, weight, L)
+    rows, c, s, weight, L = geo
+    q = query.index_select(0, rows).float()
+    q = rotate_rows(q.view(-1, L, *q.shape[1:]), c, s)  # [n, L, Hq, D]
+    if L > 1:
+        q = (q * weight).sum(1)
+    else:
+        q = q[:, 0]
+    return q.flatten(1)
+
+
+def select_units(
+    query: torch.Tensor,
+    memory: LayerMemory,
+    block_table: torch.Tensor,
+    chunks: ChunkBatch,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    config: InfLLMConfig,
+) -> torch.Tensor:
+    """The topk candidates of each chunk by sum_h <q̄_h, r_{U,h}>.
+
+    query:        [T, Hq, D] post-RoPE
+    memory:       reads `reprs` [num_blocks, Hq, D]
+    returns:      [n, topk] int64 memory-unit ids (not block ids), valid ids first, -1 = none
+    """
+    n, topk, max_k = chunks.n, config.topk, chunks.max_cand
+    device = query.device
+    selected = torch.full((n, topk), -1, dtype=torch.long, device=device)
+    if max_k == 0:
+        return selected
+    units = torch.arange(max_k, device=device)
+    if max_k <= topk:  # every chunk takes all its candidates
+        selected[:, :max_k] = torch.where(units < chunks.num_cand[:, None], units, -1)
+        return selected
+    q_bar = _chunk_mean_query(query, chunks, cos, sin, config)  # [n, Hq*D]
+    ragged = min(chunks.host["num_cand"]) < max_k
+    short = min(chunks.host["num_cand"]) < topk
+    step = max(1, _LOGITS_BUDGET // (max_k * q_bar.shape[1]))
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        phys = block_table[chunks.req[s:e], config.init_blocks : config.init_blocks + max_k]
+        reprs = memory.reprs.index_select(0, phys.flatten().to(torch.long))  # [m*K, Hq, D]
+        reprs = reprs.view(e - s, max_k, -1).float()
+        score = torch.bmm(reprs, q_bar[s:e, :, None]).squeeze(2)  # [m, K]
+        if ragged:  # pad slots of chunks with fewer candidates (their block ids may be stale)
+            score.masked_fill_(units >= chunks.num_cand[s:e, None], float("-inf"))
+        top = score.topk(topk, dim=-1).indices  # sorted: valid candidates first
+        if short:
+            top = torch.where(torch.arange(topk, device=device) < chunks.num_cand[s:e, None], top, -1)
+        selected[s:e] = top
+    return selected
+
+
+def _tiles(chunks: ChunkBatch):
+    """Split chunks into query tiles: (chunk index, first query offset, tile length)."""
+    for j, length in enumerate(chunks.host["length"]):
+        for s in range(0, length, _QUERY_TILE):
+            yield j, s, min(_QUERY_TILE, length - s)
+
+
+def attend(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    memory: LayerMemory,
+    block_table: torch.Tensor,
+    chunks: ChunkBatch,
+    selected: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    config: InfLLMConfig,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """InfLLM attention for every query of the wave; writes `out`, accumulates `memory.scores`.
+
+    query:        [T, Hq, D] post-RoPE
+    kv_cache:     [num_blocks, Hkv, B, 2*D] with this step's K/V written
+    memory:       `scores` [num_blocks, Hq, B] gain the local softmax mass (when topk > 0)
+    selected:     [n, topk] unit ids from `select_units` (-1 = none), or None when topk == 0
+    out:          [T, Hq, D]; only the wave's query rows are written
+    """
+    tiles = list(_tiles(chunks))
+    Hq = query.shape[1]
+    span = config.n_local + _QUERY_TILE + config.max_attended() + 2 * config.block_size
+    group = max(1, _LOGITS_BUDGET // (Hq * min(_QUERY_TILE, chunks.max_len) * span))
+    for s in range(0, len(tiles), group):
+        _attend_tiles(query, kv_cache, memory, block_table, chunks, selected, cos, sin, config,
+                      scale, out, tiles[s : s + group])
+
+
+def _gather_blocks(kv_cache, phys, n):
+    """Whole KV blocks `phys` [n*m] -> K, V [Hkv, n, m*B, D] fp32 (strided views of one copy).
+
+    index_select copies whole blocks (contiguous rows of the cache), far cheaper on CPU than
+    gathering token by token; the head-major copy makes (Hkv, n) one batch axis for bmm.
+    Positions a query must not see are masked by the caller: vLLM zero-fills the cache and
+    recycled blocks hold old finite K/V, so the arithmetic on masked slots stays finite.
+    """
+    Hkv, B, D2 = kv_cache.shape[1:]
+    m = phys.shape[0] // n
+    kv = kv_cache.new_empty(Hkv, n * m, B, D2)
+    for h in range(Hkv):  # per head: whole-row copies straight into the head-major layout
+        torch.index_select(kv_cache[:, h], 0, phys, out=kv[h])
+    kv = kv.float().view(Hkv, n, m * B, D2)
+    return kv[..., : D2 // 2], kv[..., D2 // 2 :]
+
+
+def _tile_geometry(chunks: ChunkBatch, tiles, block_table, cos, sin, config, G):
+    """Everything about a tile group that does not depend on the layer: query rows, local
+    window blocks and mask, init/remainder blocks with their mask and RoPE rows, the query's
+    global re-rotation. Computed at the first layer of a step, reused by the others.
+    """
+    device = block_table.device
+    B, n_init, n_local = config.block_size, config.n_init, config.n_local
+    n = len(tiles)
+    host_c0, host_cand = chunks.host["c0"], chunks.host["num_cand"]
+
+    # Host-side extents: local blocks [w(first query) // B, last query // B]; remainder blocks
+    # from R0 = n_init + num_cand*B up to w(last query).
+    Qt = max(t[2] for t in tiles)
+    lo_blk, n_loc_blk, n_rem_blk = [], 0, 0
+    for jj, f, L in tiles:
+        p0, p1 = host_c0[jj] + f, host_c0[jj] + f + L - 1
+        lo_blk.append(config.window_start(p0) // B)
+        n_loc_blk = max(n_loc_blk, p1 // B - lo_blk[-1] + 1)
+        rem = config.window_start(p1) - (n_init + host_cand[jj] * B)
+        n_rem_blk = max(n_rem_blk, -(-rem // B))
+
+    j = torch.tensor([t[0] for t in tiles], device=device)
+    first = torch.tensor([t[1] for t in tiles], device=device)
+    tlen = torch.tensor([t[2] for t in tiles], device=device)
+    req, c0 = chunks.req[j], chunks.c0[j]
+    i = torch.arange(Qt, device=device)
+    qvalid = i[None, :] < tlen[:, None]  # [n, Qt]
+    # Rows past a tile's length repeat its last query (no empty softmax rows); they are
+    # dropped when writing `out` and weighted 0 in the representative scores.
+    i_eff = torch.minimum(i[None, :], tlen[:, None] - 1)
+    pos = c0[:, None] + first[:, None] + i_eff  # [n, Qt]
+    rows = (chunks.q0[j][:, None] + first[:, None] + i_eff).flatten()
+    win = (pos - n_local + 1).clamp(min=0)  # w(p)
+    all_valid = all(t[2] == Qt for t in tiles)
+    valid_idx = None if all_valid else qvalid.flatten().nonzero().squeeze(1)
+    bt = block_table.index_select(0, req).to(torch.long)  # [n, max_blocks]
+    last_blk = bt.shape[1] - 1
+
+    def fold_mask(m):  # [n, Qt, L] -> [1, n, G*Qt, L] (the G heads of a KV head share it)
+        return m[:, None].expand(n, G, Qt, m.shape[-1]).reshape(1, n, G * Qt, m.shape[-1])
+
+    # Local window, causal and windowed per query.
+    lblk = torch.tensor(lo_blk, device=device)[:, None] + torch.arange(n_loc_blk, device=device)
+    lpos = (lblk[:, :, None] * B + torch.arange(B, device=device)).flatten(1)  # [n, Lloc]
+    lmask = (lpos[:, None, :] >= win[..., None]) & (lpos[:, None, :] <= pos[..., None])
+
+    # Global keys fixed for the step: init blocks, then remainder blocks [R0, w(p)).
+    fblks = [torch.arange(config.init_blocks, device=device).expand(n, -1)]
+    if n_rem_blk:
+        fblks.append(config.init_blocks + chunks.num_cand[j][:, None] + torch.arange(n_rem_blk, device=device))
+    fblk = torch.cat(fblks, dim=1)  # [n, F] logical
+    fpos = (fblk[:, :, None] * B + torch.arange(B, device=device)).flatten(1)
+    fmask = fpos[:, None, :] < win[..., None]
+
+    shift = global_query_shift(pos, n_local)  # R(n_local-1-p): q(p) -> R(n_local-1) q_raw
+    sign = torch.where(shift < 0, -1.0, 1.0)[..., None]
+    qc = cos.index_select(0, shift.abs().flatten()).view(n, 1, Qt, -1).float()
+    qs = sin.index_select(0, shift.abs().flatten()).view(n, 1, Qt, -1).float() * sign.view(n, 1, Qt, 1)
+    rows_in_table = cos.shape[0] // B
+    return dict(
+        n=n, Qt=Qt, chunk_of_tile=j, rows=rows, valid_idx=valid_idx,
+        rows_valid=rows if all_valid else rows[valid_idx],
+        req=req, bt=bt, num_cand_min=min(host_cand[t[0]] for t in tiles),
+        loc_phys=bt.gather(1, lblk.clamp(max=last_blk)).flatten(), n_loc_blk=n_loc_blk,
+        loc_masked=~fold_mask(lmask),
+        fix_blk=fblk, fix_phys=bt.gather(1, fblk.clamp(max=last_blk)), fix_masked=~fold_mask(fmask),
+        q_cos=qc, q_sin=qs,  # [n, 1, Qt, D/2], broadcast over [Hkv, n, G, Qt, D/2]
+        cos_blocks=cos[: rows_in_table * B].view(rows_in_table, B, -1),
+        sin_blocks=sin[: rows_in_table * B].view(rows_in_table, B, -1),
+        table_last_blk=rows_in_table - 1,
+        mass_weight=qvalid.float()[None, :, None, None, :],  # [1, n, 1, 1, Qt]
+    )
+
+
+def _attend_tiles(query, kv_cache, memory, block_table, chunks, selected, cos, sin, config,
+                  scale, out, tiles) -> None:
+    """One softmax per query over its local window and its global keys (init, selected units,
+    remainder [R0, w(p)), all at relative distance n_local-1), on whole gathered blocks.
+    """
+    B = config.block_size
+    Hq, D = query.shape[1], query.shape[2]
+    Hkv = kv_cache.shape[1]
+    G = Hq // Hkv
+    key = ("tiles", tiles[0][0], tiles[0][1], len(tiles), G, D, block_table.data_ptr(), cos.data_ptr())
+    geo = chunks.scratch.get(key)
+    if geo is None:
+        geo = chunks.scratch[key] = _tile_geometry(chunks, tiles, block_table, cos, sin, config, G)
+    n, Qt = geo["n"], geo["Qt"]
+
+    # Queries, folded so the G query heads of a KV head share its K/V: [Hkv, n, G, Qt, D].
+    q = query.index_select(0, geo["rows"]).view(n, Qt, Hkv, G, D).permute(2, 0, 3, 1, 4)
+    q = q.float().contiguous().mul_(scale)
+    q_glob = rotate_rows(q, geo["q_cos"], geo["q_sin"])  # R(n_local-1) q_raw
+    q, q_glob = q.view(Hkv, n, G * Qt, D), q_glob.view(Hkv, n, G * Qt, D)
+
+    # Local window, causal and windowed per query.
+    k_loc, v_loc = _gather_blocks(kv_cache, geo["loc_phys"], n)
+    s_loc = torch.matmul(q, k_loc.transpose(-1, -2)).masked_fill_(geo["loc_masked"], float("-inf"))
+
+    # Global keys: init + remainder blocks (fixed for the step), then this layer's selection.
+    blk, phys = geo["fix_blk"], geo["fix_phys"]
+    units = selected[geo["chunk_of_tile"]] if (selected is not None and config.topk > 0) else None
+    if units is not None:
+        ublk = config.init_blocks + units.clamp(min=0)
+        blk, phys = torch.cat((blk, ublk), 1), torch.cat((phys, geo["bt"].gather(1, ublk)), 1)
+    s_glob = v_glob = None
+    if blk.shape[1]:
+        k_glob, v_glob = _gather_blocks(kv_cache, phys.flatten(), n)
+        tb = blk.clamp(max=geo["table_last_blk"]).flatten()  # masked positions only beyond it
+        c = geo["cos_blocks"].index_select(0, tb).view(n, -1, D // 2).float()
+        sn = geo["sin_blocks"].index_select(0, tb).view(n, -1, D // 2).float()
+        k_glob = rotate_rows(k_glob, c, -sn)  # R(-j): back to raw keys
+        s_glob = torch.matmul(q_glob, k_glob.transpose(-1, -2))  # [Hkv, n, G*Qt, Lg]
+        F = geo["fix_blk"].shape[1] * B
+        s_glob[..., :F].masked_fill_(geo["fix_masked"], float("-inf"))
+        if units is not None and geo["num_cand_min"] < config.topk:  # some slots hold no unit
+            s_glob[..., F:].masked_fill_((units < 0).repeat_interleave(B, dim=1)[None, :, None, :], float("-inf"))
+
+    # One softmax over local + global (local is never empty), in place: these are big.
+    m = s_loc.amax(dim=-1, keepdim=True)
+    if s_glob is not None:
+        m = torch.maximum(m, s_glob.amax(dim=-1, keepdim=True))
+    p_loc = s_loc.sub_(m).exp_()
+    denom = p_loc.sum(dim=-1, keepdim=True)
+    o = torch.matmul(p_loc, v_loc)
+    if s_glob is not None:
+        p_glob = s_glob.sub_(m).exp_()
+        denom += p_glob.sum(dim=-1, keepdim=True)
+        o.add_(torch.matmul(p_glob, v_glob))
+    o = o.div_(denom).view(Hkv, n, G, Qt, D).permute(1, 3, 0, 2, 4).reshape(n * Qt, Hq, D)
+    if geo["valid_idx"] is not None:
+        o = o.index_select(0, geo["valid_idx"])
+    out.index_copy_(0, geo["rows_valid"], o.to(out.dtype))
+
+    if config.topk > 0:  # representative scores: fp32 softmax mass each local key received
+        w = geo["mass_weight"] / denom.view(Hkv, n, G, 1, Qt)
+        mass = torch.matmul(w, p_loc.view(Hkv, n, G, Qt, -1))  # [Hkv, n, G, 1, Lloc]
+        nb = geo["n_loc_blk"]
+        mass = mass.view(Hkv, n, G, nb, B).permute(1, 3, 0, 2, 4).reshape(n * nb, Hq, B)
+        memory.scores.index_add_(0, geo["loc_phys"], mass)

@@ -1,0 +1,673 @@
+"""Paged InfLLM ops as Triton kernels: the CUDA path. Same signatures and semantics as torch_ops.
+
+  write_kv      one program per token: scatter K/V through the cache's strides; a token written at
+                offset 0 also resets its block's scores and sealed flag
+  seal_units    one program per unit of the scan window, all query heads at once (so the `sealed`
+                flag is written by the only program that writes the unit's representatives)
+  select_units  q̄ kernel + one-pass scoring kernel over the representatives, then torch.topk
+  attend        flash attention per (chunk, query tile, KV head) with the tile's rows = (query,
+                query head of that KV head), so K/V are read once for all G heads; local window and
+                global keys (RoPE remapped in-kernel) share one online softmax; a second pass over
+                the local keys adds exp(s - lse) into memory.scores (needs the final LSE)
+
+No host synchronisation: launch sizes come from Python ints of the plan (`max_len`, `max_cand`)
+and the config; per-chunk bounds are read on the device and surplus programs exit at once.
+
+Conventions: every tile is upcast to fp32 right after its load (the Triton interpreter's bf16
+arithmetic is wrong, and the RoPE remap wants fp32 anyway); tl.dot operands go back to the input
+dtype for tensor cores, or stay fp32 with IEEE precision for fp32 inputs (tf32 would cost ~1e-3).
+Offsets that involve a physical block index are int64: a 1M-token cache exceeds 2^31 elements.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..config import InfLLMConfig
+from ..plan import ChunkBatch, LayerMemory
+
+_LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _p2(x: int) -> int:
+    return triton.next_power_of_2(max(1, int(x)))
+
+
+def _table(t: torch.Tensor) -> torch.Tensor:
+    """cos/sin tables are read as [row, d]: the kernels assume unit stride along d."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is the default: unused for 16-bit
+
+
+# ------------------------------------------------------------------------------------- write_kv
+@triton.jit
+def _write_kv_kernel(
+    kv_ptr,  # [num_blocks, Hkv, B, 2*D] cache dtype, strides s_cb, s_ch, s_co, s_cd
+    k_ptr,  # [T, Hkv, D] strides s_kt, s_kh, s_kd
+    v_ptr,  # [T, Hkv, D] strides s_vt, s_vh, s_vd
+    slot_ptr,  # [T] int, -1 = padding
+    scores_ptr,  # [num_blocks, Hq, B] fp32, strides s_sb, s_sh, s_so (read only when RESET)
+    sealed_ptr,  # [num_blocks] uint8 (read only when RESET)
+    s_cb, s_ch, s_co, s_cd,
+    s_kt, s_kh, s_kd,
+    s_vt, s_vh, s_vd,
+    s_sb, s_sh, s_so,
+    HKV, HQ, D, B,
+    RESET: tl.constexpr,  # reset scores and sealed flag of blocks written at offset 0
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """One program per token."""
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:  # padding token
+        return
+    blk = slot // B
+    off = slot % B
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    m = (h < HKV) & (d < D)
+    k = tl.load(k_ptr + t * s_kt + h * s_kh + d * s_kd, mask=m)
+    v = tl.load(v_ptr + t * s_vt + h * s_vh + d * s_vd, mask=m)
+    dst = kv_ptr + blk * s_cb + h * s_ch + off * s_co
+    tl.store(dst + d * s_cd, k.to(kv_ptr.dtype.element_ty), mask=m)
+    tl.store(dst + (d + D) * s_cd, v.to(kv_ptr.dtype.element_ty), mask=m)
+    if RESET:
+        if off == 0:  # the block starts a new sequence: forget its scores and sealing
+            hq = tl.arange(0, BLOCK_HQ)[:, None]
+            b = tl.arange(0, BLOCK_B)[None, :]
+            tl.store(scores_ptr + blk * s_sb + hq * s_sh + b * s_so,
+                     tl.zeros([BLOCK_HQ, BLOCK_B], dtype=tl.float32), mask=(hq < HQ) & (b < B))
+            tl.store(sealed_ptr + blk, tl.zeros([], dtype=tl.uint8))
+
+
+def write_kv(
+    kv_cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    memory: LayerMemory | None,
+) -> None:
+    """kv_cache[block, :, offset] = (K, V) for every slot >= 0; slot = block * B + offset.
+
+    kv_cache:      [num_blocks, Hkv, B, 2*D] (K then V; any strides)
+    key, value:    [T, Hkv, D] post-RoPE keys and values
+    slot_mapping:  [T] int, -1 = padding (skipped)
+    memory:        side state whose blocks written at offset 0 are reset (None: no reset)
+    """
+    n = slot_mapping.shape[0]
+    if n == 0:
+        return
+    Hkv, B = kv_cache.shape[1], kv_cache.shape[2]
+    D = key.shape[-1]
+    reset = memory is not None
+    scores = memory.scores if reset else kv_cache
+    sealed = memory.sealed.view(torch.uint8) if reset else kv_cache
+    Hq = scores.shape[1] if reset else 1
+    s_cb, s_ch, s_co, s_cd = kv_cache.stride()
+    s_kt, s_kh, s_kd = key.stride()
+    s_vt, s_vh, s_vd = value.stride()
+    s_sb, s_sh, s_so = scores.stride() if reset else (0, 0, 0)
+    _write_kv_kernel[(n,)](
+        kv_ptr=kv_cache, k_ptr=key, v_ptr=value, slot_ptr=slot_mapping,
+        scores_ptr=scores, sealed_ptr=sealed,
+        s_cb=s_cb, s_ch=s_ch, s_co=s_co, s_cd=s_cd,
+        s_kt=s_kt, s_kh=s_kh, s_kd=s_kd,
+        s_vt=s_vt, s_vh=s_vh, s_vd=s_vd,
+        s_sb=s_sb, s_sh=s_sh, s_so=s_so,
+        HKV=Hkv, HQ=Hq, D=D, B=B,
+        RESET=reset, BLOCK_H=_p2(Hkv), BLOCK_D=_p2(D), BLOCK_HQ=_p2(Hq), BLOCK_B=_p2(B),
+    )
+
+
+# ----------------------------------------------------------------------------------- seal_units
+@triton.jit
+def _seal_kernel(
+    kv_ptr,  # [num_blocks, Hkv, B, 2*D] strides s_cb, s_ch, s_co, s_cd
+    bt_ptr,  # [num_reqs, max_blocks] int block table, row stride s_bt
+    req_ptr,  # [n] int64 block-table row of each chunk
+    ncand_ptr,  # [n] int64 candidate units of each chunk
+    scores_ptr,  # [num_blocks, Hq, B] fp32, strides s_sb, s_sh, s_so
+    reprs_ptr,  # [num_blocks, Hq, D] out, strides s_rb, s_rh, s_rd
+    sealed_ptr,  # [num_blocks] uint8, in/out
+    cos_ptr, sin_ptr,  # [rows, D/2] rotary table, row strides s_cos, s_sin
+    s_cb, s_ch, s_co, s_cd, s_bt, s_sb, s_sh, s_so, s_rb, s_rh, s_rd, s_cos, s_sin,
+    HQ, D2, B, N_INIT, INIT_BLOCKS,
+    G: tl.constexpr,  # query heads per KV head
+    WINDOW: tl.constexpr,  # candidates scanned per chunk (the last WINDOW ones)
+    R: tl.constexpr,  # repr_topk
+    BLOCK_HQ: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D2: tl.constexpr,
+):
+    """One program per (chunk, scanned candidate); all query heads of the unit at once."""
+    pid = tl.program_id(0)
+    c = pid // WINDOW
+    unit = tl.load(ncand_ptr + c) - WINDOW + pid % WINDOW
+    if unit < 0:
+        return
+    req = tl.load(req_ptr + c).to(tl.int64)
+    phys = tl.load(bt_ptr + req * s_bt + INIT_BLOCKS + unit).to(tl.int64)
+    if tl.load(sealed_ptr + phys) != 0:
+        return
+    h = tl.arange(0, BLOCK_HQ)
+    b = tl.arange(0, BLOCK_B)
+    hm = h < HQ
+    sc = tl.load(scores_ptr + phys * s_sb + h[:, None] * s_sh + b[None, :] * s_so,
+                 mask=hm[:, None] & (b[None, :] < B), other=float("-inf"))
+    d = tl.arange(0, BLOCK_D2)[None, :]
+    km = hm[:, None] & (d < D2)
+    kbase = kv_ptr + phys * s_cb + (h // G)[:, None] * s_ch
+    acc_a = tl.zeros([BLOCK_HQ, BLOCK_D2], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_HQ, BLOCK_D2], dtype=tl.float32)
+    for _ in range(R):
+        # Per head: the best remaining token (lowest index among ties), then mask it out.
+        mx = tl.max(sc, 1)
+        idx = tl.min(tl.where(sc == mx[:, None], b[None, :], BLOCK_B), 1)
+        sc = tl.where(b[None, :] == idx[:, None], float("-inf"), sc)
+        ptr = kbase + idx[:, None] * s_co
+        ka = tl.load(ptr + d * s_cd, mask=km, other=0.0).to(tl.float32)
+        kb = tl.load(ptr + (d + D2) * s_cd, mask=km, other=0.0).to(tl.float32)
+        # Undo the model's RoPE: rotate by -pos = table row pos with the sine negated.
+        pos = (N_INIT + unit * B + idx)[:, None]
+        cs = tl.load(cos_ptr + pos * s_cos + d, mask=km, other=1.0).to(tl.float32)
+        sn = tl.load(sin_ptr + pos * s_sin + d, mask=km, other=0.0).to(tl.float32)
+        acc_a += ka * cs + kb * sn
+        acc_b += kb * cs - ka * sn
+    dst = reprs_ptr + phys * s_rb + h[:, None] * s_rh
+    tl.store(dst + d * s_rd, (acc_a / R).to(reprs_ptr.dtype.element_ty), mask=km)
+    tl.store(dst + (d + D2) * s_rd, (acc_b / R).to(reprs_ptr.dtype.element_ty), mask=km)
+    tl.store(sealed_ptr + phys, tl.full([], 1, tl.uint8))
+
+
+def seal_units(
+    kv_cache: torch.Tensor,
+    memory: LayerMemory,
+    block_table: torch.Tensor,
+    chunks: ChunkBatch,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    config: InfLLMConfig,
+) -> None:
+    """Seal every not-yet-sealed unit among the last `chunk // B + 2` candidates of each chunk
+    (the earlier ones were sealed by the request's previous chunk; see torch_ops).
+
+    kv_cache:     [num_blocks, Hkv, B, 2*D]
+    memory:       reads `scores` [num_blocks, Hq, B], writes `reprs` [num_blocks, Hq, D], `sealed`
+    block_table:  [num_reqs, max_blocks] int
+    cos, sin:     [rows, D/2] rotary table (rows > every sealed token's position)
+    """
+    if chunks.n == 0 or chunks.max_cand == 0:
+        return
+    B, Hq = config.block_size, memory.reprs.shape[1]
+    Hkv, D = kv_cache.shape[1], kv_cache.shape[3] // 2
+    window = config.chunk // B + 2
+    cos, sin = _table(cos), _table(sin)
+    s_cb, s_ch, s_co, s_cd = kv_cache.stride()
+    s_sb, s_sh, s_so = memory.scores.stride()
+    s_rb, s_rh, s_rd = memory.reprs.stride()
+    _seal_kernel[(chunks.n * window,)](
+        kv_ptr=kv_cache, bt_ptr=block_table, req_ptr=chunks.req, ncand_ptr=chunks.num_cand,
+        scores_ptr=memory.scores, reprs_ptr=memory.reprs, sealed_ptr=memory.sealed.view(torch.uint8),
+        cos_ptr=cos, sin_ptr=sin,
+        s_cb=s_cb, s_ch=s_ch, s_co=s_co, s_cd=s_cd, s_bt=block_table.stride(0),
+        s_sb=s_sb, s_sh=s_sh, s_so=s_so, s_rb=s_rb, s_rh=s_rh, s_rd=s_rd,
+        s_cos=cos.stride(0), s_sin=sin.stride(0),
+        HQ=Hq, D2=D // 2, B=B, N_INIT=config.n_init, INIT_BLOCKS=config.init_blocks,
+        G=Hq // Hkv, WINDOW=window, R=config.repr_topk,
+        BLOCK_HQ=_p2(Hq), BLOCK_B=_p2(B), BLOCK_D2=_p2(D // 2),
+    )
+
+
+# --------------------------------------------------------------------------------- select_units
+@triton.jit
+def _qbar_kernel(
+    q_ptr,  # [T, Hq, D] post-RoPE queries, strides s_qt, s_qh, s_qd
+    qbar_ptr,  # [n, X = Hq*D] fp32 out
+    c0_ptr, len_ptr, q0_ptr,  # [n] int64: first position, queries, first query row of each chunk
+    cos_ptr, sin_ptr,  # [rows, D/2] rotary table, row strides s_cos, s_sin
+    s_qt, s_qh, s_qd, s_cos, s_sin, D2, X, N_LOCAL,
+    BLOCK_Q: tl.constexpr, BLOCK_D2: tl.constexpr,
+):
+    """One program per (chunk, query head): q̄[c, h] = mean over the chunk of
+    R(n_local-1-p)·q(p), fp32, stored at [c, h*D : (h+1)*D]."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    length = tl.load(len_ptr + c)
+    c0 = tl.load(c0_ptr + c)
+    q0 = tl.load(q0_ptr + c)
+    d = tl.arange(0, BLOCK_D2)[None, :]
+    acc_a = tl.zeros([BLOCK_D2], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_D2], dtype=tl.float32)
+    for t in range(0, length, BLOCK_Q):
+        i = t + tl.arange(0, BLOCK_Q)[:, None]
+        m = (i < length) & (d < D2)
+        ptr = q_ptr + (q0 + i) * s_qt + h * s_qh
+        qa = tl.load(ptr + d * s_qd, mask=m, other=0.0).to(tl.float32)
+        qb = tl.load(ptr + (d + D2) * s_qd, mask=m, other=0.0).to(tl.float32)
+        # signed rotation: row |a|, sine negated when a < 0. Queries before n_local have no
+        # global keys: angle 0 keeps reads inside tables shorter than n_local (rope.py).
+        a = tl.where(c0 + i >= N_LOCAL, N_LOCAL - 1 - (c0 + i), 0)
+        cs = tl.load(cos_ptr + tl.abs(a) * s_cos + d, mask=m, other=1.0).to(tl.float32)
+        sn = tl.load(sin_ptr + tl.abs(a) * s_sin + d, mask=m, other=0.0).to(tl.float32)
+        sn = tl.where(a < 0, -sn, sn)
+        acc_a += tl.sum(qa * cs - qb * sn, 0)
+        acc_b += tl.sum(qb * cs + qa * sn, 0)
+    dd = tl.arange(0, BLOCK_D2)
+    dst = qbar_ptr + c * X + h * 2 * D2
+    tl.store(dst + dd, acc_a / length, mask=dd < D2)
+    tl.store(dst + D2 + dd, acc_b / length, mask=dd < D2)
+
+
+@triton.jit
+def _score_kernel(
+    qbar_ptr,  # [n, X = Hq*D] fp32
+    reprs_ptr,  # [num_blocks, Hq, D] with each block's [Hq, D] contiguous, block stride s_rb
+    bt_ptr,  # [num_reqs, max_blocks] int block table, row stride s_bt
+    req_ptr, ncand_ptr,  # [n] int64: block-table row and candidate count of each chunk
+    score_ptr,  # [n, MAX_CAND] fp32 out
+    s_bt, s_rb, X, INIT_BLOCKS, MAX_CAND,
+    BLOCK_U: tl.constexpr, BLOCK_X: tl.constexpr,
+):
+    """One program per (chunk, BLOCK_U candidates): score[c, u] = <q̄_c, r_u> over the flattened
+    (head, dim) axis; -inf for u >= num_cand. Each unit's representatives are one contiguous run
+    of Hq*D elements: a single streaming pass."""
+    c = tl.program_id(0)
+    u = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
+    ncand = tl.load(ncand_ptr + c)
+    req = tl.load(req_ptr + c).to(tl.int64)
+    um = u < ncand
+    phys = tl.load(bt_ptr + req * s_bt + INIT_BLOCKS + u, mask=um, other=0).to(tl.int64)
+    rbase = reprs_ptr + phys[:, None] * s_rb
+    acc = tl.zeros([BLOCK_U], dtype=tl.float32)
+    for x0 in range(0, X, BLOCK_X):
+        x = x0 + tl.arange(0, BLOCK_X)
+        qb = tl.load(qbar_ptr + c * X + x, mask=x < X, other=0.0)
+        r = tl.load(rbase + x[None, :], mask=um[:, None] & (x[None, :] < X), other=0.0)
+        acc += tl.sum(r.to(tl.float32) * qb[None, :], 1)
+    acc = tl.where(um, acc, float("-inf"))
+    tl.store(score_ptr + c * MAX_CAND + u, acc, mask=u < MAX_CAND)
+
+
+def select_units(
+    query: torch.Tensor,
+    memory: LayerMemory,
+    block_table: torch.Tensor,
+    chunks: ChunkBatch,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    config: InfLLMConfig,
+) -> torch.Tensor:
+    """The topk candidates of each chunk by sum_h <q̄_h, r_{U,h}>.
+
+    query:        [T, Hq, D] post-RoPE
+    memory:       reads `reprs` [num_blocks, Hq, D] (each block's [Hq, D] contiguous)
+    returns:      [n, topk] int64 memory-unit ids (not block ids), valid ids first, -1 = none
+    """
+    n, topk, max_k = chunks.n, config.topk, chunks.max_cand
+    device = query.device
+    selected = torch.full((n, topk), -1, dtype=torch.long, device=device)
+    if n == 0 or max_k == 0:
+        return selected
+    units = torch.arange(max_k, device=device)
+    if max_k <= topk:  # every chunk takes all its candidates
+        selected[:, :max_k] = torch.where(units < chunks.num_cand[:, None], units, -1)
+        return selected
+    T, Hq, D = query.shape
+    reprs = memory.reprs
+    assert reprs.stride(2) == 1 and reprs.stride(1) == D, "reprs[block] must be a contiguous [Hq, D]"
+    cos, sin = _table(cos), _table(sin)
+    qbar = torch.empty(n, Hq * D, dtype=torch.float32, device=device)
+    s_qt, s_qh, s_qd = query.stride()
+    _qbar_kernel[(n, Hq)](
+        q_ptr=query, qbar_ptr=qbar, c0_ptr=chunks.c0, len_ptr=chunks.length, q0_ptr=chunks.q0,
+        cos_ptr=cos, sin_ptr=sin,
+        s_qt=s_qt, s_qh=s_qh, s_qd=s_qd, s_cos=cos.stride(0), s_sin=sin.stride(0),
+        D2=D // 2, X=Hq * D, N_LOCAL=config.n_local,
+        BLOCK_Q=min(128 if _INTERPRET else 32, _p2(chunks.max_len)), BLOCK_D2=_p2(D // 2),
+    )
+    score = torch.empty(n, max_k, dtype=torch.float32, device=device)
+    block_u = 64 if _INTERPRET else 16
+    _score_kernel[(n, triton.cdiv(max_k, block_u))](
+        qbar_ptr=qbar, reprs_ptr=reprs, bt_ptr=block_table, req_ptr=chunks.req,
+        ncand_ptr=chunks.num_cand, score_ptr=score,
+        s_bt=block_table.stride(0), s_rb=reprs.stride(0), X=Hq * D,
+        INIT_BLOCKS=config.init_blocks, MAX_CAND=max_k,
+        BLOCK_U=block_u, BLOCK_X=min(_p2(Hq * D), 1024 if _INTERPRET else 256),
+    )
+    top = score.topk(topk, dim=-1).indices  # sorted: valid candidates first
+    return torch.where(torch.arange(topk, device=device) < chunks.num_cand[:, None], top, -1)
+
+
+# --------------------------------------------------------------------------------------- attend
+@triton.jit
+def _load_k(kv_ptr, bt_row, j, col_ok, kvh_off, s_cb, s_co, s_cd, B, D2,
+            BLOCK_D2: tl.constexpr):
+    """K of logical positions j, as two transposed halves [D/2, N] (fp32), and the row bases."""
+    phys = tl.load(bt_row + j // B, mask=col_ok, other=0).to(tl.int64)
+    base = kv_ptr + phys * s_cb + kvh_off + (j % B) * s_co
+    d = tl.arange(0, BLOCK_D2)[:, None]
+    m = (d < D2) & col_ok[None, :]
+    ka = tl.load(base[None, :] + d * s_cd, mask=m, other=0.0).to(tl.float32)
+    kb = tl.load(base[None, :] + (d + D2) * s_cd, mask=m, other=0.0).to(tl.float32)
+    return ka, kb, base, phys
+
+
+@triton.jit
+def _attn_tile(
+    acc, m_i, l_i, qa, qb, j, col_ok, mask,
+    kv_ptr, bt_row, cos_ptr, sin_ptr, kvh_off, s_cb, s_co, s_cd, s_cos, s_sin, B, D2, D, qk_scale,
+    ROTATE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """One online-softmax step over keys at logical positions j (masked by `mask` [M, N])."""
+    ka, kb, base, phys = _load_k(kv_ptr, bt_row, j, col_ok, kvh_off, s_cb, s_co, s_cd, B, D2, BLOCK_D2)
+    if ROTATE:  # global key: un-rotate by -j (table row j, sine negated) -> raw key
+        d = tl.arange(0, BLOCK_D2)[:, None]
+        m = (d < D2) & col_ok[None, :]
+        cs = tl.load(cos_ptr + j[None, :] * s_cos + d, mask=m, other=1.0).to(tl.float32)
+        sn = tl.load(sin_ptr + j[None, :] * s_sin + d, mask=m, other=0.0).to(tl.float32)
+        ka, kb = ka * cs + kb * sn, kb * cs - ka * sn
+    s = tl.dot(qa, ka.to(qa.dtype), input_precision=DOT_PREC)
+    s += tl.dot(qb, kb.to(qb.dtype), input_precision=DOT_PREC)
+    s = tl.where(mask, s * qk_scale, float("-inf"))
+    # m_i starts finite (-1e30): fully masked rows keep alpha = 1 and p = 0, never NaN.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    dv = tl.arange(0, BLOCK_D)[None, :]
+    v = tl.load(base[:, None] + (dv + 2 * D2) * s_cd, mask=col_ok[:, None] & (dv < D), other=0.0)
+    v = v.to(tl.float32).to(qa.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(qa.dtype), v, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_kernel(
+    q_ptr,  # [T, Hq, D] post-RoPE queries, strides s_qt, s_qh, s_qd
+    kv_ptr,  # [num_blocks, Hkv, B, 2*D] strides s_cb, s_ch, s_co, s_cd
+    out_ptr,  # [T, Hq, D] out, strides s_ot, s_oh, s_od
+    bt_ptr,  # [num_reqs, max_blocks] int block table, row stride s_bt
+    sel_ptr,  # [n, TOPK] int64 selected unit ids (-1 = none), row stride s_sel; unused if TOPK == 0
+    scores_ptr,  # [num_blocks, Hq, B] fp32, strides s_sb, s_sh, s_so (accumulated when SCORES)
+    cos_ptr, sin_ptr,  # [rows, D/2] rotary table, row strides s_cos, s_sin
+    req_ptr, c0_ptr, len_ptr, q0_ptr, ncand_ptr,  # [n] int64 per chunk (see ChunkBatch)
+    ws_acc_ptr,  # [n*Hkv*SPLITS*BLOCK_M, BLOCK_D] fp32 split workspace (SPLITS > 1 only)
+    ws_ml_ptr,  # [n*Hkv*SPLITS*BLOCK_M, 2] fp32 split workspace: (max, sum), then the LSE
+    s_qt, s_qh, s_qd, s_ot, s_oh, s_od, s_cb, s_ch, s_co, s_cd,
+    s_bt, s_sel, s_sb, s_sh, s_so, s_cos, s_sin,
+    D, B, N_INIT, N_LOCAL,
+    qk_scale,  # softmax scale * log2(e): the kernel works in base 2
+    G: tl.constexpr,  # query heads per KV head
+    QT: tl.constexpr,  # queries per program (BLOCK_M // G)
+    TOPK: tl.constexpr, SCORES: tl.constexpr,  # attend selected units / accumulate scores
+    SPLITS: tl.constexpr, PHASE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Grid (chunk, query tile x split, KV head). PHASE 0: whole key set in one program,
+    writes `out`, then (SCORES) the score pass.
+    Flash-decoding (SPLITS > 1, one query tile per chunk): PHASE 1 runs key tiles
+    split, split+SPLITS, ... of every segment and writes partial (acc, m, l) to the workspace;
+    _merge_kernel combines them into `out` and the LSE; PHASE 2 is the split score pass."""
+    c = tl.program_id(0)
+    t0 = (tl.program_id(1) // SPLITS) * QT
+    split = tl.program_id(1) % SPLITS
+    kvh = tl.program_id(2)
+    length = tl.load(len_ptr + c)
+    if t0 >= length:  # the grid is sized by the wave's longest chunk
+        return
+    c0 = tl.load(c0_ptr + c)
+    q0 = tl.load(q0_ptr + c)
+    req = tl.load(req_ptr + c).to(tl.int64)
+    ncand = tl.load(ncand_ptr + c)
+    bt_row = bt_ptr + req * s_bt
+    kvh_off = kvh * s_ch
+    D2 = D // 2
+    STEP = BLOCK_N * SPLITS
+    first = split * BLOCK_N
+
+    # Rows are (query, head of this KV head): row r = query t0 + r // G, head kvh*G + r % G.
+    r = tl.arange(0, BLOCK_M)
+    qi = r // G
+    row_ok = (qi < QT) & (t0 + qi < length)
+    p = c0 + t0 + qi  # absolute positions
+    w = tl.maximum(p - N_LOCAL + 1, 0)  # w(p): first token of p's window
+    n_q = tl.minimum(length - t0, QT)
+    p_first = c0 + t0
+    p_last = p_first + n_q - 1
+    w_first = tl.maximum(p_first - N_LOCAL + 1, 0)
+    w_last = tl.maximum(p_last - N_LOCAL + 1, 0)
+
+    d = tl.arange(0, BLOCK_D2)[None, :]
+    qm = row_ok[:, None] & (d < D2)
+    qptr = q_ptr + (q0 + t0 + qi)[:, None] * s_qt + (kvh * G + r % G)[:, None] * s_qh
+    qa = tl.load(qptr + d * s_qd, mask=qm, other=0.0).to(tl.float32)
+    qb = tl.load(qptr + (d + D2) * s_qd, mask=qm, other=0.0).to(tl.float32)
+    dot_t = q_ptr.dtype.element_ty
+    # Workspace row of this (chunk, KV head, split): [BLOCK_M, BLOCK_D] acc and [BLOCK_M, 2] (m, l).
+    ws = ((c * tl.num_programs(2) + kvh) * SPLITS + split) * BLOCK_M
+
+    if PHASE != 2:
+        # Global queries: R(n_local-1)·q_raw = R(n_local-1-p)·q, a signed rotation per row.
+        # Rows before n_local have no global keys: angle 0 keeps reads inside short tables.
+        a = tl.where(p >= N_LOCAL, N_LOCAL - 1 - p, 0)[:, None]
+        cs = tl.load(cos_ptr + tl.abs(a) * s_cos + d, mask=qm, other=1.0).to(tl.float32)
+        sn = tl.load(sin_ptr + tl.abs(a) * s_sin + d, mask=qm, other=0.0).to(tl.float32)
+        sn = tl.where(a < 0, -sn, sn)
+        ga = (qa * cs - qb * sn).to(dot_t)
+        gb = (qb * cs + qa * sn).to(dot_t)
+        la = qa.to(dot_t)
+        lb = qb.to(dot_t)
+
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        cols = tl.arange(0, BLOCK_N)
+
+        # Local window [w(p), p]: keys and queries as stored (ordinary RoPE).
+        for k0 in range(w_first + first, p_last + 1, STEP):
+            j = k0 + cols
+            ok = j <= p_last
+            mask = row_ok[:, None] & (j[None, :] >= w[:, None]) & (j[None, :] <= p[:, None])
+            acc, m_i, l_i = _attn_tile(acc, m_i, l_i, la, lb, j, ok, mask, kv_ptr, bt_row, cos_ptr,
+                                       sin_ptr, kvh_off, s_cb, s_co, s_cd, s_cos, s_sin, B, D2, D,
+                                       qk_scale, False, BLOCK_D, BLOCK_D2, DOT_PREC)
+        # Init [0, min(n_init, w(p))).
+        n_init = tl.minimum(w_last, N_INIT)
+        for k0 in range(first, n_init, STEP):
+            j = k0 + cols
+            ok = j < n_init
+            mask = row_ok[:, None] & ok[None, :] & (j[None, :] < w[:, None])
+            acc, m_i, l_i = _attn_tile(acc, m_i, l_i, ga, gb, j, ok, mask, kv_ptr, bt_row, cos_ptr,
+                                       sin_ptr, kvh_off, s_cb, s_co, s_cd, s_cos, s_sin, B, D2, D,
+                                       qk_scale, True, BLOCK_D, BLOCK_D2, DOT_PREC)
+        # Selected units (valid ids come first in each row of `selected`): whole units.
+        if TOPK > 0:
+            n_sel = tl.minimum(ncand, TOPK) * B
+            for v0 in range(first, n_sel, STEP):
+                v = v0 + cols
+                u = tl.load(sel_ptr + c * s_sel + v // B, mask=v < n_sel, other=-1)
+                ok = (v < n_sel) & (u >= 0)
+                j = N_INIT + u * B + v % B
+                mask = row_ok[:, None] & ok[None, :]
+                acc, m_i, l_i = _attn_tile(acc, m_i, l_i, ga, gb, j, ok, mask, kv_ptr, bt_row,
+                                           cos_ptr, sin_ptr, kvh_off, s_cb, s_co, s_cd, s_cos,
+                                           s_sin, B, D2, D, qk_scale, True, BLOCK_D, BLOCK_D2,
+                                           DOT_PREC)
+        # Remainder [R0, w(p)): left the window but not yet a candidate when the chunk started.
+        r0 = N_INIT + ncand * B
+        for k0 in range(r0 + first, w_last, STEP):
+            j = k0 + cols
+            ok = j < w_last
+            mask = row_ok[:, None] & ok[None, :] & (j[None, :] < w[:, None])
+            acc, m_i, l_i = _attn_tile(acc, m_i, l_i, ga, gb, j, ok, mask, kv_ptr, bt_row, cos_ptr,
+                                       sin_ptr, kvh_off, s_cb, s_co, s_cd, s_cos, s_sin, B, D2, D,
+                                       qk_scale, True, BLOCK_D, BLOCK_D2, DOT_PREC)
+
+        dv = tl.arange(0, BLOCK_D)[None, :]
+        if PHASE == 1:
+            tl.store(ws_acc_ptr + (ws + r)[:, None] * BLOCK_D + dv, acc)
+            tl.store(ws_ml_ptr + (ws + r) * 2, m_i)
+            tl.store(ws_ml_ptr + (ws + r) * 2 + 1, l_i)
+            return
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        optr = out_ptr + (q0 + t0 + qi)[:, None] * s_ot + (kvh * G + r % G)[:, None] * s_oh
+        tl.store(optr + dv * s_od, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (dv < D))
+        lse = m_i + tl.log2(l_safe)
+    else:
+        lse = tl.load(ws_ml_ptr + (ws - split * BLOCK_M + r) * 2)  # the merge kernel's LSE
+
+    if SCORES:
+        # Representative scores: the joint-softmax probability of each local key, summed over
+        # this tile's queries per head. Needs the final LSE, hence a second pass over the window.
+        g = r % G
+        cols = tl.arange(0, BLOCK_N)
+        la = qa.to(dot_t)
+        lb = qb.to(dot_t)
+        for k0 in range(w_first + first, p_last + 1, STEP):
+            j = k0 + cols
+            ok = j <= p_last
+            mask = row_ok[:, None] & (j[None, :] >= w[:, None]) & (j[None, :] <= p[:, None])
+            ka, kb, base, phys = _load_k(kv_ptr, bt_row, j, ok, kvh_off, s_cb, s_co, s_cd, B, D2,
+                                         BLOCK_D2)
+            s = tl.dot(la, ka.to(dot_t), input_precision=DOT_PREC)
+            s += tl.dot(lb, kb.to(dot_t), input_precision=DOT_PREC)
+            prob = tl.exp2(tl.where(mask, s * qk_scale - lse[:, None], float("-inf")))
+            sptr = scores_ptr + phys * s_sb + (j % B) * s_so + kvh * G * s_sh
+            for gg in tl.static_range(G):
+                mass = tl.sum(tl.where((g == gg)[:, None], prob, 0.0), 0)
+                tl.atomic_add(sptr + gg * s_sh, mass, mask=ok)
+
+
+@triton.jit
+def _merge_kernel(
+    out_ptr,  # [T, Hq, D] out, strides s_ot, s_oh, s_od
+    q0_ptr, len_ptr,  # [n] int64: first query row and queries of each chunk
+    ws_acc_ptr, ws_ml_ptr,  # the split workspaces of _attend_kernel (PHASE 1)
+    s_ot, s_oh, s_od, D,
+    G: tl.constexpr, QT: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Combine the SPLITS partial softmaxes of one (chunk, KV head) by log-sum-exp; write `out`
+    and leave the LSE in split 0's (m) slot for the score pass."""
+    c = tl.program_id(0)
+    kvh = tl.program_id(1)
+    r = tl.arange(0, BLOCK_M)
+    dv = tl.arange(0, BLOCK_D)[None, :]
+    base = (c * tl.num_programs(1) + kvh) * SPLITS * BLOCK_M
+    m = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    for s in range(SPLITS):
+        m = tl.maximum(m, tl.load(ws_ml_ptr + (base + s * BLOCK_M + r) * 2))
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for s in range(SPLITS):
+        row = base + s * BLOCK_M + r
+        f = tl.exp2(tl.load(ws_ml_ptr + row * 2) - m)
+        l_sum += f * tl.load(ws_ml_ptr + row * 2 + 1)
+        acc += f[:, None] * tl.load(ws_acc_ptr + row[:, None] * BLOCK_D + dv)
+    l_safe = tl.where(l_sum > 0, l_sum, 1.0)
+    qi = r // G
+    row_ok = (qi < QT) & (qi < tl.load(len_ptr + c))
+    q0 = tl.load(q0_ptr + c)
+    optr = out_ptr + (q0 + qi)[:, None] * s_ot + (kvh * G + r % G)[:, None] * s_oh
+    tl.store(optr + dv * s_od, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (dv < D))
+    tl.debug_barrier()
+    tl.store(ws_ml_ptr + (base + r) * 2, m + tl.log2(l_safe))
+
+
+# Key-range splits for decode waves (flash-decoding); None = enough programs to fill the GPU.
+# Splits take every SPLITS-th key tile of each segment (local, init, units, remainder).
+DECODE_SPLITS: int | None = None
+BLOCK_N = 64  # key tile (tests shrink it so that small windows still span several splits)
+
+
+def _decode_splits(n: int, Hkv: int, device) -> int:
+    if DECODE_SPLITS is not None:
+        return DECODE_SPLITS
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(16, triton.cdiv(2 * sms, n * Hkv)))
+
+
+def attend(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    memory: LayerMemory,
+    block_table: torch.Tensor,
+    chunks: ChunkBatch,
+    selected: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    config: InfLLMConfig,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """InfLLM attention for every query of the wave; writes `out`, accumulates `memory.scores`.
+
+    query:        [T, Hq, D] post-RoPE
+    kv_cache:     [num_blocks, Hkv, B, 2*D] with this step's K/V written
+    memory:       `scores` [num_blocks, Hq, B] gain the local softmax mass (when topk > 0)
+    selected:     [n, topk] unit ids from `select_units` (-1 = none), or None when topk == 0
+    out:          [T, Hq, D]; only the wave's query rows are written
+    """
+    n = chunks.n
+    if n == 0:
+        return
+    T, Hq, D = query.shape
+    Hkv = kv_cache.shape[1]
+    G = Hq // Hkv
+    assert D % 2 == 0 and kv_cache.shape[3] == 2 * D
+    decode = chunks.max_len == 1
+    # Decode (one query per chunk): a tile is the G heads of one query; prefill: several queries.
+    block_m = max(16, _p2(G)) if decode else max(64, _p2(G))
+    qt = block_m // G
+    splits = _decode_splits(n, Hkv, query.device) if decode else 1
+    topk = config.topk if (selected is not None and config.topk > 0) else 0
+    sel = selected if topk else chunks.num_cand
+    scores = memory.scores
+    cos, sin = _table(cos), _table(sin)
+    if splits > 1:
+        ws_acc = torch.empty(n * Hkv * splits * block_m, _p2(D), dtype=torch.float32, device=query.device)
+        ws_ml = torch.empty(n * Hkv * splits * block_m, 2, dtype=torch.float32, device=query.device)
+    else:
+        ws_acc = ws_ml = scores  # unused
+    s_qt, s_qh, s_qd = query.stride()
+    s_ot, s_oh, s_od = out.stride()
+    s_cb, s_ch, s_co, s_cd = kv_cache.stride()
+    s_sb, s_sh, s_so = scores.stride()
+    args = dict(
+        q_ptr=query, kv_ptr=kv_cache, out_ptr=out, bt_ptr=block_table, sel_ptr=sel,
+        scores_ptr=scores, cos_ptr=cos, sin_ptr=sin,
+        req_ptr=chunks.req, c0_ptr=chunks.c0, len_ptr=chunks.length, q0_ptr=chunks.q0,
+        ncand_ptr=chunks.num_cand, ws_acc_ptr=ws_acc, ws_ml_ptr=ws_ml,
+        s_qt=s_qt, s_qh=s_qh, s_qd=s_qd, s_ot=s_ot, s_oh=s_oh, s_od=s_od,
+        s_cb=s_cb, s_ch=s_ch, s_co=s_co, s_cd=s_cd,
+        s_bt=block_table.stride(0), s_sel=sel.stride(0), s_sb=s_sb, s_sh=s_sh, s_so=s_so,
+        s_cos=cos.stride(0), s_sin=sin.stride(0),
+        D=D, B=config.block_size, N_INIT=config.n_init, N_LOCAL=config.n_local,
+        qk_scale=scale * _LOG2E,
+        G=G, QT=qt, TOPK=topk, SCORES=config.topk > 0, SPLITS=splits,
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=_p2(D), BLOCK_D2=_p2(D // 2),
+        DOT_PREC=_dot_prec(query.dtype), num_warps=4, num_stages=2,
+    )
+    grid = (n, triton.cdiv(chunks.max_len, qt) * splits, Hkv)
+    if splits == 1:
+        _attend_kernel[grid](**args, PHASE=0)
+        return
+    _attend_kernel[grid](**args, PHASE=1)
+    _merge_kernel[(n, Hkv)](
+        out_ptr=out, q0_ptr=chunks.q0, len_ptr=chunks.length, ws_acc_ptr=ws_acc, ws_ml_ptr=ws_ml,
+        s_ot=s_ot, s_oh=s_oh, s_od=s_od, D=D,
+        G=G, QT=qt, SPLITS=splits, BLOCK_M=block_m, BLOCK_D=_p2(D),
+    )
+    if config.topk > 0:
+        _attend_kernel[grid](**args, PHASE=2)

@@ -1,0 +1,137 @@
+"""The step plan: how one scheduler step is cut into selection chunks and waves, and the
+per-block side state the paged ops share.
+
+vLLM-free. The adapter (or a test) calls `plan_step` once per step, on the host, and every layer
+of the step reuses the plan. The ops (`core/ops/`) read the plan and a layer's `LayerMemory`;
+the runtime (`core/runtime.py`) drives them. See docs/design.md section 3.4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from .config import InfLLMConfig
+
+
+@dataclasses.dataclass
+class LayerMemory:
+    """Per-physical-block side state of one layer (reset when a block is rewritten from offset 0).
+
+    reprs:  [num_blocks, Hq, D]   representative keys (raw, un-rotated), one per query head
+    scores: [num_blocks, Hq, B]   fp32 sum of softmax mass each token received inside local windows
+    sealed: [num_blocks] bool     representatives computed (the unit became a candidate)
+
+    In vLLM these are views into extra head slots of each KV page (adapter/side_state.py);
+    `allocate` makes standalone tensors for tests and benchmarks.
+    """
+
+    reprs: torch.Tensor
+    scores: torch.Tensor
+    sealed: torch.Tensor
+
+    @classmethod
+    def allocate(
+        cls,
+        num_blocks: int,
+        num_q_heads: int,
+        head_dim: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> LayerMemory:
+        return cls(
+            reprs=torch.zeros(num_blocks, num_q_heads, head_dim, dtype=dtype, device=device),
+            scores=torch.zeros(num_blocks, num_q_heads, block_size, dtype=torch.float32, device=device),
+            sealed=torch.zeros(num_blocks, dtype=torch.bool, device=device),
+        )
+
+    def clone(self) -> LayerMemory:
+        return LayerMemory(self.reprs.clone(), self.scores.clone(), self.sealed.clone())
+
+
+@dataclasses.dataclass
+class ChunkBatch:
+    """The selection chunks of one wave (at most one per request).
+
+    Device tensors (int64, [n]): req (block-table row), c0 (absolute position of the first
+    query), length (queries), q0 (row of the first query in the packed query tensor),
+    num_cand (candidate units K). The same values as Python lists in `host` let the torch path
+    tile work without reading device memory; `max_len`/`max_cand` size padded buffers.
+    """
+
+    req: torch.Tensor
+    c0: torch.Tensor
+    length: torch.Tensor
+    q0: torch.Tensor
+    num_cand: torch.Tensor
+    host: dict[str, list[int]]
+    max_len: int
+    max_cand: int
+    # Layer-independent index work (positions, masks, block ids, RoPE rows) that the ops
+    # compute at the first layer of a step and reuse at the others: the plan is shared.
+    scratch: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def n(self) -> int:
+        return len(self.host["req"])
+
+
+@dataclasses.dataclass
+class StepPlan:
+    waves: list[ChunkBatch]  # wave i holds the i-th selection chunk of every request
+    num_tokens: int  # query rows covered (rows beyond are padding)
+
+
+def plan_step(
+    query_start_loc: Sequence[int],
+    seq_lens: Sequence[int],
+    config: InfLLMConfig,
+    device: torch.device | str | None = None,
+) -> StepPlan:
+    """Cut a step into selection chunks and group them in waves. Host-side, once per step.
+
+    Request r owns query rows [query_start_loc[r], query_start_loc[r+1]) at positions
+    seq_lens[r] - query_len + i. Prefill spans are cut at absolute multiples of `chunk`;
+    a one-token query (decode) is a chunk of its own, and so is the last query of every
+    step. That query produces the next token when the step ends the prompt; a selection by
+    the mean of up to `chunk` filler queries would hide from it what it is asked about (the
+    original InfLLM likewise feeds the last prompt token alone). Selection chunks are thus
+    cut at step starts, at multiples of `chunk`, and before each step's last query.
+
+    Chunks of one request depend on each other (a later chunk may seal a unit an earlier chunk
+    scored), chunks of different requests do not, so wave i holds the i-th chunk of every
+    request and the ops batch over a wave.
+    """
+    qsl = [int(x) for x in query_start_loc]
+    lens = [int(x) for x in seq_lens]
+    per_req: list[list[tuple[int, int, int, int, int]]] = []
+    for r in range(len(lens)):
+        n_q = qsl[r + 1] - qsl[r]
+        start = lens[r] - n_q
+        if n_q <= 0:
+            per_req.append([])
+            continue
+        if start < 0:
+            raise ValueError(f"request {r}: {n_q} query tokens but seq_len {lens[r]}")
+        chunks = []
+        c0, end = start, start + n_q
+        while c0 < end:
+            c1 = min(end, (c0 // config.chunk + 1) * config.chunk)
+            if c1 == end and c0 < end - 1:
+                c1 = end - 1  # the step's last query selects alone (see plan_step's doc)
+            chunks.append((r, c0, c1 - c0, qsl[r] + (c0 - start), config.num_candidates(c0)))
+            c0 = c1
+        per_req.append(chunks)
+
+    waves = []
+    for i in range(max((len(c) for c in per_req), default=0)):
+        rows = [c[i] for c in per_req if len(c) > i]
+        host = {k: [row[j] for row in rows] for j, k in enumerate(("req", "c0", "length", "q0", "num_cand"))}
+        t = {k: torch.tensor(v, dtype=torch.int64, device=device) for k, v in host.items()}
+        waves.append(
+            ChunkBatch(**t, host=host, max_len=max(host["length"]), max_cand=max(host["num_cand"]))
+        )
+    return StepPlan(waves=waves, num_tokens=qsl[-1] if qsl else 0)

@@ -1,0 +1,168 @@
+"""The oracle: InfLLM attention (docs/design.md section 2) for one contiguous sequence, fp32, written for clarity.
+
+Every other path (paged torch ops, Triton kernels, the vLLM backend) is tested against this.
+It loops over selection chunks and queries in position order, exactly as the spec reads:
+
+  for each selection chunk C = [c0, c1):
+      seal every memory unit that just became a candidate (ends at or before w(c0))
+      select the topk candidates by  sum_h <mean_{p in C} R(n_local-1) q_raw_h(p), r_{U,h}>
+      for each query p in C:
+          local  = [w(p), p]                                  ordinary RoPE
+          global = init [0, min(n_init, w(p)))  +  selected units  +  remainder [R0, w(p))
+                                                              all at relative distance n_local-1
+          one softmax over local + global
+          every local key j gains P_h(p, j) in its fp32 representative score s_h(j)
+
+Inputs are *before* RoPE; the oracle applies RoPE itself with the given NeoX table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import torch
+
+from .config import InfLLMConfig
+from .rope import rotate
+
+
+@dataclasses.dataclass
+class ChunkTrace:
+    c0: int
+    c1: int
+    num_candidates: int
+    selected: list[int]  # memory-unit indices (sorted)
+
+
+@dataclasses.dataclass
+class ReferenceTrace:
+    out: torch.Tensor  # [T, Hq, D] fp32
+    chunks: list[ChunkTrace]
+    reprs: dict[int, torch.Tensor]  # unit -> [Hq, D] fp32 representative keys (raw, un-rotated)
+    scores: torch.Tensor  # [Hq, T] fp32 accumulated representative scores
+
+
+def selection_chunks(
+    total: int, config: InfLLMConfig, prefill_len: int | None = None, step_bounds=()
+) -> list[tuple[int, int]]:
+    """Selection chunks of a sequence of `total` tokens, in position order.
+
+    Prefill tokens [0, prefill_len) form spans aligned to multiples of `config.chunk`, cut again
+    at every scheduler-step boundary in `step_bounds`; later tokens are decoded one at a time.
+    """
+    prefill_len = total if prefill_len is None else prefill_len
+    cuts = set(range(0, prefill_len, config.chunk)) | {b for b in step_bounds if 0 < b < prefill_len}
+    cuts |= set(range(prefill_len, total + 1))
+    cuts |= {0, prefill_len, total}
+    points = sorted(c for c in cuts if 0 <= c <= total)
+    return [(a, b) for a, b in itertools.pairwise(points) if b > a]
+
+
+def infllm_reference_trace(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    config: InfLLMConfig,
+    prefill_len: int | None = None,
+    scale: float | None = None,
+    step_bounds=(),
+) -> ReferenceTrace:
+    """Like `infllm_attention_reference`, also returning selections, representatives and scores.
+
+    `step_bounds`: positions where the scheduler started a new step during prefill (selection
+    chunks are cut there too, docs/design.md section 2.3); the plain contract has none.
+    """
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    if k.shape != (T, Hkv, D) or v.shape != (T, Hkv, D) or Hq % Hkv:
+        raise ValueError(f"bad shapes q={tuple(q.shape)} k={tuple(k.shape)} v={tuple(v.shape)}")
+    if cos.shape[0] < max(T, config.n_local) or cos.shape[1] != D // 2 or sin.shape != cos.shape:
+        raise ValueError(
+            f"rotary table {tuple(cos.shape)} must be [>= max(T={T}, n_local={config.n_local}), {D // 2}]"
+        )
+    G = Hq // Hkv
+    B, n_init, n_local = config.block_size, config.n_init, config.n_local
+    scale = D**-0.5 if scale is None else scale
+    q, k, v = q.float(), k.float(), v.float()
+    kv_head = torch.arange(Hq) // G
+
+    pos = torch.arange(T)
+    q_local = rotate(q, cos, sin, pos)  # R(p) q_raw(p)
+    k_local = rotate(k, cos, sin, pos)  # R(j) k_raw(j)
+    q_global = rotate(q, cos, sin, torch.full((T,), n_local - 1))  # R(n_local-1) q_raw(p)
+    k_global = k  # raw keys: every global key at relative distance n_local-1
+
+    out = torch.zeros(T, Hq, D)
+    scores = torch.zeros(Hq, T)
+    reprs: dict[int, torch.Tensor] = {}
+    traces: list[ChunkTrace] = []
+
+    def unit_tokens(u: int) -> torch.Tensor:
+        return torch.arange(n_init + u * B, n_init + (u + 1) * B)
+
+    for c0, c1 in selection_chunks(T, config, prefill_len, step_bounds):
+        # Sealing: a unit's representatives are fixed when it first becomes a candidate.
+        w0 = max(0, c0 - n_local + 1)
+        K = 0  # candidates: units that end at or before w(c0)
+        while n_init + (K + 1) * B <= w0:
+            K += 1
+        for u in range(K):
+            if u not in reprs:
+                toks = unit_tokens(u)
+                r = torch.empty(Hq, D)
+                for h in range(Hq):
+                    top = torch.topk(scores[h, toks], config.repr_topk).indices
+                    r[h] = k_global[toks[top], kv_head[h]].mean(0)
+                reprs[u] = r
+
+        # Selection: one set per chunk, shared by all heads.
+        if K <= config.topk:
+            selected = list(range(K))
+        else:
+            q_bar = q_global[c0:c1].mean(0)  # [Hq, D]
+            unit_scores = torch.stack([(q_bar * reprs[u]).sum() for u in range(K)])
+            selected = sorted(torch.topk(unit_scores, config.topk).indices.tolist())
+        traces.append(ChunkTrace(c0, c1, K, selected))
+        R0 = n_init + K * B  # end of the last candidate: the remainder starts here
+
+        for p in range(c0, c1):
+            w = config.window_start(p)
+            local = torch.arange(w, p + 1)
+            glob = [torch.arange(0, min(n_init, w))]
+            glob += [unit_tokens(u) for u in selected]
+            glob.append(torch.arange(R0, max(R0, w)))
+            glob = torch.cat(glob)
+
+            s_local = torch.einsum("hd,jhd->hj", q_local[p], k_local[local][:, kv_head]) * scale
+            s_global = torch.einsum("hd,jhd->hj", q_global[p], k_global[glob][:, kv_head]) * scale
+            probs = torch.softmax(torch.cat([s_local, s_global], dim=1), dim=1)
+            p_local, p_global = probs[:, : len(local)], probs[:, len(local) :]
+            out[p] = torch.einsum("hj,jhd->hd", p_local, v[local][:, kv_head]) + torch.einsum(
+                "hj,jhd->hd", p_global, v[glob][:, kv_head]
+            )
+            scores[:, local] += p_local
+
+    return ReferenceTrace(out=out, chunks=traces, reprs=reprs, scores=scores)
+
+
+def infllm_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    config: InfLLMConfig,
+    prefill_len: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """InfLLM attention of one sequence; returns `[T, Hq, D]` fp32.
+
+    q: [T, Hq, D]; k, v: [T, Hkv, D], all before RoPE, positions 0..T-1, Hq % Hkv == 0.
+    cos, sin: [>= max(T, n_local), D // 2], NeoX rotary table (R(a) = rotation by row a).
+    Tokens [0, prefill_len) are prefilled in `config.chunk`-aligned selection chunks, later ones
+    decoded one at a time (prefill_len=None: all prefill). scale defaults to D ** -0.5.
+    """
+    return infllm_reference_trace(q, k, v, cos, sin, config, prefill_len, scale).out
