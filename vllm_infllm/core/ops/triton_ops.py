@@ -54,8 +54,8 @@ def _write_kv_kernel(
     k_ptr,  # [T, Hkv, D] strides s_kt, s_kh, s_kd
     v_ptr,  # [T, Hkv, D] strides s_vt, s_vh, s_vd
     slot_ptr,  # [T] int, -1 = padding
-    scores_ptr,  # [num_blocks, Hq, B] fp32, strides s_sb, s_sh, s_so (read only when RESET)
-    sealed_ptr,  # [num_blocks] uint8 (read only when RESET)
+    scores_ptr,  # [num_blocks, Hq, B] fp32, strides s_sb, s_sh, s_so (written only when RESET)
+    sealed_ptr,  # [num_blocks] uint8, indexed as contiguous (written only when RESET)
     s_cb, s_ch, s_co, s_cd,
     s_kt, s_kh, s_kd,
     s_vt, s_vh, s_vd,
@@ -136,7 +136,7 @@ def _seal_kernel(
     ncand_ptr,  # [n] int64 candidate units of each chunk
     scores_ptr,  # [num_blocks, Hq, B] fp32, strides s_sb, s_sh, s_so
     reprs_ptr,  # [num_blocks, Hq, D] out, strides s_rb, s_rh, s_rd
-    sealed_ptr,  # [num_blocks] uint8, in/out
+    sealed_ptr,  # [num_blocks] uint8, indexed as contiguous; in/out
     cos_ptr, sin_ptr,  # [rows, D/2] rotary table, row strides s_cos, s_sin
     s_cb, s_ch, s_co, s_cd, s_bt, s_sb, s_sh, s_so, s_rb, s_rh, s_rd, s_cos, s_sin,
     HQ, D2, B, N_INIT, INIT_BLOCKS,
