@@ -164,7 +164,7 @@ assert get(E.CUSTOM, cfg) == CPU_ATTN_PATH
 
 
 def test_cpu_platform_selects_real_backend(python_subprocess):
-    """The same selection with the real vllm_infllm.backend module."""
+    """The same selection with the real vllm_infllm.adapter.backend module."""
     python_subprocess(
         _SELECT
         + """
