@@ -228,3 +228,72 @@ def test_runtime_dense_regime_fp16():
     run = run_paged(reqs, cfg, cos, sin, ops=triton_ops, device=DEVICE, dtype=torch.float16)
     for out, tr in zip(run.outs[0], run_oracle(reqs, cfg, cos, sin), strict=True):
         torch.testing.assert_close(out, tr.out, rtol=2e-2, atol=2e-2)
+
+
+def packed_pages(Hq, Hkv, D, seq_lens, dtype, cfg=CFG, seed=0):
+    """The same random state twice: contiguous tensors, and KV pages with the side state packed
+    into extra head slots exactly as the vLLM adapter lays them out (adapter/side_state.py, which
+    imports no vLLM): there `scores`/`reprs` have a page-sized block stride and `sealed` is one
+    byte per page, a strided view."""
+    from vllm_infllm.adapter.side_state import SideStateLayout, side_state_views
+
+    (kv, table, cos, sin), mem = paged_state(Hq, Hkv, D, seq_lens, dtype, cfg, seed)
+    extra = SideStateLayout(Hq, D, cfg.block_size, dtype).num_extra_slots()
+    pages = torch.randn(kv.shape[0], Hkv + extra, cfg.block_size, 2 * D, device=DEVICE).to(dtype)
+    pages[:, :Hkv] = kv
+    scores, reprs, sealed = side_state_views(pages, Hkv, Hq, D)
+    scores.copy_(mem.scores)
+    reprs.copy_(mem.reprs)
+    sealed.copy_(mem.sealed)
+    assert sealed.stride(0) > 1 and scores.stride(0) > scores[0].numel()  # really strided
+    packed = LayerMemory(reprs=reprs, scores=scores, sealed=sealed.view(torch.bool))
+    return (kv, table, cos, sin), mem, pages, packed
+
+
+def page_padding(pages, Hq, Hkv, D):
+    """The bytes of each page's extra slots after the side state: nothing may write there."""
+    from vllm_infllm.adapter.side_state import SideStateLayout
+
+    used = SideStateLayout(Hq, D, pages.shape[2], pages.dtype).total_bytes
+    return pages[:, Hkv:].reshape(pages.shape[0], -1).view(torch.uint8)[:, used:]
+
+
+@in_process
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ops_on_side_state_packed_in_the_pages(dtype):
+    """write_kv, seal, select and attend through the adapter's strided side-state views give the
+    torch ops' results on contiguous state, and leave every other byte of the pages alone."""
+    Hq, Hkv, D = 4, 2, 32
+    (kv, table, cos, sin), mem, pages, packed = packed_pages(Hq, Hkv, D, SEQ_LENS, dtype)
+    g = torch.Generator().manual_seed(5)
+    T = sum(QUERY_LENS)
+    query = torch.randn(T, Hq, D, generator=g).to(dtype=dtype, device=DEVICE)
+    key = torch.randn(T, Hkv, D, generator=g).to(dtype=dtype, device=DEVICE)
+    value = torch.randn(T, Hkv, D, generator=g).to(dtype=dtype, device=DEVICE)
+    B, slots = CFG.block_size, []
+    for r, (n, s) in enumerate(zip(QUERY_LENS, SEQ_LENS, strict=True)):
+        pos = torch.arange(s - n, s, device=DEVICE)
+        slots.append(table[r, pos // B].long() * B + pos % B)
+    slots = torch.cat(slots)
+    assert bool((slots % B == 0).any())  # some block is written from offset 0: its state resets
+    padding = page_padding(pages, Hq, Hkv, D).clone()
+
+    torch_ops.write_kv(kv, key, value, slots, mem)
+    triton_ops.write_kv(pages[:, :Hkv], key, value, slots, packed)
+    for wave in _plan():
+        torch_ops.seal_units(kv, mem, table, wave, cos, sin, CFG)
+        triton_ops.seal_units(pages[:, :Hkv], packed, table, wave, cos, sin, CFG)
+        selected = torch_ops.select_units(query, mem, table, wave, cos, sin, CFG)
+        picked = triton_ops.select_units(query, packed, table, wave, cos, sin, CFG)
+        assert [sorted(r) for r in selected.tolist()] == [sorted(r) for r in picked.tolist()]
+        o_ref = torch.zeros(T, Hq, D, dtype=dtype, device=DEVICE)
+        o_tri = torch.zeros(T, Hq, D, dtype=dtype, device=DEVICE)
+        torch_ops.attend(query, kv, mem, table, wave, selected, cos, sin, CFG, D**-0.5, o_ref)
+        triton_ops.attend(query, pages[:, :Hkv], packed, table, wave, selected, cos, sin, CFG, D**-0.5, o_tri)
+        torch.testing.assert_close(o_tri, o_ref, **TOL[dtype])
+    assert torch.equal(packed.sealed, mem.sealed)
+    assert mem.sealed.sum() > 5
+    torch.testing.assert_close(packed.reprs, mem.reprs, **TOL[dtype])
+    torch.testing.assert_close(packed.scores, mem.scores, **TOL[dtype])
+    assert torch.equal(pages[:, :Hkv], kv)  # K/V of every block as the torch ops left them
+    assert torch.equal(page_padding(pages, Hq, Hkv, D), padding)

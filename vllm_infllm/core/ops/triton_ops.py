@@ -55,11 +55,11 @@ def _write_kv_kernel(
     v_ptr,  # [T, Hkv, D] strides s_vt, s_vh, s_vd
     slot_ptr,  # [T] int, -1 = padding
     scores_ptr,  # [num_blocks, Hq, B] fp32, strides s_sb, s_sh, s_so (written only when RESET)
-    sealed_ptr,  # [num_blocks] uint8, indexed as contiguous (written only when RESET)
+    sealed_ptr,  # [num_blocks] uint8, stride s_z (written only when RESET)
     s_cb, s_ch, s_co, s_cd,
     s_kt, s_kh, s_kd,
     s_vt, s_vh, s_vd,
-    s_sb, s_sh, s_so,
+    s_sb, s_sh, s_so, s_z,
     HKV, HQ, D, B,
     RESET: tl.constexpr,  # reset scores and sealed flag of blocks written at offset 0
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -85,7 +85,7 @@ def _write_kv_kernel(
             b = tl.arange(0, BLOCK_B)[None, :]
             tl.store(scores_ptr + blk * s_sb + hq * s_sh + b * s_so,
                      tl.zeros([BLOCK_HQ, BLOCK_B], dtype=tl.float32), mask=(hq < HQ) & (b < B))
-            tl.store(sealed_ptr + blk, tl.zeros([], dtype=tl.uint8))
+            tl.store(sealed_ptr + blk * s_z, tl.zeros([], dtype=tl.uint8))
 
 
 def write_kv(
@@ -115,13 +115,15 @@ def write_kv(
     s_kt, s_kh, s_kd = key.stride()
     s_vt, s_vh, s_vd = value.stride()
     s_sb, s_sh, s_so = scores.stride() if reset else (0, 0, 0)
+    # In vLLM the flags are one byte per KV page (adapter/side_state.py): index by their stride.
+    s_z = sealed.stride(0) if reset else 0
     _write_kv_kernel[(n,)](
         kv_ptr=kv_cache, k_ptr=key, v_ptr=value, slot_ptr=slot_mapping,
         scores_ptr=scores, sealed_ptr=sealed,
         s_cb=s_cb, s_ch=s_ch, s_co=s_co, s_cd=s_cd,
         s_kt=s_kt, s_kh=s_kh, s_kd=s_kd,
         s_vt=s_vt, s_vh=s_vh, s_vd=s_vd,
-        s_sb=s_sb, s_sh=s_sh, s_so=s_so,
+        s_sb=s_sb, s_sh=s_sh, s_so=s_so, s_z=s_z,
         HKV=Hkv, HQ=Hq, D=D, B=B,
         RESET=reset, BLOCK_H=_p2(Hkv), BLOCK_D=_p2(D), BLOCK_HQ=_p2(Hq), BLOCK_B=_p2(B),
     )
@@ -136,9 +138,9 @@ def _seal_kernel(
     ncand_ptr,  # [n] int64 candidate units of each chunk
     scores_ptr,  # [num_blocks, Hq, B] fp32, strides s_sb, s_sh, s_so
     reprs_ptr,  # [num_blocks, Hq, D] out, strides s_rb, s_rh, s_rd
-    sealed_ptr,  # [num_blocks] uint8, indexed as contiguous; in/out
+    sealed_ptr,  # [num_blocks] uint8, stride s_z; in/out
     cos_ptr, sin_ptr,  # [rows, D/2] rotary table, row strides s_cos, s_sin
-    s_cb, s_ch, s_co, s_cd, s_bt, s_sb, s_sh, s_so, s_rb, s_rh, s_rd, s_cos, s_sin,
+    s_cb, s_ch, s_co, s_cd, s_bt, s_sb, s_sh, s_so, s_rb, s_rh, s_rd, s_z, s_cos, s_sin,
     HQ, D2, B, N_INIT, INIT_BLOCKS,
     G: tl.constexpr,  # query heads per KV head
     WINDOW: tl.constexpr,  # candidates scanned per chunk (the last WINDOW ones)
@@ -153,7 +155,7 @@ def _seal_kernel(
         return
     req = tl.load(req_ptr + c).to(tl.int64)
     phys = tl.load(bt_ptr + req * s_bt + INIT_BLOCKS + unit).to(tl.int64)
-    if tl.load(sealed_ptr + phys) != 0:
+    if tl.load(sealed_ptr + phys * s_z) != 0:
         return
     h = tl.arange(0, BLOCK_HQ)
     b = tl.arange(0, BLOCK_B)
@@ -182,7 +184,7 @@ def _seal_kernel(
     dst = reprs_ptr + phys * s_rb + h[:, None] * s_rh
     tl.store(dst + d * s_rd, (acc_a / R).to(reprs_ptr.dtype.element_ty), mask=km)
     tl.store(dst + (d + D2) * s_rd, (acc_b / R).to(reprs_ptr.dtype.element_ty), mask=km)
-    tl.store(sealed_ptr + phys, tl.full([], 1, tl.uint8))
+    tl.store(sealed_ptr + phys * s_z, tl.full([], 1, tl.uint8))
 
 
 def seal_units(
@@ -211,12 +213,13 @@ def seal_units(
     s_cb, s_ch, s_co, s_cd = kv_cache.stride()
     s_sb, s_sh, s_so = memory.scores.stride()
     s_rb, s_rh, s_rd = memory.reprs.stride()
+    sealed = memory.sealed.view(torch.uint8)  # one byte per KV page in vLLM: index by its stride
     _seal_kernel[(chunks.n * window,)](
         kv_ptr=kv_cache, bt_ptr=block_table, req_ptr=chunks.req, ncand_ptr=chunks.num_cand,
-        scores_ptr=memory.scores, reprs_ptr=memory.reprs, sealed_ptr=memory.sealed.view(torch.uint8),
+        scores_ptr=memory.scores, reprs_ptr=memory.reprs, sealed_ptr=sealed,
         cos_ptr=cos, sin_ptr=sin,
         s_cb=s_cb, s_ch=s_ch, s_co=s_co, s_cd=s_cd, s_bt=block_table.stride(0),
-        s_sb=s_sb, s_sh=s_sh, s_so=s_so, s_rb=s_rb, s_rh=s_rh, s_rd=s_rd,
+        s_sb=s_sb, s_sh=s_sh, s_so=s_so, s_rb=s_rb, s_rh=s_rh, s_rd=s_rd, s_z=sealed.stride(0),
         s_cos=cos.stride(0), s_sin=sin.stride(0),
         HQ=Hq, D2=D // 2, B=B, N_INIT=config.n_init, INIT_BLOCKS=config.init_blocks,
         G=Hq // Hkv, WINDOW=window, R=config.repr_topk,
