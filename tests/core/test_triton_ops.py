@@ -100,6 +100,12 @@ def test_write_kv(dtype):
         if s % B == 0:
             expect_mem.scores[s // B] = 0
             expect_mem.sealed[s // B] = False
+    # On a GPU the kernel needs device tensors (same strides: the non-contiguous views stay so).
+    base, qkv, slots = base.to(DEVICE), qkv.to(DEVICE), slots.to(DEVICE)
+    kv, key, value = base.transpose(1, 2), qkv[:, 1], qkv[:, 2]
+    mem = LayerMemory(mem.reprs.to(DEVICE), mem.scores.to(DEVICE), mem.sealed.to(DEVICE))
+    expect_kv = expect_kv.to(DEVICE)
+    expect_mem = LayerMemory(*(t.to(DEVICE) for t in (expect_mem.reprs, expect_mem.scores, expect_mem.sealed)))
     triton_ops.write_kv(kv, key, value, slots, mem)
     torch.testing.assert_close(base.transpose(1, 2), expect_kv, rtol=0, atol=0)
     torch.testing.assert_close(mem.scores, expect_mem.scores, rtol=0, atol=0)
