@@ -119,3 +119,22 @@ def test_small_steps_run_on_one_thread_and_restore_it(monkeypatch):
         assert small == {1} and large == {2}, seen
     finally:
         torch.set_num_threads(before)
+
+
+def test_plan_is_one_aligned_int32_table():
+    # A step's chunk tables reach the device in one copy (one tensor per field per wave was a
+    # blocking host-to-device copy each), as int32 (the kernels' position maths stays 32-bit),
+    # every wave's rows 16-byte aligned (Triton compiles again for unaligned pointers).
+    from vllm_infllm.core.plan import plan_step
+
+    qsl, seq_lens = [0, 260, 261, 298, 299, 300], [260, 5000, 337, 90, 91]
+    plan = plan_step(qsl, seq_lens, SMALL)
+    assert len(plan.waves) > 3 and len({w.n for w in plan.waves}) > 1
+    storages = set()
+    for w in plan.waves:
+        for name in ("req", "c0", "length", "q0", "num_cand"):
+            t = getattr(w, name)
+            assert t.dtype == torch.int32 and t.data_ptr() % 16 == 0, name
+            assert t.tolist() == w.host[name], name
+            storages.add(t.untyped_storage().data_ptr())
+    assert len(storages) == 1

@@ -56,10 +56,12 @@ class LayerMemory:
 class ChunkBatch:
     """The selection chunks of one wave (at most one per request).
 
-    Device tensors (int64, [n]): req (block-table row), c0 (absolute position of the first
-    query), length (queries), q0 (row of the first query in the packed query tensor),
-    num_cand (candidate units K). The same values as Python lists in `host` let the torch path
-    tile work without reading device memory; `max_len`/`max_cand` size padded buffers.
+    Device tensors (int32, [n]; rows of one [5, chunks] table per step): req (block-table row),
+    c0 (absolute position of the first query), length (queries), q0 (row of the first query in
+    the packed query tensor), num_cand (candidate units K). int32 keeps the kernels' position
+    maths in 32 bits (positions and rows are < 2^31; offsets into the cache are widened).
+    The same values as Python lists in `host` let the torch path tile work without reading
+    device memory; `max_len`/`max_cand` size padded buffers.
     """
 
     req: torch.Tensor
@@ -126,12 +128,36 @@ def plan_step(
             c0 = c1
         per_req.append(chunks)
 
-    waves = []
+    # All waves' chunk tables go to the device in one copy: [5, columns] int32 on the host
+    # (pinned for CUDA, so the copy is asynchronous), each wave a column range of it. One tensor
+    # per field per wave would be a blocking copy each (dozens per step with long prefills).
+    # Every wave's columns start at a multiple of 4 (16 bytes), and so does every field's row:
+    # Triton specialises kernels on pointer alignment, and unaligned views would compile again.
+    waves_rows = []
     for i in range(max((len(c) for c in per_req), default=0)):
-        rows = [c[i] for c in per_req if len(c) > i]
-        host = {k: [row[j] for row in rows] for j, k in enumerate(("req", "c0", "length", "q0", "num_cand"))}
-        t = {k: torch.tensor(v, dtype=torch.int64, device=device) for k, v in host.items()}
+        waves_rows.append([c[i] for c in per_req if len(c) > i])
+    starts, ncols = [], 0
+    for rows in waves_rows:
+        starts.append(ncols)
+        ncols += -(-len(rows) // _ALIGN) * _ALIGN
+    table = torch.zeros(len(_FIELDS), ncols, dtype=torch.int32)
+    for start, rows in zip(starts, waves_rows, strict=True):
+        table[:, start : start + len(rows)] = torch.tensor(rows, dtype=torch.int32).T
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        table = table.pin_memory().to(dev, non_blocking=True)
+    elif dev.type != "cpu":
+        table = table.to(dev)
+    waves = []
+    for start, rows in zip(starts, waves_rows, strict=True):
+        host = {k: [row[j] for row in rows] for j, k in enumerate(_FIELDS)}
+        cols = table[:, start : start + len(rows)]
         waves.append(
-            ChunkBatch(**t, host=host, max_len=max(host["length"]), max_cand=max(host["num_cand"]))
+            ChunkBatch(**{k: cols[j] for j, k in enumerate(_FIELDS)}, host=host,
+                       max_len=max(host["length"]), max_cand=max(host["num_cand"]))
         )
     return StepPlan(waves=waves, num_tokens=qsl[-1] if qsl else 0)
+
+
+_FIELDS = ("req", "c0", "length", "q0", "num_cand")
+_ALIGN = 4  # int32 columns per 16 bytes
