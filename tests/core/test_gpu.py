@@ -122,3 +122,28 @@ def test_runtime_matches_oracle_fp32(triton_ops, Hq, Hkv, D):
     assert sum(c.num_candidates > cfg.topk for tr in traces for c in tr.chunks) > 10  # real selections
     for out, tr in zip(run.outs[0], traces, strict=True):
         assert max_abs_err(out, tr.out) <= 1e-3
+
+
+def test_prefill_scores_are_deterministic(triton_ops):
+    # Representative scores of a prefill chunk are summed by one program per key tile, query
+    # tile by query tile in order: the same step twice gives the same bits (with atomic adds
+    # from every query tile they varied run to run and could flip representative ties).
+    cfg, dtype, (Hq, Hkv, D) = InfLLMConfig(), torch.bfloat16, (32, 8, 128)
+    seq_lens, query_lens = [12_000, 3_000], [512, 512]
+    st = paged_state(Hq, Hkv, D, seq_lens, dtype, cfg, device=DEV, stale=False)
+    cos, sin = rope_table(D, max(seq_lens) + 1, device=DEV)
+    T = sum(query_lens)
+    query = torch.randn(T, Hq, D, device=DEV, dtype=dtype, generator=torch.Generator(DEV).manual_seed(3))
+    plan = plan_step([0, query_lens[0], T], seq_lens, cfg, device=DEV)
+    runs = []
+    for _ in range(3):
+        mem = st.memory.clone()
+        mem.scores.zero_()
+        out = torch.empty_like(query)
+        for wave in plan.waves:
+            sel = triton_ops.select_units(query, mem, st.block_table, wave, cos, sin, cfg)
+            triton_ops.attend(query, st.kv_cache, mem, st.block_table, wave, sel, cos, sin, cfg, D**-0.5, out)
+        runs.append((mem.scores, out))
+    assert runs[0][0].abs().sum() > 0
+    for scores, out in runs[1:]:
+        assert torch.equal(scores, runs[0][0]) and torch.equal(out, runs[0][1])

@@ -60,12 +60,12 @@ def _write_kv_kernel(
     s_kt, s_kh, s_kd,
     s_vt, s_vh, s_vd,
     s_sb, s_sh, s_so, s_z,
-    HKV, HQ, D, B,
+    HKV: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, B: tl.constexpr,
     RESET: tl.constexpr,  # reset scores and sealed flag of blocks written at offset 0
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """One program per token."""
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)  # t * s_kt exceeds 2^31 in a long step of a wide model
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:  # padding token
         return
@@ -134,14 +134,15 @@ def write_kv(
 def _seal_kernel(
     kv_ptr,  # [num_blocks, Hkv, B, 2*D] strides s_cb, s_ch, s_co, s_cd
     bt_ptr,  # [num_reqs, max_blocks] int block table, row stride s_bt
-    req_ptr,  # [n] int64 block-table row of each chunk
-    ncand_ptr,  # [n] int64 candidate units of each chunk
+    req_ptr,  # [n] int32 block-table row of each chunk
+    ncand_ptr,  # [n] int32 candidate units of each chunk
     scores_ptr,  # [num_blocks, Hq, B] fp32, strides s_sb, s_sh, s_so
     reprs_ptr,  # [num_blocks, Hq, D] out, strides s_rb, s_rh, s_rd
     sealed_ptr,  # [num_blocks] uint8, stride s_z; in/out
     cos_ptr, sin_ptr,  # [rows, D/2] rotary table, row strides s_cos, s_sin
     s_cb, s_ch, s_co, s_cd, s_bt, s_sb, s_sh, s_so, s_rb, s_rh, s_rd, s_z, s_cos, s_sin,
-    HQ, D2, B, N_INIT, INIT_BLOCKS,
+    HQ: tl.constexpr, D2: tl.constexpr, B: tl.constexpr, N_INIT: tl.constexpr,
+    INIT_BLOCKS: tl.constexpr,
     G: tl.constexpr,  # query heads per KV head
     WINDOW: tl.constexpr,  # candidates scanned per chunk (the last WINDOW ones)
     R: tl.constexpr,  # repr_topk
@@ -232,9 +233,10 @@ def seal_units(
 def _qbar_kernel(
     q_ptr,  # [T, Hq, D] post-RoPE queries, strides s_qt, s_qh, s_qd
     qbar_ptr,  # [n, X = Hq*D] fp32 out
-    c0_ptr, len_ptr, q0_ptr,  # [n] int64: first position, queries, first query row of each chunk
+    c0_ptr, len_ptr, q0_ptr,  # [n] int32: first position, queries, first query row of each chunk
     cos_ptr, sin_ptr,  # [rows, D/2] rotary table, row strides s_cos, s_sin
-    s_qt, s_qh, s_qd, s_cos, s_sin, D2, X, N_LOCAL,
+    s_qt, s_qh, s_qd, s_cos, s_sin,
+    D2: tl.constexpr, X: tl.constexpr, N_LOCAL: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
     """One program per (chunk, query head): q̄[c, h] = mean over the chunk of
@@ -263,18 +265,19 @@ def _qbar_kernel(
         acc_b += tl.sum(qb * cs + qa * sn, 0)
     dd = tl.arange(0, BLOCK_D2)
     dst = qbar_ptr + c * X + h * 2 * D2
-    tl.store(dst + dd, acc_a / length, mask=dd < D2)
-    tl.store(dst + D2 + dd, acc_b / length, mask=dd < D2)
+    n = tl.maximum(length, 1)  # padding chunks of a static decode plan have no queries
+    tl.store(dst + dd, acc_a / n, mask=dd < D2)
+    tl.store(dst + D2 + dd, acc_b / n, mask=dd < D2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["MAX_CAND"])  # MAX_CAND changes every step: one build for all
 def _score_kernel(
     qbar_ptr,  # [n, X = Hq*D] fp32
     reprs_ptr,  # [num_blocks, Hq, D] with each block's [Hq, D] contiguous, block stride s_rb
     bt_ptr,  # [num_reqs, max_blocks] int block table, row stride s_bt
-    req_ptr, ncand_ptr,  # [n] int64: block-table row and candidate count of each chunk
+    req_ptr, ncand_ptr,  # [n] int32: block-table row and candidate count of each chunk
     score_ptr,  # [n, MAX_CAND] fp32 out
-    s_bt, s_rb, X, INIT_BLOCKS, MAX_CAND,
+    s_bt, s_rb, MAX_CAND, X: tl.constexpr, INIT_BLOCKS: tl.constexpr,
     BLOCK_U: tl.constexpr, BLOCK_X: tl.constexpr,
 ):
     """One program per (chunk, BLOCK_U candidates): score[c, u] = <q̄_c, r_u> over the flattened
@@ -332,7 +335,9 @@ def select_units(
         cos_ptr=cos, sin_ptr=sin,
         s_qt=s_qt, s_qh=s_qh, s_qd=s_qd, s_cos=cos.stride(0), s_sin=sin.stride(0),
         D2=D // 2, X=Hq * D, N_LOCAL=config.n_local,
-        BLOCK_Q=min(128 if _INTERPRET else 32, _p2(chunks.max_len)), BLOCK_D2=_p2(D // 2),
+        # Two builds only (decode, prefill): a block sized by each step's longest chunk would
+        # compile anew for every power of two it meets.
+        BLOCK_Q=1 if chunks.max_len == 1 else (128 if _INTERPRET else 32), BLOCK_D2=_p2(D // 2),
     )
     score = torch.empty(n, max_k, dtype=torch.float32, device=device)
     block_u = 64 if _INTERPRET else 16
@@ -349,9 +354,10 @@ def select_units(
 
 # --------------------------------------------------------------------------------------- attend
 @triton.jit
-def _load_k(kv_ptr, bt_row, j, col_ok, kvh_off, s_cb, s_co, s_cd, B, D2,
+def _load_k(kv_ptr, bt_row, j, col_ok, kvh_off, s_cb, s_co, s_cd, B: tl.constexpr, D2: tl.constexpr,
             BLOCK_D2: tl.constexpr):
-    """K of logical positions j, as two transposed halves [D/2, N] (fp32), and the row bases."""
+    """K of logical positions j (int32), as two transposed halves [D/2, N] (fp32), and the row
+    bases. Only the physical block index is widened to int64: it multiplies the page stride."""
     phys = tl.load(bt_row + j // B, mask=col_ok, other=0).to(tl.int64)
     base = kv_ptr + phys * s_cb + kvh_off + (j % B) * s_co
     d = tl.arange(0, BLOCK_D2)[:, None]
@@ -364,7 +370,8 @@ def _load_k(kv_ptr, bt_row, j, col_ok, kvh_off, s_cb, s_co, s_cd, B, D2,
 @triton.jit
 def _attn_tile(
     acc, m_i, l_i, qa, qb, j, col_ok, mask,
-    kv_ptr, bt_row, cos_ptr, sin_ptr, kvh_off, s_cb, s_co, s_cd, s_cos, s_sin, B, D2, D, qk_scale,
+    kv_ptr, bt_row, cos_ptr, sin_ptr, kvh_off, s_cb, s_co, s_cd, s_cos, s_sin, qk_scale,
+    B: tl.constexpr, D2: tl.constexpr, D: tl.constexpr,
     ROTATE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """One online-softmax step over keys at logical positions j (masked by `mask` [M, N])."""
@@ -390,7 +397,7 @@ def _attn_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS"])  # the batch size sets SPLITS: one build for all of them
 def _attend_kernel(
     q_ptr,  # [T, Hq, D] post-RoPE queries, strides s_qt, s_qh, s_qd
     kv_ptr,  # [num_blocks, Hkv, B, 2*D] strides s_cb, s_ch, s_co, s_cd
@@ -398,26 +405,35 @@ def _attend_kernel(
     bt_ptr,  # [num_reqs, max_blocks] int block table, row stride s_bt
     sel_ptr,  # [n, TOPK] int64 selected unit ids (-1 = none), row stride s_sel; unused if TOPK == 0
     scores_ptr,  # [num_blocks, Hq, B] fp32, strides s_sb, s_sh, s_so (accumulated when SCORES)
+    lse_ptr,  # [T, Hq] fp32 out, row stride s_lt: each query row's LSE (base 2), when LSE_OUT
     cos_ptr, sin_ptr,  # [rows, D/2] rotary table, row strides s_cos, s_sin
-    req_ptr, c0_ptr, len_ptr, q0_ptr, ncand_ptr,  # [n] int64 per chunk (see ChunkBatch)
+    req_ptr, c0_ptr, len_ptr, q0_ptr, ncand_ptr,  # [n] int32 per chunk (see ChunkBatch)
     ws_acc_ptr,  # [n*Hkv*SPLITS*BLOCK_M, BLOCK_D] fp32 split workspace (SPLITS > 1 only)
     ws_ml_ptr,  # [n*Hkv*SPLITS*BLOCK_M, 2] fp32 split workspace: (max, sum), then the LSE
     s_qt, s_qh, s_qd, s_ot, s_oh, s_od, s_cb, s_ch, s_co, s_cd,
-    s_bt, s_sel, s_sb, s_sh, s_so, s_cos, s_sin,
-    D, B, N_INIT, N_LOCAL,
+    s_bt, s_sel, s_sb, s_sh, s_so, s_lt, s_cos, s_sin,
+    SPLITS,  # key-range splits per (chunk, KV head); 1 outside flash-decoding
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2
+    D: tl.constexpr, B: tl.constexpr, N_INIT: tl.constexpr, N_LOCAL: tl.constexpr,
     G: tl.constexpr,  # query heads per KV head
     QT: tl.constexpr,  # queries per program (BLOCK_M // G)
-    TOPK: tl.constexpr, SCORES: tl.constexpr,  # attend selected units / accumulate scores
-    SPLITS: tl.constexpr, PHASE: tl.constexpr,
+    TOPK: tl.constexpr,  # attend the selected units (0: none)
+    SCORES: tl.constexpr,  # add the local keys' softmax mass into `scores` here (one query tile)
+    LSE_OUT: tl.constexpr,  # write the LSE for _window_scores_kernel instead (several tiles)
+    PHASE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     """Grid (chunk, query tile x split, KV head). PHASE 0: whole key set in one program,
-    writes `out`, then (SCORES) the score pass.
+    writes `out`, then the score pass (SCORES) or the LSE (LSE_OUT).
     Flash-decoding (SPLITS > 1, one query tile per chunk): PHASE 1 runs key tiles
     split, split+SPLITS, ... of every segment and writes partial (acc, m, l) to the workspace;
-    _merge_kernel combines them into `out` and the LSE; PHASE 2 is the split score pass."""
+    _merge_kernel combines them into `out` and the LSE; PHASE 2 is the split score pass.
+
+    Positions, lengths and loop bounds are int32 (the plan's tensors are): 64-bit division by a
+    run-time block size cost ~95 div.s64 and spilled registers. B is a constexpr (a power of
+    two: // and % are shifts). Each score is added by exactly one program, so the sums do not
+    depend on scheduling."""
     c = tl.program_id(0)
     t0 = (tl.program_id(1) // SPLITS) * QT
     split = tl.program_id(1) % SPLITS
@@ -431,7 +447,7 @@ def _attend_kernel(
     ncand = tl.load(ncand_ptr + c)
     bt_row = bt_ptr + req * s_bt
     kvh_off = kvh * s_ch
-    D2 = D // 2
+    D2: tl.constexpr = D // 2
     STEP = BLOCK_N * SPLITS
     first = split * BLOCK_N
 
@@ -449,10 +465,12 @@ def _attend_kernel(
 
     d = tl.arange(0, BLOCK_D2)[None, :]
     qm = row_ok[:, None] & (d < D2)
-    qptr = q_ptr + (q0 + t0 + qi)[:, None] * s_qt + (kvh * G + r % G)[:, None] * s_qh
-    qa = tl.load(qptr + d * s_qd, mask=qm, other=0.0).to(tl.float32)
-    qb = tl.load(qptr + (d + D2) * s_qd, mask=qm, other=0.0).to(tl.float32)
+    q_row = (q0 + t0 + qi).to(tl.int64)
+    qptr = q_ptr + q_row[:, None] * s_qt + (kvh * G + r % G)[:, None] * s_qh
     dot_t = q_ptr.dtype.element_ty
+    # Local queries as stored (ordinary RoPE); kept for the score pass.
+    la = tl.load(qptr + d * s_qd, mask=qm, other=0.0).to(tl.float32).to(dot_t)
+    lb = tl.load(qptr + (d + D2) * s_qd, mask=qm, other=0.0).to(tl.float32).to(dot_t)
     # Workspace row of this (chunk, KV head, split): [BLOCK_M, BLOCK_D] acc and [BLOCK_M, 2] (m, l).
     ws = ((c * tl.num_programs(2) + kvh) * SPLITS + split) * BLOCK_M
 
@@ -463,10 +481,10 @@ def _attend_kernel(
         cs = tl.load(cos_ptr + tl.abs(a) * s_cos + d, mask=qm, other=1.0).to(tl.float32)
         sn = tl.load(sin_ptr + tl.abs(a) * s_sin + d, mask=qm, other=0.0).to(tl.float32)
         sn = tl.where(a < 0, -sn, sn)
+        qa = la.to(tl.float32)
+        qb = lb.to(tl.float32)
         ga = (qa * cs - qb * sn).to(dot_t)
         gb = (qb * cs + qa * sn).to(dot_t)
-        la = qa.to(dot_t)
-        lb = qb.to(dot_t)
 
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -479,8 +497,8 @@ def _attend_kernel(
             ok = j <= p_last
             mask = row_ok[:, None] & (j[None, :] >= w[:, None]) & (j[None, :] <= p[:, None])
             acc, m_i, l_i = _attn_tile(acc, m_i, l_i, la, lb, j, ok, mask, kv_ptr, bt_row, cos_ptr,
-                                       sin_ptr, kvh_off, s_cb, s_co, s_cd, s_cos, s_sin, B, D2, D,
-                                       qk_scale, False, BLOCK_D, BLOCK_D2, DOT_PREC)
+                                       sin_ptr, kvh_off, s_cb, s_co, s_cd, s_cos, s_sin, qk_scale,
+                                       B, D2, D, False, BLOCK_D, BLOCK_D2, DOT_PREC)
         # Init [0, min(n_init, w(p))).
         n_init = tl.minimum(w_last, N_INIT)
         for k0 in range(first, n_init, STEP):
@@ -488,20 +506,20 @@ def _attend_kernel(
             ok = j < n_init
             mask = row_ok[:, None] & ok[None, :] & (j[None, :] < w[:, None])
             acc, m_i, l_i = _attn_tile(acc, m_i, l_i, ga, gb, j, ok, mask, kv_ptr, bt_row, cos_ptr,
-                                       sin_ptr, kvh_off, s_cb, s_co, s_cd, s_cos, s_sin, B, D2, D,
-                                       qk_scale, True, BLOCK_D, BLOCK_D2, DOT_PREC)
+                                       sin_ptr, kvh_off, s_cb, s_co, s_cd, s_cos, s_sin, qk_scale,
+                                       B, D2, D, True, BLOCK_D, BLOCK_D2, DOT_PREC)
         # Selected units (valid ids come first in each row of `selected`): whole units.
         if TOPK > 0:
             n_sel = tl.minimum(ncand, TOPK) * B
             for v0 in range(first, n_sel, STEP):
                 v = v0 + cols
-                u = tl.load(sel_ptr + c * s_sel + v // B, mask=v < n_sel, other=-1)
+                u = tl.load(sel_ptr + c * s_sel + v // B, mask=v < n_sel, other=-1).to(tl.int32)
                 ok = (v < n_sel) & (u >= 0)
                 j = N_INIT + u * B + v % B
                 mask = row_ok[:, None] & ok[None, :]
                 acc, m_i, l_i = _attn_tile(acc, m_i, l_i, ga, gb, j, ok, mask, kv_ptr, bt_row,
                                            cos_ptr, sin_ptr, kvh_off, s_cb, s_co, s_cd, s_cos,
-                                           s_sin, B, D2, D, qk_scale, True, BLOCK_D, BLOCK_D2,
+                                           s_sin, qk_scale, B, D2, D, True, BLOCK_D, BLOCK_D2,
                                            DOT_PREC)
         # Remainder [R0, w(p)): left the window but not yet a candidate when the chunk started.
         r0 = N_INIT + ncand * B
@@ -510,8 +528,8 @@ def _attend_kernel(
             ok = j < w_last
             mask = row_ok[:, None] & ok[None, :] & (j[None, :] < w[:, None])
             acc, m_i, l_i = _attn_tile(acc, m_i, l_i, ga, gb, j, ok, mask, kv_ptr, bt_row, cos_ptr,
-                                       sin_ptr, kvh_off, s_cb, s_co, s_cd, s_cos, s_sin, B, D2, D,
-                                       qk_scale, True, BLOCK_D, BLOCK_D2, DOT_PREC)
+                                       sin_ptr, kvh_off, s_cb, s_co, s_cd, s_cos, s_sin, qk_scale,
+                                       B, D2, D, True, BLOCK_D, BLOCK_D2, DOT_PREC)
 
         dv = tl.arange(0, BLOCK_D)[None, :]
         if PHASE == 1:
@@ -520,10 +538,12 @@ def _attend_kernel(
             tl.store(ws_ml_ptr + (ws + r) * 2 + 1, l_i)
             return
         l_safe = tl.where(l_i > 0, l_i, 1.0)
-        optr = out_ptr + (q0 + t0 + qi)[:, None] * s_ot + (kvh * G + r % G)[:, None] * s_oh
+        optr = out_ptr + q_row[:, None] * s_ot + (kvh * G + r % G)[:, None] * s_oh
         tl.store(optr + dv * s_od, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & (dv < D))
         lse = m_i + tl.log2(l_safe)
+        if LSE_OUT:
+            tl.store(lse_ptr + q_row * s_lt + kvh * G + r % G, lse, mask=row_ok)
     else:
         lse = tl.load(ws_ml_ptr + (ws - split * BLOCK_M + r) * 2)  # the merge kernel's LSE
 
@@ -532,8 +552,6 @@ def _attend_kernel(
         # this tile's queries per head. Needs the final LSE, hence a second pass over the window.
         g = r % G
         cols = tl.arange(0, BLOCK_N)
-        la = qa.to(dot_t)
-        lb = qb.to(dot_t)
         for k0 in range(w_first + first, p_last + 1, STEP):
             j = k0 + cols
             ok = j <= p_last
@@ -546,22 +564,93 @@ def _attend_kernel(
             sptr = scores_ptr + phys * s_sb + (j % B) * s_so + kvh * G * s_sh
             for gg in tl.static_range(G):
                 mass = tl.sum(tl.where((g == gg)[:, None], prob, 0.0), 0)
-                tl.atomic_add(sptr + gg * s_sh, mass, mask=ok)
+                # One writer per score in this launch (relaxed: no ordering needed); atomic only
+                # because two requests can share a prefix-cached block.
+                tl.atomic_add(sptr + gg * s_sh, mass, mask=ok, sem="relaxed")
 
 
 @triton.jit
+def _window_scores_kernel(
+    q_ptr,  # [T, Hq, D] post-RoPE queries, strides s_qt, s_qh, s_qd
+    kv_ptr,  # [num_blocks, Hkv, B, 2*D] strides s_cb, s_ch, s_co, s_cd
+    bt_ptr,  # [num_reqs, max_blocks] int block table, row stride s_bt
+    scores_ptr,  # [num_blocks, Hq, B] fp32, strides s_sb, s_sh, s_so; accumulated
+    lse_ptr,  # [T, Hq] fp32, row stride s_lt: the LSE of every query row (from _attend_kernel)
+    req_ptr, c0_ptr, len_ptr, q0_ptr,  # [n] int32 per chunk (see ChunkBatch)
+    s_qt, s_qh, s_qd, s_cb, s_ch, s_co, s_cd, s_bt, s_sb, s_sh, s_so, s_lt,
+    qk_scale,
+    D: tl.constexpr, B: tl.constexpr, N_LOCAL: tl.constexpr,
+    G: tl.constexpr, QT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D2: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Grid (chunk, key tile, KV head): the representative scores of a prefill chunk's local
+    keys. Each program owns BLOCK_N keys of the chunk's windows [w(first query), last query] and
+    sums their joint-softmax probability over every query that sees them, query tile by query
+    tile in order, then adds the per-head sums once: the totals do not depend on which program
+    runs first (atomic adds from every query tile did)."""
+    c = tl.program_id(0)
+    kvh = tl.program_id(2)
+    length = tl.load(len_ptr + c)
+    c0 = tl.load(c0_ptr + c)
+    p_last = c0 + length - 1
+    k_first = tl.maximum(c0 - N_LOCAL + 1, 0) + tl.program_id(1) * BLOCK_N
+    if k_first > p_last:  # the grid is sized by the longest chunk's span
+        return
+    q0 = tl.load(q0_ptr + c)
+    req = tl.load(req_ptr + c).to(tl.int64)
+    D2: tl.constexpr = D // 2
+    dot_t = q_ptr.dtype.element_ty
+    j = k_first + tl.arange(0, BLOCK_N)
+    ok = j <= p_last
+    ka, kb, base, phys = _load_k(kv_ptr, bt_ptr + req * s_bt, j, ok, kvh * s_ch, s_cb, s_co, s_cd,
+                                 B, D2, BLOCK_D2)
+    ka = ka.to(dot_t)
+    kb = kb.to(dot_t)
+    r = tl.arange(0, BLOCK_M)
+    qi = r // G
+    g = r % G
+    d = tl.arange(0, BLOCK_D2)[None, :]
+    mass = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # The queries that see a key of this tile: p in [k_first, j_max + N_LOCAL - 1].
+    j_max = tl.minimum(k_first + BLOCK_N - 1, p_last)
+    t_end = tl.minimum(length, j_max + N_LOCAL - c0)
+    for t0 in range(tl.maximum(k_first - c0, 0), t_end, QT):
+        row_ok = (qi < QT) & (t0 + qi < t_end)
+        p = c0 + t0 + qi
+        w = tl.maximum(p - N_LOCAL + 1, 0)
+        q_row = (q0 + t0 + qi).to(tl.int64)
+        qptr = q_ptr + q_row[:, None] * s_qt + (kvh * G + g)[:, None] * s_qh
+        qm = row_ok[:, None] & (d < D2)
+        qa = tl.load(qptr + d * s_qd, mask=qm, other=0.0).to(tl.float32).to(dot_t)
+        qb = tl.load(qptr + (d + D2) * s_qd, mask=qm, other=0.0).to(tl.float32).to(dot_t)
+        lse = tl.load(lse_ptr + q_row * s_lt + kvh * G + g, mask=row_ok, other=0.0)
+        s = tl.dot(qa, ka, input_precision=DOT_PREC)
+        s += tl.dot(qb, kb, input_precision=DOT_PREC)
+        mask = row_ok[:, None] & ok[None, :] & (j[None, :] >= w[:, None]) & (j[None, :] <= p[:, None])
+        mass += tl.exp2(tl.where(mask, s * qk_scale - lse[:, None], float("-inf")))
+    sptr = scores_ptr + phys * s_sb + (j % B) * s_so + kvh * G * s_sh
+    for gg in tl.static_range(G):
+        # Atomic only because two requests can share a prefix-cached block; relaxed: no ordering.
+        tl.atomic_add(sptr + gg * s_sh, tl.sum(tl.where((g == gg)[:, None], mass, 0.0), 0), mask=ok,
+                      sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["SPLITS"])
 def _merge_kernel(
     out_ptr,  # [T, Hq, D] out, strides s_ot, s_oh, s_od
-    q0_ptr, len_ptr,  # [n] int64: first query row and queries of each chunk
+    q0_ptr, len_ptr,  # [n] int32: first query row and queries of each chunk
     ws_acc_ptr, ws_ml_ptr,  # the split workspaces of _attend_kernel (PHASE 1)
-    s_ot, s_oh, s_od, D,
-    G: tl.constexpr, QT: tl.constexpr, SPLITS: tl.constexpr,
+    s_ot, s_oh, s_od, SPLITS,
+    D: tl.constexpr, G: tl.constexpr, QT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Combine the SPLITS partial softmaxes of one (chunk, KV head) by log-sum-exp; write `out`
     and leave the LSE in split 0's (m) slot for the score pass."""
     c = tl.program_id(0)
     kvh = tl.program_id(1)
+    length = tl.load(len_ptr + c)
+    if length == 0:  # a padding chunk: its splits wrote nothing
+        return
     r = tl.arange(0, BLOCK_M)
     dv = tl.arange(0, BLOCK_D)[None, :]
     base = (c * tl.num_programs(1) + kvh) * SPLITS * BLOCK_M
@@ -577,9 +666,9 @@ def _merge_kernel(
         acc += f[:, None] * tl.load(ws_acc_ptr + row[:, None] * BLOCK_D + dv)
     l_safe = tl.where(l_sum > 0, l_sum, 1.0)
     qi = r // G
-    row_ok = (qi < QT) & (qi < tl.load(len_ptr + c))
-    q0 = tl.load(q0_ptr + c)
-    optr = out_ptr + (q0 + qi)[:, None] * s_ot + (kvh * G + r % G)[:, None] * s_oh
+    row_ok = (qi < QT) & (qi < length)
+    q_row = (tl.load(q0_ptr + c) + qi).to(tl.int64)
+    optr = out_ptr + q_row[:, None] * s_ot + (kvh * G + r % G)[:, None] * s_oh
     tl.store(optr + dv * s_od, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (dv < D))
     tl.debug_barrier()
@@ -589,16 +678,51 @@ def _merge_kernel(
 # Key-range splits for decode waves (flash-decoding); None = enough programs to fill the GPU.
 # Splits take every SPLITS-th key tile of each segment (local, init, units, remainder).
 DECODE_SPLITS: int | None = None
-BLOCK_N = 64  # key tile (tests shrink it so that small windows still span several splits)
+MAX_DECODE_SPLITS = 16
+# Key tile; None = by head size (`_tiling`). Tests shrink it so small windows span several splits.
+BLOCK_N: int | None = None
+
+
+def multiprocessors(device: torch.device) -> int | None:
+    """SMs of a CUDA device (None elsewhere: the interpreter gains nothing from splits)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _decode_splits(n: int, Hkv: int, device) -> int:
     if DECODE_SPLITS is not None:
         return DECODE_SPLITS
-    if device.type != "cuda":
+    sms = multiprocessors(device)
+    if sms is None:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(16, triton.cdiv(2 * sms, n * Hkv)))
+    return max(1, min(MAX_DECODE_SPLITS, triton.cdiv(2 * sms, n * Hkv)))
+
+
+def _tiling(D: int, G: int, decode: bool, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the attend kernels.
+
+    A decode tile is the G heads of one query (tl.dot needs 16 rows); a prefill tile is 64 rows
+    of (query, head). The rest was chosen with benchmarks/ops/compile_check.py so that variants
+    do not spill registers or exceed Hopper's 227 KB of shared memory per block, at head sizes
+    64, 128 and 256: from D 128 on, 8 warps share the [D/2, N] key tiles (re-rotated in fp32,
+    the register peak); at D 256 prefill also drops the software pipelining (two stages spilled
+    with every key tile from 16 to 64). fp32 caches have no tensor-core dot (an FMA loop with
+    larger register fragments): smaller tiles, and no pipelining except in D-256 decode, where
+    one stage spilled and two did not.
+    """
+    if dtype == torch.float32:
+        if decode:
+            block_m, block_n, num_warps, num_stages = (16, 32, 8, 1) if D <= 128 else (16, 16, 8, 2)
+        else:
+            block_m, block_n, num_warps, num_stages = 32 if D <= 128 else 16, 32, 4 if D <= 64 else 8, 1
+    elif D <= 64:
+        block_m, block_n, num_warps, num_stages = 16 if decode else 64, 64, 4, 2
+    elif D <= 128 or decode:
+        block_m, block_n, num_warps, num_stages = 16 if decode else 64, 64, 8, 2
+    else:
+        block_m, block_n, num_warps, num_stages = 64, 32, 8, 1
+    return max(block_m, _p2(G)), BLOCK_N or block_n, num_warps, num_stages
 
 
 def attend(
@@ -621,6 +745,10 @@ def attend(
     memory:       `scores` [num_blocks, Hq, B] gain the local softmax mass (when topk > 0)
     selected:     [n, topk] unit ids from `select_units` (-1 = none), or None when topk == 0
     out:          [T, Hq, D]; only the wave's query rows are written
+
+    Launches: decode waves run one program per (chunk, KV head) with the score pass inline, or
+    flash-decoding (attend splits, merge, split score pass) when that leaves SMs idle; prefill
+    waves run query tiles that write the LSE, then `_window_scores_kernel`.
     """
     n = chunks.n
     if n == 0:
@@ -630,14 +758,15 @@ def attend(
     G = Hq // Hkv
     assert D % 2 == 0 and kv_cache.shape[3] == 2 * D
     decode = chunks.max_len == 1
-    # Decode (one query per chunk): a tile is the G heads of one query; prefill: several queries.
-    block_m = max(16, _p2(G)) if decode else max(64, _p2(G))
+    block_m, block_n, num_warps, num_stages = _tiling(D, G, decode, query.dtype)
     qt = block_m // G
     splits = _decode_splits(n, Hkv, query.device) if decode else 1
     topk = config.topk if (selected is not None and config.topk > 0) else 0
+    scores_on = config.topk > 0
     sel = selected if topk else chunks.num_cand
     scores = memory.scores
     cos, sin = _table(cos), _table(sin)
+    lse = torch.empty(T, Hq, dtype=torch.float32, device=query.device) if scores_on and not decode else scores
     if splits > 1:
         ws_acc = torch.empty(n * Hkv * splits * block_m, _p2(D), dtype=torch.float32, device=query.device)
         ws_ml = torch.empty(n * Hkv * splits * block_m, 2, dtype=torch.float32, device=query.device)
@@ -647,30 +776,42 @@ def attend(
     s_ot, s_oh, s_od = out.stride()
     s_cb, s_ch, s_co, s_cd = kv_cache.stride()
     s_sb, s_sh, s_so = scores.stride()
+    B = config.block_size
     args = dict(
         q_ptr=query, kv_ptr=kv_cache, out_ptr=out, bt_ptr=block_table, sel_ptr=sel,
-        scores_ptr=scores, cos_ptr=cos, sin_ptr=sin,
+        scores_ptr=scores, lse_ptr=lse, cos_ptr=cos, sin_ptr=sin,
         req_ptr=chunks.req, c0_ptr=chunks.c0, len_ptr=chunks.length, q0_ptr=chunks.q0,
         ncand_ptr=chunks.num_cand, ws_acc_ptr=ws_acc, ws_ml_ptr=ws_ml,
         s_qt=s_qt, s_qh=s_qh, s_qd=s_qd, s_ot=s_ot, s_oh=s_oh, s_od=s_od,
         s_cb=s_cb, s_ch=s_ch, s_co=s_co, s_cd=s_cd,
         s_bt=block_table.stride(0), s_sel=sel.stride(0), s_sb=s_sb, s_sh=s_sh, s_so=s_so,
-        s_cos=cos.stride(0), s_sin=sin.stride(0),
-        D=D, B=config.block_size, N_INIT=config.n_init, N_LOCAL=config.n_local,
-        qk_scale=scale * _LOG2E,
-        G=G, QT=qt, TOPK=topk, SCORES=config.topk > 0, SPLITS=splits,
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=_p2(D), BLOCK_D2=_p2(D // 2),
-        DOT_PREC=_dot_prec(query.dtype), num_warps=4, num_stages=2,
+        s_lt=lse.stride(0), s_cos=cos.stride(0), s_sin=sin.stride(0),
+        SPLITS=splits, qk_scale=scale * _LOG2E,
+        D=D, B=B, N_INIT=config.n_init, N_LOCAL=config.n_local,
+        G=G, QT=qt, TOPK=topk, SCORES=scores_on and decode, LSE_OUT=scores_on and not decode,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_p2(D), BLOCK_D2=_p2(D // 2),
+        DOT_PREC=_dot_prec(query.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     grid = (n, triton.cdiv(chunks.max_len, qt) * splits, Hkv)
     if splits == 1:
         _attend_kernel[grid](**args, PHASE=0)
+        if scores_on and not decode:
+            span = chunks.max_len + config.n_local - 1  # keys of the longest chunk's windows
+            _window_scores_kernel[(n, triton.cdiv(span, block_n), Hkv)](
+                q_ptr=query, kv_ptr=kv_cache, bt_ptr=block_table, scores_ptr=scores, lse_ptr=lse,
+                req_ptr=chunks.req, c0_ptr=chunks.c0, len_ptr=chunks.length, q0_ptr=chunks.q0,
+                s_qt=s_qt, s_qh=s_qh, s_qd=s_qd, s_cb=s_cb, s_ch=s_ch, s_co=s_co, s_cd=s_cd,
+                s_bt=block_table.stride(0), s_sb=s_sb, s_sh=s_sh, s_so=s_so, s_lt=lse.stride(0),
+                qk_scale=scale * _LOG2E, D=D, B=B, N_LOCAL=config.n_local, G=G, QT=qt,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D2=_p2(D // 2), DOT_PREC=_dot_prec(query.dtype),
+                num_warps=num_warps, num_stages=num_stages,
+            )
         return
     _attend_kernel[grid](**args, PHASE=1)
     _merge_kernel[(n, Hkv)](
         out_ptr=out, q0_ptr=chunks.q0, len_ptr=chunks.length, ws_acc_ptr=ws_acc, ws_ml_ptr=ws_ml,
-        s_ot=s_ot, s_oh=s_oh, s_od=s_od, D=D,
-        G=G, QT=qt, SPLITS=splits, BLOCK_M=block_m, BLOCK_D=_p2(D),
+        s_ot=s_ot, s_oh=s_oh, s_od=s_od, SPLITS=splits, D=D,
+        G=G, QT=qt, BLOCK_M=block_m, BLOCK_D=_p2(D),
     )
-    if config.topk > 0:
+    if scores_on:
         _attend_kernel[grid](**args, PHASE=2)
