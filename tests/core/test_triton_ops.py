@@ -197,6 +197,52 @@ def test_attend_without_memory_scores():
 
 
 @in_process
+@pytest.mark.parametrize("splits", [1, 3])
+def test_static_decode_plan_replays_like_eager(splits, monkeypatch):
+    """A CUDA graph replays the launches of its capture; only buffer contents change. Emulated:
+    the static decode plan of step A (padded batch, candidate bound, persistent table) is
+    "captured"; step B's plan is then written into the same buffers and the ops are run again
+    with step A's plan object (its launch sizes). Both steps must equal eager plan_step runs."""
+    from vllm_infllm.core.plan import PlanBuffers, plan_decode_step
+    from vllm_infllm.core.runtime import infllm_forward
+
+    monkeypatch.setattr(triton_ops, "DECODE_SPLITS", splits)
+    monkeypatch.setattr(triton_ops, "BLOCK_N", 16 if splits > 1 else 64)
+    Hq, Hkv, D, dtype = 4, 2, 32, torch.float32
+    seq_a, seq_b, pad = [200, 150, 90, 41], [201, 151, 91, 42], 3
+    (kv, table, cos, sin), mem0 = paged_state(Hq, Hkv, D, seq_b, dtype)
+    n = len(seq_a)
+    query = torch.randn(n + pad, Hq, D, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    qsl_pad = list(range(n + 1)) + [n] * pad  # vLLM pads the batch with empty requests
+    bound = 40  # candidates of the longest admitted sequence (> every step's own maximum)
+    assert max(CFG.num_candidates(s - 1) for s in seq_b) < bound
+
+    def eager(seq, mem):
+        out = torch.zeros(n, Hq, D, device=DEVICE)
+        infllm_forward(query[:n], kv, table, plan_step(list(range(n + 1)), seq, CFG), mem, cos, sin, CFG,
+                       D**-0.5, out, ops=triton_ops)
+        return out
+
+    buffers = PlanBuffers(16, DEVICE)
+    captured = plan_decode_step(qsl_pad, seq_a + [0] * pad, CFG, buffers, bound)
+    assert captured.waves[0].n == n + pad and captured.waves[0].max_cand == bound
+    mem_e, mem_s = mem0.clone(), mem0.clone()
+    for step, seq in enumerate((seq_a, seq_b)):
+        if step == 1:  # the next step writes its plan into the captured buffers
+            plan_b = plan_decode_step(qsl_pad, seq + [0] * pad, CFG, buffers, bound)
+            assert plan_b.waves[0].req.data_ptr() == captured.waves[0].req.data_ptr()
+        want = eager(seq, mem_e)
+        got = torch.full((n + pad, Hq, D), float("nan"), device=DEVICE)
+        infllm_forward(query, kv, table, captured, mem_s, cos, sin, CFG, D**-0.5, got, ops=triton_ops)
+        torch.testing.assert_close(got[:n], want, **TOL[dtype])
+        assert got[n:].isnan().all()  # padding rows are not written
+        torch.testing.assert_close(mem_s.scores, mem_e.scores, **TOL[dtype])
+        torch.testing.assert_close(mem_s.reprs, mem_e.reprs, **TOL[dtype])
+        assert torch.equal(mem_s.sealed, mem_e.sealed)
+    assert (mem_e.scores - mem0.scores).abs().max() > 0  # the steps did accumulate scores
+
+
+@in_process
 @pytest.mark.parametrize("Hq,Hkv,D,splits", [(4, 2, 32, 1), (3, 1, 64, 2)])
 def test_runtime_matches_oracle(Hq, Hkv, D, splits, monkeypatch):
     """The whole runtime (write, seal, select, attend; waves; recycled stale state) vs the oracle."""

@@ -161,3 +161,87 @@ def plan_step(
 
 _FIELDS = ("req", "c0", "length", "q0", "num_cand")
 _ALIGN = 4  # int32 columns per 16 bytes
+
+
+class PlanBuffers:
+    """Persistent plan tables for decode steps that a CUDA graph replays.
+
+    A captured graph replays its kernels with the device addresses and launch sizes of the
+    capture; only buffer contents change between replays. So a graph-ready decode plan writes its
+    chunk table into `table` (the same device tensor every step) with one non-blocking copy from
+    a pinned host staging table, and fixes every host-side size (chunks, candidates) at an upper
+    bound. Two staging tables alternate, each guarded by an event, so a step never overwrites
+    host memory that the previous step's copy may still be reading.
+    """
+
+    def __init__(self, capacity: int, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.capacity = -(-capacity // _ALIGN) * _ALIGN
+        self.table = torch.zeros(len(_FIELDS), self.capacity, dtype=torch.int32, device=self.device)
+        pin = self.device.type == "cuda"
+        self._staging = [
+            torch.zeros(len(_FIELDS), self.capacity, dtype=torch.int32, pin_memory=pin) for _ in range(2)
+        ]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
+
+    def upload(self, rows: list[tuple[int, int, int, int, int]]) -> torch.Tensor:
+        """Write `rows` (one per chunk, `_FIELDS` order) into `table[:, :len(rows)]`; returns it."""
+        n = len(rows)
+        if n > self.capacity:
+            raise ValueError(f"{n} chunks exceed the plan buffers' capacity {self.capacity}")
+        turn, self._turn = self._turn, 1 - self._turn
+        staging = self._staging[turn]
+        if self._copied[turn] is not None:
+            self._copied[turn].synchronize()  # the copy of two steps ago (long finished)
+        if n:
+            staging[:, :n] = torch.tensor(rows, dtype=torch.int32).T
+        self.table[:, :n].copy_(staging[:, :n], non_blocking=self.device.type == "cuda")
+        if self.device.type == "cuda":
+            self._copied[turn] = torch.cuda.Event()
+            self._copied[turn].record()
+        return self.table[:, :n]
+
+
+def plan_decode_step(
+    query_start_loc: Sequence[int],
+    seq_lens: Sequence[int],
+    config: InfLLMConfig,
+    buffers: PlanBuffers,
+    max_candidates: int,
+) -> StepPlan:
+    """The plan of a decode-only step with static shapes, for CUDA graphs (see PlanBuffers).
+
+    Same chunks as `plan_step` (each one-token query selects alone), in one wave with one chunk
+    per request row, including padding rows (no query: length 0, no candidates, and every kernel
+    returns at once for them), so the wave has exactly `len(seq_lens)` chunks: the padded batch
+    size a graph was captured at. `max_cand` is `max_candidates`, an upper bound over every
+    sequence the engine admits (e.g. `config.num_candidates(max_model_len - 1)`), not the step's
+    own maximum: the selection's score tensor and grid keep one shape. The device table is
+    `buffers.table`, whose address never changes.
+    """
+    qsl = [int(x) for x in query_start_loc]
+    lens = [int(x) for x in seq_lens]
+    rows = []
+    for r in range(len(lens)):
+        n_q = qsl[r + 1] - qsl[r]
+        if n_q not in (0, 1):
+            raise ValueError(f"plan_decode_step: request {r} has {n_q} queries; decode steps have 0 or 1")
+        if n_q == 0:
+            rows.append((r, 0, 0, qsl[r], 0))  # padding
+            continue
+        c0 = lens[r] - 1
+        num_cand = config.num_candidates(c0)
+        if c0 < 0 or num_cand > max_candidates:
+            raise ValueError(
+                f"plan_decode_step: request {r} at seq_len {lens[r]} has {num_cand} candidates, "
+                f"above the bound {max_candidates} (raise it to config.num_candidates(max_model_len - 1))"
+            )
+        rows.append((r, c0, 1, qsl[r], num_cand))
+    if not rows:
+        return StepPlan(waves=[], num_tokens=qsl[-1] if qsl else 0)
+    table = buffers.upload(rows)
+    host = {k: [row[j] for row in rows] for j, k in enumerate(_FIELDS)}
+    wave = ChunkBatch(**{k: table[j] for j, k in enumerate(_FIELDS)}, host=host, max_len=1,
+                      max_cand=max_candidates)
+    return StepPlan(waves=[wave], num_tokens=qsl[-1])
