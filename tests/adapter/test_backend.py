@@ -59,7 +59,7 @@ def test_backend_contract():
     assert set(B.supported_dtypes) == {torch.float16, torch.bfloat16, torch.float32}
     assert B.supported_kv_cache_layouts() == (KVCacheLayout.LBHNC,)
     assert InfLLMMetadataBuilder.reorder_batch_threshold == 1
-    assert InfLLMMetadataBuilder._cudagraph_support == AttentionCGSupport.NEVER
+    assert InfLLMMetadataBuilder._cudagraph_support == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE  # CUDA only
     assert not B.supports_sliding_window()
 
 
@@ -169,6 +169,51 @@ def test_builder_decodes_first():
     assert (md.num_decodes, md.num_prefills, md.num_decode_tokens, md.num_prefill_tokens) == (2, 2, 2, 168)
     assert md.infllm_config.topk == 3 and md.num_actual_tokens == 170
     assert torch.equal(md.seq_lens_cpu, seq)
+
+
+def test_builder_plans_decode_steps_statically_for_cuda_graphs():
+    # On CUDA the builder owns persistent plan buffers; emulated here with CPU ones. A pure
+    # decode step, padded as vLLM pads a graph batch (empty requests: query_start_loc repeats the
+    # real token count, seq_len 0), gets the static plan: one chunk per padded row, the
+    # candidate bound, the same table address every step. Other steps keep plan_step.
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadata
+
+    from vllm_infllm.adapter.backend import InfLLMMetadataBuilder
+    from vllm_infllm.core.plan import PlanBuffers
+
+    def vcfg(device_type):
+        return SimpleNamespace(additional_config={"infllm": {"topk": 3}}, speculative_config=None,
+                               parallel_config=SimpleNamespace(decode_context_parallel_size=1),
+                               device_config=SimpleNamespace(device_type=device_type))
+
+    assert InfLLMMetadataBuilder.get_cudagraph_support(vcfg("cpu"), None) == AttentionCGSupport.NEVER
+    assert (InfLLMMetadataBuilder.get_cudagraph_support(vcfg("cuda"), None)
+            == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE)
+    b = InfLLMMetadataBuilder(_spec(), ["l0"], vcfg("cpu"), torch.device("cpu"))
+    b.decode_buffers, b.max_candidates = PlanBuffers(8, "cpu"), 60
+
+    def build(qsl, seq, max_q):
+        qsl, seq = torch.tensor(qsl, dtype=torch.int32), torch.tensor(seq, dtype=torch.int32)
+        cm = CommonAttentionMetadata(
+            query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq, num_reqs=len(seq),
+            num_actual_tokens=int(qsl[-1]), max_query_len=max_q, max_seq_len=int(seq.max()),
+            block_table_tensor=torch.zeros(len(seq), 64, dtype=torch.int32),
+            slot_mapping=torch.arange(int(qsl[-1])), seq_lens_cpu_upper_bound=seq,
+        )
+        return b.build(0, cm).plan
+
+    ptrs = set()
+    for seq in ([5000, 700, 3000], [5001, 701, 3001]):
+        plan = build([0, 1, 2, 3, 3, 3], seq + [0, 0], 1)
+        (wave,) = plan.waves
+        assert wave.n == 5 and wave.max_cand == 60 and wave.max_len == 1
+        assert wave.length.tolist() == [1, 1, 1, 0, 0] and wave.c0.tolist()[:3] == [s - 1 for s in seq]
+        ptrs.add(wave.req.data_ptr())
+    assert len(ptrs) == 1
+    mixed = build([0, 1, 300], [5000, 300], 299)  # a prefill: the ordinary plan
+    assert len(mixed.waves) > 1 and mixed.waves[0].req.data_ptr() not in ptrs
 
 
 @pytest.mark.parametrize("env,expected", [("1", True), ("0", False)])

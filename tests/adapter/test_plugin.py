@@ -211,6 +211,13 @@ try:
 except InfLLMConfigError as e:
     assert "kernel blocks" in str(e), e
 
+try:                                                               # rejected before any engine
+    model_config(attention_backend="infllm",
+                 speculative_config={{"method": "ngram", "num_speculative_tokens": 2}})
+    raise AssertionError("speculative decoding accepted")
+except InfLLMConfigError as e:
+    assert "speculative decoding is not supported" in str(e) and "Remove" in str(e), e
+
 mc = model_config(attention_backend="infllm", max_model_len=32768)
 assert mc.max_model_len == 32768 and mc.hf_text_config.max_position_embeddings == 32768
 mc = model_config(attention_backend="infllm")                    # nothing asked: unchanged

@@ -38,7 +38,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from ..core import ops as infllm_ops
 from ..core.config import InfLLMConfig
-from ..core.plan import LayerMemory, StepPlan, plan_step
+from ..core.plan import LayerMemory, PlanBuffers, StepPlan, plan_decode_step, plan_step
 from ..core.runtime import infllm_forward
 from .cpu_tuning import tune_cpu_malloc
 from .model_support import layer_rejection_reasons, model_rope_for_layer
@@ -67,7 +67,9 @@ class InfLLMMetadata:
 
 
 class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # On CUDA, pure-decode batches run from a static plan (`plan_decode_step`): FULL graphs for
+    # them, piecewise graphs around eager attention for the rest (vLLM's FULL_AND_PIECEWISE).
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
     # Non-None makes the V1 runner (the CPU runner too) put decodes first.
     reorder_batch_threshold: int | None = 1
 
@@ -85,6 +87,27 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
                 f"{INFLLM_BLOCK_SIZE}"
             )
         self.infllm_config = infllm_config_from_vllm(vllm_config)
+        # Decode steps on CUDA use persistent plan tables (a graph replays their addresses),
+        # sized for the largest batch vLLM schedules or captures, and a candidate bound that
+        # holds for every admitted sequence. Allocated here: vLLM builds before capture.
+        self.decode_buffers: PlanBuffers | None = None
+        self.max_candidates = 0
+        if torch.device(device).type == "cuda":
+            sched, comp = vllm_config.scheduler_config, vllm_config.compilation_config
+            capacity = max(sched.max_num_seqs, getattr(comp, "max_cudagraph_capture_size", None) or 0)
+            self.decode_buffers = PlanBuffers(capacity, device)
+            self.max_candidates = self.infllm_config.num_candidates(vllm_config.model_config.max_model_len - 1)
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: VllmConfig, kv_cache_spec: Any) -> AttentionCGSupport:
+        # The static decode plan feeds the Triton kernels; the CPU path has no graphs.
+        if vllm_config.device_config is not None and vllm_config.device_config.device_type == "cuda":
+            return cls._cudagraph_support
+        return AttentionCGSupport.NEVER
+
+    @classmethod
+    def supports_device_cpu_query_lens_mismatch(cls) -> bool:
+        return False  # the plan is cut from the host's query lengths
 
     def build(
         self,
@@ -94,14 +117,23 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
     ) -> InfLLMMetadata:
         cm = common_attn_metadata
         nd, npf, ndt, npt = split_decodes_and_prefills(cm, decode_threshold=1)
-        if cm.seq_lens_cpu_upper_bound is not None and self.vllm_config.speculative_config is None:
-            seq_lens_cpu = cm.seq_lens_cpu_upper_bound  # exact without spec decode
+        # The plan is cut on the host from exact sequence lengths. vLLM's host copy is exact
+        # without speculative decoding (which the engine-args hook rejects); reading the device
+        # tensor instead would stall every step on a device-to-host copy.
+        seq_lens_cpu = cm.seq_lens_cpu_upper_bound
+        if seq_lens_cpu is None:
+            raise RuntimeError(
+                "infllm: this vLLM build gave no host copy of the sequence lengths "
+                "(CommonAttentionMetadata.seq_lens_cpu_upper_bound is None); the InfLLM plan "
+                "needs it. Use the vLLM version named in the README."
+            )
+        qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist()
+        seq_lens = seq_lens_cpu[: cm.num_reqs].tolist()
+        if self.decode_buffers is not None and cm.max_query_len <= 1:
+            # Pure decode (padding rows included): the static plan a captured graph replays.
+            plan = plan_decode_step(qsl, seq_lens, self.infllm_config, self.decode_buffers, self.max_candidates)
         else:
-            seq_lens_cpu = cm.seq_lens.cpu()
-        qsl_cpu = cm.query_start_loc_cpu[: cm.num_reqs + 1]
-        plan = plan_step(
-            qsl_cpu.tolist(), seq_lens_cpu[: cm.num_reqs].tolist(), self.infllm_config, device=self.device
-        )
+            plan = plan_step(qsl, seq_lens, self.infllm_config, device=self.device)
         return InfLLMMetadata(
             num_actual_tokens=int(cm.query_start_loc_cpu[cm.num_reqs]),
             num_reqs=cm.num_reqs,

@@ -60,6 +60,15 @@ def prepare_engine_args(engine_args) -> None:
     from .vllm_config import infllm_config_from_additional
 
     infllm_config_from_additional(engine_args.additional_config)  # raises InfLLMConfigError
+    if engine_args.speculative_config:
+        from ..core.config import InfLLMConfigError
+
+        raise InfLLMConfigError(
+            "infllm: speculative decoding is not supported: a verify step scores several draft "
+            "tokens as one selection chunk, so answers would differ from plain decoding (and the "
+            "exact sequence lengths the plan needs are not on the host in async spec decode). "
+            "Remove --speculative-config / speculative_config."
+        )
 
     want = engine_args.max_model_len
     overrides = engine_args.hf_overrides
