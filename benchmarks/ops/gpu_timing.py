@@ -57,13 +57,25 @@ def log(s=""):
 
 
 # ----------------------------------------------------------------------------------- (b) timing
+_L2_FLUSH: torch.Tensor | None = None
+
+
 def bench(fn, warmup, iters):
+    """Median ms of fn. On CUDA, L2 is flushed before each timed call (a buffer of 4x its size
+    is overwritten, outside the timed events, as triton.testing.do_bench does): one layer's
+    decode working set (~25 MB at 32K) fits an H200's L2, and repeating it would time L2, not
+    HBM."""
+    global _L2_FLUSH
     for _ in range(warmup):
         fn()
     times = []
     if DEV == "cuda":
+        if _L2_FLUSH is None:
+            l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
+            _L2_FLUSH = torch.empty(4 * l2 // 4, dtype=torch.int32, device=DEV)
         torch.cuda.synchronize()
         for _ in range(iters):
+            _L2_FLUSH.zero_()
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             fn()
@@ -200,7 +212,8 @@ def main():
     log("## Timing (one layer)\n")
     run_timing(args, cfg, *Ht, torch.bfloat16 if DEV == "cuda" else torch.float32)
     log("\nInfLLM = write_kv + seal + select + attend for one layer; SDPA = full attention over the "
-        "same context (contiguous K/V, no write). floor = unique KV bytes attended + representative "
+        "same context (contiguous K/V, no write); L2 flushed before every timed call. "
+        "floor = unique KV bytes attended + representative "
         "bytes scanned; × floor time = InfLLM time / (floor bytes / copy bandwidth).")
     log(f"\ntotal {time.perf_counter() - t0:.0f}s")
     if os.environ.get("OUT"):

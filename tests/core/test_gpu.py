@@ -44,9 +44,10 @@ QUERY_LENS = [512, 1, 1, 1, 37]
 SEQ_LENS = [10752, 20000, 9000, 5000, 300]
 
 
-@pytest.mark.parametrize("Hq,Hkv,D", [(32, 8, 128), (9, 3, 64)])
-def test_ops_match_torch_ops_bf16(triton_ops, Hq, Hkv, D):
-    cfg, dtype, tol = InfLLMConfig(), torch.bfloat16, 3e-2
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Hq,Hkv,D", [(32, 8, 128), (9, 3, 64), (16, 8, 256)])
+def test_ops_match_torch_ops(triton_ops, Hq, Hkv, D, dtype):
+    cfg, tol = InfLLMConfig(), 3e-2
     st = paged_state(Hq, Hkv, D, SEQ_LENS, dtype, cfg, device=DEV)
     kv, table, mem = st.kv_cache, st.block_table, st.memory
     cos, sin = rope_table(D, max(SEQ_LENS) + cfg.n_local + 1, device=DEV)
@@ -147,3 +148,46 @@ def test_prefill_scores_are_deterministic(triton_ops):
     assert runs[0][0].abs().sum() > 0
     for scores, out in runs[1:]:
         assert torch.equal(scores, runs[0][0]) and torch.equal(out, runs[0][1])
+
+
+def test_decode_step_replays_in_a_cuda_graph(triton_ops):
+    # The static decode plan under a real CUDA graph: capture one decode step at a padded batch
+    # size, write the next step's plan into the same buffers, replay, compare with eager runs.
+    from vllm_infllm.core.plan import PlanBuffers, plan_decode_step
+    from vllm_infllm.core.runtime import infllm_forward
+
+    cfg, dtype, (Hq, Hkv, D) = InfLLMConfig(), torch.bfloat16, (32, 8, 128)
+    seq_a = [20_000, 9_000, 5_000, 300, 13_000]
+    seq_b = [s + 1 for s in seq_a]
+    n, pad = len(seq_a), 3
+    st = paged_state(Hq, Hkv, D, seq_b, dtype, cfg, device=DEV)
+    cos, sin = rope_table(D, 32_768, device=DEV)
+    query = torch.randn(n + pad, Hq, D, device=DEV, dtype=dtype)
+    qsl = list(range(n + 1)) + [n] * pad
+    bound = cfg.num_candidates(32_767)
+    buffers = PlanBuffers(16, DEV)
+
+    def eager(seq, mem):
+        out = torch.zeros(n, Hq, D, device=DEV, dtype=dtype)
+        infllm_forward(query[:n], st.kv_cache, st.block_table, plan_step(list(range(n + 1)), seq, cfg, device=DEV),
+                       mem, cos, sin, cfg, D**-0.5, out, ops=triton_ops)
+        return out
+
+    mem_e, mem_g = st.memory.clone(), st.memory.clone()
+    plan = plan_decode_step(qsl, seq_a + [0] * pad, cfg, buffers, bound)
+    out = torch.zeros(n + pad, Hq, D, device=DEV, dtype=dtype)
+    warm = st.memory.clone()  # warm-up (compiles) on a scratch copy, as vLLM warms up first
+    infllm_forward(query, st.kv_cache, st.block_table, plan, warm, cos, sin, cfg, D**-0.5, out, ops=triton_ops)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        infllm_forward(query, st.kv_cache, st.block_table, plan, mem_g, cos, sin, cfg, D**-0.5, out,
+                       ops=triton_ops)
+    for step, seq in enumerate((seq_a, seq_b)):
+        if step:
+            plan_decode_step(qsl, seq + [0] * pad, cfg, buffers, bound)
+        want = eager(seq, mem_e)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert max_abs_err(out[:n], want) <= 3e-2 and rel_l2_err(out[:n], want) <= 1e-2
+        assert rel_l2_err(mem_g.scores, mem_e.scores) <= 1e-2
+        assert torch.equal(mem_g.sealed, mem_e.sealed)
