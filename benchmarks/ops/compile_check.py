@@ -7,16 +7,19 @@ without a GPU: registers, spills, shared memory and compile time per variant.
     python -m benchmarks.ops.compile_check --json r.json   # also write the report as JSON
     python -m benchmarks.ops.compile_check --no-compile    # only count the variants
 
-How. The runtime (`core/runtime.py`, `core/ops/triton_ops.py`) is driven as the adapter drives it:
-one `plan_step` per scheduler step, then `write_kv` and `infllm_forward` with the Triton ops, over
-a list of steps (long prefills cut into selection chunks, mixed prefill/decode steps, decode-only
-steps of every batch size 1..256) on a KV cache packed with its side state as vLLM's pages are
-(`adapter/side_state.py`). Triton's launcher is pointed at a stand-in Hopper driver and its
-`jit_cache_hook` records each launch's specialisation (signature, constexprs, alignment
-attributes, options) and declines to compile or run it, so nothing touches a GPU; the distinct
-records are exactly the kernels Triton would build on an H100/H200 for those steps. Each is then
-compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`, Triton's own
-pipeline with its bundled ptxas, whose verbose log gives registers, stack and spill bytes.
+How. The runtime (`core/runtime.py`, `core/ops/triton_ops.py`) is driven as the adapter drives
+it: one plan per scheduler step (`plan_decode_step` for pure decode, as the builder does on CUDA,
+`plan_step` otherwise), then `write_kv` and `infllm_forward` with the Triton ops, over a list of
+steps (long prefills cut into selection chunks, mixed prefill/decode steps, decode-only steps of
+every batch size 1..256) on a KV cache packed with its side state as vLLM's pages are
+(`adapter/side_state.py`), with a block table as wide as a 1M-token max_model_len and the model's
+rotary table in the model dtype as the adapter passes it. Triton's launcher is pointed at a
+stand-in Hopper driver and its `jit_cache_hook` records each launch's specialisation (signature,
+constexprs, alignment attributes, options) and declines to compile or run it, so nothing touches
+a GPU; the distinct records are exactly the kernels Triton would build on an H100/H200 for those
+steps. Each is then compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90,
+32))`, Triton's own pipeline with its bundled ptxas, whose verbose log gives registers, stack and
+spill bytes.
 
 Exit status 1 when a variant spills or fails to compile (so the quick test can assert it), or when
 the decode steps of different batch sizes need more than `--max-variants` variants in all.
@@ -50,13 +53,14 @@ from triton.runtime.driver import driver  # noqa: E402
 from vllm_infllm.adapter.side_state import SideStateLayout, side_state_views  # noqa: E402
 from vllm_infllm.core.config import InfLLMConfig  # noqa: E402
 from vllm_infllm.core.ops import triton_ops  # noqa: E402
-from vllm_infllm.core.plan import LayerMemory, plan_step  # noqa: E402
+from vllm_infllm.core.plan import LayerMemory, PlanBuffers, plan_decode_step, plan_step  # noqa: E402
 from vllm_infllm.core.rope import rope_table  # noqa: E402
 from vllm_infllm.core.runtime import infllm_forward  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 HOPPER_SMS = 132  # H100 SXM and H200
 HOPPER_SMEM = 232_448  # bytes of shared memory one block may use on sm_90 (227 KB)
+MAX_MODEL_LEN = 1 << 20  # the engine's max_model_len: block-table width, candidate bound
 
 # (name, Hq, Hkv, D): the head layouts of models people serve.
 LAYOUTS = [
@@ -165,9 +169,14 @@ def record_variants(layout, dtype: torch.dtype, cfg: InfLLMConfig, max_batch: in
     scores, reprs, sealed = side_state_views(pages, Hkv, Hq, D)
     memory = LayerMemory(reprs=reprs, scores=scores, sealed=sealed)
     kv_cache = pages[:, :Hkv]
-    max_blocks = 1 << 20 // B  # vLLM's block table: a persistent [max_num_seqs, max_blocks] buffer
-    table = torch.zeros(max(max_batch, 8), max_blocks, dtype=torch.int32)
-    cos, sin = rope_table(D, 32)  # only the strides matter here
+    # vLLM's block table: a persistent [max_num_seqs, cdiv(max_model_len, B)] int32 buffer.
+    table = torch.zeros(max(max_batch, 8), -(-MAX_MODEL_LEN // B), dtype=torch.int32)
+    # The model's rotary table as the adapter passes it: vLLM's cos_sin_cache [rows, D], cast to
+    # the model dtype at the first forward, split into two column views (row stride D).
+    cache = torch.cat(rope_table(D, 32), dim=-1).to(dtype)
+    cos, sin = cache[:, : D // 2], cache[:, D // 2 :]
+    decode_buffers = PlanBuffers(max_batch, "cpu")
+    max_candidates = cfg.num_candidates(MAX_MODEL_LEN - 1)
     with recording_launches() as (variants, step):
         for name, q_lens, s_lens in scheduler_steps(cfg, max_batch):
             step["name"] = name
@@ -178,7 +187,10 @@ def record_variants(layout, dtype: torch.dtype, cfg: InfLLMConfig, max_batch: in
             q = torch.zeros(T, Hq, D, dtype=dtype)
             k = torch.zeros(T, Hkv, D, dtype=dtype)
             slots = torch.zeros(T, dtype=torch.int64)
-            plan = plan_step(qsl, s_lens, cfg, device="cpu")
+            if max(q_lens) <= 1:  # pure decode: the static plan the CUDA builder uses
+                plan = plan_decode_step(qsl, s_lens, cfg, decode_buffers, max_candidates)
+            else:
+                plan = plan_step(qsl, s_lens, cfg, device="cpu")
             triton_ops.write_kv(kv_cache, k, k, slots, memory)
             infllm_forward(q, kv_cache, table, plan, memory, cos, sin, cfg, D**-0.5, torch.empty_like(q),
                            ops=triton_ops)

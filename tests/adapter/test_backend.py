@@ -191,6 +191,10 @@ def test_builder_plans_decode_steps_statically_for_cuda_graphs():
     assert InfLLMMetadataBuilder.get_cudagraph_support(vcfg("cpu"), None) == AttentionCGSupport.NEVER
     assert (InfLLMMetadataBuilder.get_cudagraph_support(vcfg("cuda"), None)
             == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE)
+    spec_cfg = vcfg("cpu")
+    spec_cfg.speculative_config = SimpleNamespace(num_speculative_tokens=2)
+    with pytest.raises(ValueError, match="speculative decoding is not supported"):
+        InfLLMMetadataBuilder(_spec(), ["l0"], spec_cfg, torch.device("cpu"))
     b = InfLLMMetadataBuilder(_spec(), ["l0"], vcfg("cpu"), torch.device("cpu"))
     b.decode_buffers, b.max_candidates = PlanBuffers(8, "cpu"), 60
 

@@ -87,6 +87,12 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
                 f"{INFLLM_BLOCK_SIZE}"
             )
         self.infllm_config = infllm_config_from_vllm(vllm_config)
+        if getattr(vllm_config, "speculative_config", None) is not None:  # also checked at start-up
+            raise ValueError(
+                "infllm: speculative decoding is not supported (the plan needs exact host-side "
+                "sequence lengths, and a verify step would select for its drafts as one chunk); "
+                "remove speculative_config"
+            )
         # Decode steps on CUDA use persistent plan tables (a graph replays their addresses),
         # sized for the largest batch vLLM schedules or captures, and a candidate bound that
         # holds for every admitted sequence. Allocated here: vLLM builds before capture.
@@ -105,9 +111,6 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
             return cls._cudagraph_support
         return AttentionCGSupport.NEVER
 
-    @classmethod
-    def supports_device_cpu_query_lens_mismatch(cls) -> bool:
-        return False  # the plan is cut from the host's query lengths
 
     def build(
         self,
@@ -156,6 +159,10 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
 
 class InfLLMAttentionBackend(AttentionBackend):
     forward_includes_kv_cache_update: bool = False
+
+    @classmethod
+    def supports_device_cpu_query_lens_mismatch(cls) -> bool:
+        return False  # the plan is cut from the host's query lengths
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
     # Side-state views reinterpret the page bytes; quantized caches are not supported.
     supported_kv_cache_dtypes: ClassVar[list[Any]] = ["auto", "float16", "bfloat16"]

@@ -196,7 +196,9 @@ class PlanBuffers:
             self._copied[turn].synchronize()  # the copy of two steps ago (long finished)
         if n:
             staging[:, :n] = torch.tensor(rows, dtype=torch.int32).T
-        self.table[:, :n].copy_(staging[:, :n], non_blocking=self.device.type == "cuda")
+        # The whole table (a few KB): a column slice is not contiguous, and torch would stage a
+        # non-contiguous copy through pageable memory, blocking the host.
+        self.table.copy_(staging, non_blocking=self.device.type == "cuda")
         if self.device.type == "cuda":
             self._copied[turn] = torch.cuda.Event()
             self._copied[turn].record()

@@ -225,6 +225,7 @@ def seal_units(
         HQ=Hq, D2=D // 2, B=B, N_INIT=config.n_init, INIT_BLOCKS=config.init_blocks,
         G=Hq // Hkv, WINDOW=window, R=config.repr_topk,
         BLOCK_HQ=_p2(Hq), BLOCK_B=_p2(B), BLOCK_D2=_p2(D // 2),
+        num_warps=4 if D <= 128 else 8,  # [Hq, D/2] tiles: 4 warps spilled at D 256 (compile_check)
     )
 
 
@@ -252,7 +253,7 @@ def _qbar_kernel(
     for t in range(0, length, BLOCK_Q):
         i = t + tl.arange(0, BLOCK_Q)[:, None]
         m = (i < length) & (d < D2)
-        ptr = q_ptr + (q0 + i) * s_qt + h * s_qh
+        ptr = q_ptr + (q0 + i).to(tl.int64) * s_qt + h * s_qh  # rows x stride can pass 2^31
         qa = tl.load(ptr + d * s_qd, mask=m, other=0.0).to(tl.float32)
         qb = tl.load(ptr + (d + D2) * s_qd, mask=m, other=0.0).to(tl.float32)
         # signed rotation: row |a|, sine negated when a < 0. Queries before n_local have no
@@ -286,6 +287,9 @@ def _score_kernel(
     c = tl.program_id(0)
     u = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
     ncand = tl.load(ncand_ptr + c)
+    if tl.program_id(1) * BLOCK_U >= ncand:  # past this chunk's candidates (MAX_CAND is a bound)
+        tl.store(score_ptr + c * MAX_CAND + u, tl.full([BLOCK_U], float("-inf"), tl.float32), mask=u < MAX_CAND)
+        return
     req = tl.load(req_ptr + c).to(tl.int64)
     um = u < ncand
     phys = tl.load(bt_ptr + req * s_bt + INIT_BLOCKS + u, mask=um, other=0).to(tl.int64)
