@@ -111,7 +111,6 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
             return cls._cudagraph_support
         return AttentionCGSupport.NEVER
 
-
     def build(
         self,
         common_prefix_len: int,
@@ -159,10 +158,6 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
 
 class InfLLMAttentionBackend(AttentionBackend):
     forward_includes_kv_cache_update: bool = False
-
-    @classmethod
-    def supports_device_cpu_query_lens_mismatch(cls) -> bool:
-        return False  # the plan is cut from the host's query lengths
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
     # Side-state views reinterpret the page bytes; quantized caches are not supported.
     supported_kv_cache_dtypes: ClassVar[list[Any]] = ["auto", "float16", "bfloat16"]
@@ -170,6 +165,10 @@ class InfLLMAttentionBackend(AttentionBackend):
     @staticmethod
     def get_name() -> str:
         return "INFLLM"
+
+    @classmethod
+    def supports_device_cpu_query_lens_mismatch(cls) -> bool:
+        return False  # the plan is cut from the host's query lengths
 
     @staticmethod
     def get_impl_cls() -> type[InfLLMAttentionImpl]:
