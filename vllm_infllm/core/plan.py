@@ -148,19 +148,25 @@ def plan_step(
         table = table.pin_memory().to(dev, non_blocking=True)
     elif dev.type != "cpu":
         table = table.to(dev)
-    waves = []
-    for start, rows in zip(starts, waves_rows, strict=True):
-        host = {k: [row[j] for row in rows] for j, k in enumerate(_FIELDS)}
-        cols = table[:, start : start + len(rows)]
-        waves.append(
-            ChunkBatch(**{k: cols[j] for j, k in enumerate(_FIELDS)}, host=host,
-                       max_len=max(host["length"]), max_cand=max(host["num_cand"]))
-        )
+    waves = [_chunk_batch(rows, table[:, start : start + len(rows)]) for start, rows in zip(starts, waves_rows,
+                                                                                              strict=True)]
     return StepPlan(waves=waves, num_tokens=qsl[-1] if qsl else 0)
 
 
 _FIELDS = ("req", "c0", "length", "q0", "num_cand")
 _ALIGN = 4  # int32 columns per 16 bytes
+
+
+def _chunk_batch(rows: list[tuple[int, ...]], cols: torch.Tensor, static: int | None = None) -> ChunkBatch:
+    """A wave from its rows (`_FIELDS` order) and their device columns [5, len(rows)]. Sizes are
+    the wave's own, or for a static decode plan (`static` = its candidate bound) fixed: one
+    query per chunk and the bound, whatever the rows hold."""
+    host = {k: [row[j] for row in rows] for j, k in enumerate(_FIELDS)}
+    if static is None:
+        max_len, max_cand = max(host["length"]), max(host["num_cand"])
+    else:
+        max_len, max_cand = 1, static
+    return ChunkBatch(**{k: cols[j] for j, k in enumerate(_FIELDS)}, host=host, max_len=max_len, max_cand=max_cand)
 
 
 class PlanBuffers:
@@ -233,8 +239,10 @@ def plan_decode_step(
             rows.append((r, 0, 0, qsl[r], 0))  # padding
             continue
         c0 = lens[r] - 1
+        if c0 < 0:
+            raise ValueError(f"plan_decode_step: request {r} has a query but seq_len {lens[r]}")
         num_cand = config.num_candidates(c0)
-        if c0 < 0 or num_cand > max_candidates:
+        if num_cand > max_candidates:
             raise ValueError(
                 f"plan_decode_step: request {r} at seq_len {lens[r]} has {num_cand} candidates, "
                 f"above the bound {max_candidates} (raise it to config.num_candidates(max_model_len - 1))"
@@ -242,8 +250,4 @@ def plan_decode_step(
         rows.append((r, c0, 1, qsl[r], num_cand))
     if not rows:
         return StepPlan(waves=[], num_tokens=qsl[-1] if qsl else 0)
-    table = buffers.upload(rows)
-    host = {k: [row[j] for row in rows] for j, k in enumerate(_FIELDS)}
-    wave = ChunkBatch(**{k: table[j] for j, k in enumerate(_FIELDS)}, host=host, max_len=1,
-                      max_cand=max_candidates)
-    return StepPlan(waves=[wave], num_tokens=qsl[-1])
+    return StepPlan(waves=[_chunk_batch(rows, buffers.upload(rows), max_candidates)], num_tokens=qsl[-1])
