@@ -19,7 +19,9 @@ needle unit that needs selecting, `partial` some, `none` none. A miss is then
              some layer not all;
   selection  some layer selected none of the needle's units (reported: in how many layers).
 
-Hits get the same counts, for comparison. The chunk that reads the question (the prompt's last
+With selection="kv_head" each KV head chooses its own units: a layer counts as selecting a unit
+when any of its KV heads did, and `groups_full` lists per layer how many KV heads hold the whole
+needle. Hits get the same counts, for comparison. The chunk that reads the question (the prompt's last
 prefill chunk before the answering token) is recorded too: it selects by the mean of its queries,
 mostly filler, and what it fails to bring in, the question's tokens never see. Writes OUT.json
 and OUT.md.
@@ -91,19 +93,24 @@ def main(argv=None) -> int:
     cfg_dict = json.loads(args.infllm)
     cfg = InfLLMConfig.from_dict(cfg_dict)
     answer_pos = {"pos": -1}
-    recorded: list[list[int]] = []  # per layer: the answering query's selection
-    question: list[list[int]] = []  # per layer: the selection of the chunk holding the question
+    # Per layer, per selection group (one group, or one per KV head with selection="kv_head"):
+    recorded: list[list[list[int]]] = []  # the answering query's selection
+    question: list[list[list[int]]] = []  # the selection of the chunk holding the question
     select = torch_ops.select_units
 
-    def recording(query, memory, block_table, chunks, cos, sin, config):
-        sel = select(query, memory, block_table, chunks, cos, sin, config)
+    def recording(query, memory, block_table, chunks, cos, sin, config, num_kv_heads):
+        sel = select(query, memory, block_table, chunks, cos, sin, config, num_kv_heads)
         if chunks.n == 1:
             c0, length, p = chunks.host["c0"][0], chunks.host["length"][0], answer_pos["pos"]
+            groups = [[u for u in g if u >= 0] for g in sel[0].tolist()]
             if c0 == p and length == 1:
-                recorded.append([u for u in sel[0].tolist() if u >= 0])
+                recorded.append(groups)
             elif c0 <= p - 1 < c0 + length:  # the question's last token, before the answering one
-                question.append([u for u in sel[0].tolist() if u >= 0])
+                question.append(groups)
         return sel
+
+    def union(per_layer):  # a layer holds a unit when any of its groups selected it
+        return [sorted(set().union(*groups)) for groups in per_layer]
 
     torch_ops.select_units = recording  # the runtime looks ops up on the module at call time
 
@@ -129,9 +136,13 @@ def main(argv=None) -> int:
             out = llm.generate([p.text], sp, use_tqdm=False)[0].outputs[0].text
             row = {"length": n, "depth": d, "prompt_tokens": len(ids), "needle": needle,
                    "distance": len(ids) - 1 - needle[1], "answer": out, "ok": p.is_correct(out)}
-            row.update(classify(needle, len(ids) - 1, cfg, list(recorded)))
+            row.update(classify(needle, len(ids) - 1, cfg, union(recorded)))
+            # Per layer: how many selection groups (KV heads, or the one layer set) hold every
+            # needle unit; with selection="kv_head" a layer can hold it in a few heads only.
+            need = set(row["needle_units"])
+            row["groups_full"] = [sum(need <= set(g) for g in groups) for groups in recorded]
             # The chunk that reads the question selects by the mean of its queries (mostly filler).
-            q = classify(needle, len(ids) - 1, cfg, list(question))
+            q = classify(needle, len(ids) - 1, cfg, union(question))
             row["question_chunk"] = {k: q[k] for k in ("full", "partial", "none", "layers", "missing_in")}
             rows.append(row)
             print(f"{n} d{d}: {'OK  ' if row['ok'] else 'MISS'} {row['kind']:9s} full/partial/none "

@@ -52,12 +52,13 @@ def main(argv=None) -> int:
         config = InfLLMConfig.from_dict(cfg)
         select = torch_ops.select_units
 
-        def forced(query, memory, block_table, chunks, cos, sin, config_):
-            sel = select(query, memory, block_table, chunks, cos, sin, config_)
+        def forced(query, memory, block_table, chunks, cos, sin, config_, num_kv_heads):
+            sel = select(query, memory, block_table, chunks, cos, sin, config_, num_kv_heads)
             for u in needle_units:
                 for r in range(sel.shape[0]):
-                    if chunks.host["num_cand"][r] > u and not bool((sel[r] == u).any()):
-                        sel[r, -1] = u
+                    for g in range(sel.shape[1]):  # every selection group (layer or KV head)
+                        if chunks.host["num_cand"][r] > u and not bool((sel[r, g] == u).any()):
+                            sel[r, g, -1] = u
             return sel
 
         torch_ops.select_units = forced  # runtime looks ops up on the module at call time

@@ -133,10 +133,10 @@ def run_length(N, args, config, gen, signals):
                 plan = plan_step([0, 1], [N + 1], config)
                 wave = plan.waves[0]
                 torch_ops.seal_units(kv, memory, block_table, wave, cos, sin, config)
-                selected = torch_ops.select_units(q, memory, block_table, wave, cos, sin, config)
+                selected = torch_ops.select_units(q, memory, block_table, wave, cos, sin, config, Hkv)
                 out = torch.zeros(1, Hq, D, dtype=dtype)
                 torch_ops.attend(q, kv, memory, block_table, wave, selected, cos, sin, config, D**-0.5, out)
-                hit = unit in selected[0].tolist()
+                hit = bool((selected[0] == unit).any(-1).all())  # in every selection group's set
                 out_cos = torch.nn.functional.cosine_similarity(out[0].float(), vstar[kv_head], dim=-1).mean()
                 records.append({"length": N, "signal": s, "depth": depth, "trial": trial, "unit": unit,
                                 "num_units": K, "found": hit, "out_cos": round(float(out_cos), 3)})

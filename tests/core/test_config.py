@@ -5,7 +5,8 @@ from vllm_infllm.core.config import InfLLMConfig, InfLLMConfigError
 
 def test_defaults_are_the_papers():
     c = InfLLMConfig.from_dict({})
-    assert c.to_dict() == dict(n_init=128, n_local=4096, block_size=128, topk=16, repr_topk=4, chunk=512)
+    assert c.to_dict() == dict(n_init=128, n_local=4096, block_size=128, topk=16, repr_topk=4, chunk=512,
+                               selection="layer")
     assert InfLLMConfig.from_dict(None) == c
     assert c.max_attended() == 128 + 4096 + 16 * 128 + 128 + 512
 
@@ -28,6 +29,8 @@ def test_from_dict_overrides():
         ({"topk": 2.5}, "topk", ["must be an integer"]),
         ({"topk": "16"}, "topk", ["must be an integer"]),
         ({"topk": True}, "topk", ["must be an integer"]),
+        ({"selection": "kvhead"}, "selection", ["one of 'layer', 'kv_head'", "use 'kv_head'"]),
+        ({"selection": 1}, "selection", ["one of 'layer', 'kv_head'"]),
     ],
 )
 def test_bad_values_name_field_value_rule_and_fix(values, field, words):
@@ -40,6 +43,11 @@ def test_bad_values_name_field_value_rule_and_fix(values, field, words):
         assert w in msg
     if "integer" not in msg:
         assert "Fix:" in msg
+
+
+def test_selection_groups():
+    assert InfLLMConfig().selection_groups(8) == 1
+    assert InfLLMConfig(selection="kv_head").selection_groups(8) == 8
 
 
 def test_unknown_key_suggests_closest():

@@ -45,9 +45,10 @@ SEQ_LENS = [10752, 20000, 9000, 5000, 300]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("Hq,Hkv,D", [(32, 8, 128), (9, 3, 64), (16, 8, 256)])
-def test_ops_match_torch_ops(triton_ops, Hq, Hkv, D, dtype):
-    cfg, tol = InfLLMConfig(), 3e-2
+@pytest.mark.parametrize("Hq,Hkv,D,selection", [(32, 8, 128, "layer"), (9, 3, 64, "layer"),
+                                                (16, 8, 256, "layer"), (32, 8, 128, "kv_head")])
+def test_ops_match_torch_ops(triton_ops, Hq, Hkv, D, selection, dtype):
+    cfg, tol = InfLLMConfig(selection=selection), 3e-2
     st = paged_state(Hq, Hkv, D, SEQ_LENS, dtype, cfg, device=DEV)
     kv, table, mem = st.kv_cache, st.block_table, st.memory
     cos, sin = rope_table(D, max(SEQ_LENS) + cfg.n_local + 1, device=DEV)
@@ -85,9 +86,10 @@ def test_ops_match_torch_ops(triton_ops, Hq, Hkv, D, dtype):
         assert torch.equal(mem.sealed, mem_t.sealed)
         assert max_abs_err(mem.reprs, mem_t.reprs) <= tol
 
-        sel_t = torch_ops.select_units(query, mem_t, table, wave, cos, sin, cfg)
-        sel = triton_ops.select_units(query, mem, table, wave, cos, sin, cfg)
-        for a, b in zip(sel_t.tolist(), sel.tolist(), strict=True):
+        sel_t = torch_ops.select_units(query, mem_t, table, wave, cos, sin, cfg, Hkv)
+        sel = triton_ops.select_units(query, mem, table, wave, cos, sin, cfg, Hkv)
+        assert sel.shape == sel_t.shape == (wave.n, cfg.selection_groups(Hkv), cfg.topk)
+        for a, b in zip(sel_t.flatten(0, 1).tolist(), sel.flatten(0, 1).tolist(), strict=True):
             want = {u for u in a if u >= 0}
             if want:  # near-ties may swap in bf16
                 assert len(want & set(b)) / len(want) >= 0.85, (a, b)
@@ -142,7 +144,7 @@ def test_prefill_scores_are_deterministic(triton_ops):
         mem.scores.zero_()
         out = torch.empty_like(query)
         for wave in plan.waves:
-            sel = triton_ops.select_units(query, mem, st.block_table, wave, cos, sin, cfg)
+            sel = triton_ops.select_units(query, mem, st.block_table, wave, cos, sin, cfg, Hkv)
             triton_ops.attend(query, st.kv_cache, mem, st.block_table, wave, sel, cos, sin, cfg, D**-0.5, out)
         runs.append((mem.scores, out))
     assert runs[0][0].abs().sum() > 0

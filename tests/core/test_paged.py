@@ -2,6 +2,8 @@
 prefill pieces (not aligned to `chunk`) and decodes, random block tables, GQA, several layers,
 recycled blocks with stale state."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -35,6 +37,16 @@ def test_paged_matches_oracle(Hq, Hkv, D):
     cos, sin = rope_table(D, 1024)
     run = run_paged(reqs, SMALL, cos, sin, layers=2)
     assert_matches_oracle(reqs, run, SMALL, cos, sin, layers=2)
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (6, 2), (8, 1)])
+def test_kv_head_selection_matches_oracle(Hq, Hkv):
+    """selection="kv_head": every KV head reads its own units (docs/design.md section 2.7)."""
+    cfg = dataclasses.replace(SMALL, selection="kv_head")
+    reqs = batch(Hq, Hkv, 64, seed=3)
+    cos, sin = rope_table(64, 1024)
+    run = run_paged(reqs, cfg, cos, sin, layers=2)
+    assert_matches_oracle(reqs, run, cfg, cos, sin, layers=2)
 
 
 def test_representatives_and_selection_match_oracle():

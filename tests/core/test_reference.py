@@ -122,3 +122,67 @@ def test_representatives_are_mean_raw_keys_of_top_scored_tokens():
     # every key's score is the total local softmax mass it received: a token inside the
     # windows of many queries has a positive score; all scores are below the number of queries.
     assert (tr.scores > 0).all() and (tr.scores <= 200).all()
+
+
+# --- selection="kv_head": each KV head chooses its own units ---------------------------------
+
+
+def test_kv_head_selection_is_layer_selection_of_each_kv_head_alone():
+    """With one unit set per KV head, the KV heads never interact: KV head h (with its G query
+    heads) gives exactly what the paper's rule gives on that head's slice of q/k/v alone."""
+    cfg = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32,
+                       selection="kv_head")
+    layer_cfg = InfLLMConfig(**{**cfg.to_dict(), "selection": "layer"})
+    Hq, Hkv, G = 6, 3, 2
+    q, k, v = rand_qkv(300, Hq, Hkv, 16, seed=4)
+    cos, sin = rope_table(16, 512)
+    tr = infllm_reference_trace(q, k, v, cos, sin, cfg, prefill_len=220)
+    differ = 0
+    for h in range(Hkv):
+        heads = slice(h * G, (h + 1) * G)
+        alone = infllm_reference_trace(q[:, heads], k[:, h : h + 1], v[:, h : h + 1], cos, sin,
+                                       layer_cfg, prefill_len=220)
+        torch.testing.assert_close(tr.out[:, heads], alone.out, rtol=1e-5, atol=1e-5)
+        assert [c.per_kv_head[h] for c in tr.chunks] == [c.selected for c in alone.chunks]
+    for c in tr.chunks:
+        differ += len({tuple(s) for s in c.per_kv_head}) > 1
+        assert c.selected == sorted(set().union(*c.per_kv_head))
+    assert differ > 5  # the heads did choose differently
+    paper = infllm_reference_trace(q, k, v, cos, sin, layer_cfg, prefill_len=220)
+    assert all(len({tuple(s) for s in c.per_kv_head}) == 1 for c in paper.chunks)
+    assert (paper.out - tr.out).abs().max() > 1e-2
+
+
+def test_a_needle_one_kv_head_holds_is_outvoted_by_layer_selection_not_by_kv_head():
+    """KV head 0 holds the needle (unit 7), KV head 1 a stronger distractor (unit 3); decode
+    queries of every head point at both. The layer-wide sum picks the distractor (topk 1) and
+    head 0 loses its needle; per-KV-head selection lets head 0 read unit 7."""
+    T, D, Hq, Hkv = 700, 32, 4, 2
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(T, Hq, D, generator=g) * 0.3
+    k = torch.randn(T, Hkv, D, generator=g) * 0.3
+    v = torch.randn(T, Hkv, D, generator=g)
+    cos, sin = rope_table(D, 1024)
+    d = torch.randn(D, generator=g)
+    d = d / d.norm()
+    n_init, n_local, B = 16, 64, 16
+    k_dir = rotate(d[None, None], cos, sin, torch.tensor([n_local - 1]))[0, 0]
+    unit = lambda u: torch.arange(n_init + u * B, n_init + (u + 1) * B)  # noqa: E731
+    k[unit(7), 0] = 12.0 * k_dir
+    k[unit(3), 1] = 20.0 * k_dir
+    marker = torch.zeros(D)
+    marker[0] = 5.0
+    v[unit(7), 0] = marker
+    prefill = T - 8
+    q[prefill:] = 3.0 * d
+    outs = {}
+    for selection in ("layer", "kv_head"):
+        cfg = InfLLMConfig(n_init=n_init, n_local=n_local, block_size=B, topk=1, repr_topk=2,
+                           chunk=32, selection=selection)
+        tr = infllm_reference_trace(q, k, v, cos, sin, cfg, prefill_len=prefill)
+        decode = [c for c in tr.chunks if c.c0 >= prefill]
+        want = [[3], [3]] if selection == "layer" else [[7], [3]]
+        assert decode and all(c.per_kv_head == want for c in decode), selection
+        out = tr.out[prefill:, :2]  # the query heads of KV head 0
+        outs[selection] = torch.cosine_similarity(out.reshape(-1, D), marker[None], dim=-1)
+    assert outs["layer"].max() < 0.5 and outs["kv_head"].min() > 0.95

@@ -6,6 +6,7 @@ restored afterwards (nothing else in the pytest process sees it). The interprete
 arithmetic is wrong upstream: we test fp32 and fp16. Shapes are small: the interpreter is slow.
 """
 
+import dataclasses
 import importlib
 import os
 import subprocess
@@ -136,30 +137,38 @@ def test_seal_units(Hq, Hkv, D):
 
 
 @in_process
+@pytest.mark.parametrize("selection", ["layer", "kv_head"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_select_units(dtype):
-    Hq, Hkv, D = 4, 2, 32
+def test_select_units(dtype, selection):
+    Hq, Hkv, D = 6, 3, 32
+    cfg = dataclasses.replace(CFG, selection=selection)
     (kv, table, cos, sin), mem = paged_state(Hq, Hkv, D, SEQ_LENS, dtype)
     g = torch.Generator().manual_seed(3)
     query = torch.randn(sum(QUERY_LENS), Hq, D, generator=g).to(dtype=dtype, device=DEVICE)
-    checked = 0
+    checked = differ = 0
     for wave in _plan():
-        a = torch_ops.select_units(query, mem, table, wave, cos, sin, CFG)
-        b = triton_ops.select_units(query, mem, table, wave, cos, sin, CFG)
-        assert a.shape == b.shape
-        for ra, rb in zip(a.tolist(), b.tolist(), strict=True):
-            assert sorted(ra) == sorted(rb)
-            assert rb == sorted(rb, key=lambda u: u < 0)  # valid ids first
-            checked += sum(u >= 0 for u in ra)
-    assert checked >= 2 * CFG.topk
+        a = torch_ops.select_units(query, mem, table, wave, cos, sin, cfg, Hkv)
+        b = triton_ops.select_units(query, mem, table, wave, cos, sin, cfg, Hkv)
+        assert a.shape == b.shape == (wave.n, cfg.selection_groups(Hkv), cfg.topk)
+        for ga, gb in zip(a.tolist(), b.tolist(), strict=True):
+            differ += len({tuple(sorted(r)) for r in ga}) > 1
+            for ra, rb in zip(ga, gb, strict=True):
+                assert sorted(ra) == sorted(rb)
+                assert rb == sorted(rb, key=lambda u: u < 0)  # valid ids first
+                checked += sum(u >= 0 for u in ra)
+    assert checked >= 2 * cfg.topk
+    assert (differ > 0) == (selection == "kv_head")  # KV heads did choose differently
 
 
 @in_process
 @pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("Hq,Hkv,D,dtype", [(4, 2, 32, torch.float32), (3, 1, 64, torch.float32),
-                                            (4, 2, 32, torch.float16)])
-def test_attend(Hq, Hkv, D, dtype, splits, monkeypatch):
-    """splits > 1: decode waves take the flash-decoding path (split keys, merge, split scores)."""
+@pytest.mark.parametrize("Hq,Hkv,D,dtype,selection", [
+    (4, 2, 32, torch.float32, "layer"), (3, 1, 64, torch.float32, "layer"),
+    (4, 2, 32, torch.float16, "layer"), (6, 3, 32, torch.float32, "kv_head")])
+def test_attend(Hq, Hkv, D, dtype, selection, splits, monkeypatch):
+    """splits > 1: decode waves take the flash-decoding path (split keys, merge, split scores).
+    selection="kv_head": each KV head reads its own units."""
+    cfg = dataclasses.replace(CFG, selection=selection)
     monkeypatch.setattr(triton_ops, "DECODE_SPLITS", splits)
     monkeypatch.setattr(triton_ops, "BLOCK_N", 16 if splits > 1 else 64)  # several tiles per split
     (kv, table, cos, sin), mem = paged_state(Hq, Hkv, D, SEQ_LENS, dtype)
@@ -168,11 +177,11 @@ def test_attend(Hq, Hkv, D, dtype, splits, monkeypatch):
     query = torch.randn(T, Hq, D, generator=g).to(dtype=dtype, device=DEVICE)
     ref = mem.clone()
     for wave in _plan():
-        selected = torch_ops.select_units(query, ref, table, wave, cos, sin, CFG)
+        selected = torch_ops.select_units(query, ref, table, wave, cos, sin, cfg, Hkv)
         o_ref = torch.zeros(T, Hq, D, dtype=dtype, device=DEVICE)
         o_tri = torch.full((T, Hq, D), float("nan"), dtype=dtype, device=DEVICE)
-        torch_ops.attend(query, kv, ref, table, wave, selected, cos, sin, CFG, D**-0.5, o_ref)
-        triton_ops.attend(query, kv, mem, table, wave, selected, cos, sin, CFG, D**-0.5, o_tri)
+        torch_ops.attend(query, kv, ref, table, wave, selected, cos, sin, cfg, D**-0.5, o_ref)
+        triton_ops.attend(query, kv, mem, table, wave, selected, cos, sin, cfg, D**-0.5, o_tri)
         rows = torch.cat([torch.arange(q0, q0 + n) for q0, n in zip(wave.host["q0"], wave.host["length"], strict=True)])
         torch.testing.assert_close(o_tri[rows].float(), o_ref[rows].float(), **TOL[dtype])
         torch.testing.assert_close(mem.scores, ref.scores, **TOL[dtype])
@@ -243,12 +252,14 @@ def test_static_decode_plan_replays_like_eager(splits, monkeypatch):
 
 
 @in_process
-@pytest.mark.parametrize("Hq,Hkv,D,splits", [(4, 2, 32, 1), (3, 1, 64, 2)])
-def test_runtime_matches_oracle(Hq, Hkv, D, splits, monkeypatch):
+@pytest.mark.parametrize("Hq,Hkv,D,splits,selection", [(4, 2, 32, 1, "layer"), (3, 1, 64, 2, "layer"),
+                                                       (6, 3, 32, 2, "kv_head")])
+def test_runtime_matches_oracle(Hq, Hkv, D, splits, selection, monkeypatch):
     """The whole runtime (write, seal, select, attend; waves; recycled stale state) vs the oracle."""
     monkeypatch.setattr(triton_ops, "DECODE_SPLITS", splits)
     monkeypatch.setattr(triton_ops, "BLOCK_N", 16 if splits > 1 else 64)
-    cfg = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32)
+    cfg = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32,
+                       selection=selection)
     g = torch.Generator().manual_seed(7)
     reqs = [
         make_request([45, 77, 60], 4, Hq, Hkv, D, g),  # chunks cut at step bounds; several waves
@@ -258,7 +269,7 @@ def test_runtime_matches_oracle(Hq, Hkv, D, splits, monkeypatch):
     cos, sin = rope_table(D, 1024)
     run = run_paged(reqs, cfg, cos, sin, ops=triton_ops, device=DEVICE)
     traces = run_oracle(reqs, cfg, cos, sin)
-    assert sum(len(c.selected) == cfg.topk and c.num_candidates > cfg.topk
+    assert sum(len(c.per_kv_head[0]) == cfg.topk and c.num_candidates > cfg.topk
                for tr in traces for c in tr.chunks) > 5  # selection actually chose
     for out, tr in zip(run.outs[0], traces, strict=True):
         torch.testing.assert_close(out, tr.out, rtol=1e-4, atol=1e-4)
@@ -335,8 +346,8 @@ def test_ops_on_side_state_packed_in_the_pages(dtype):
     for wave in _plan():
         torch_ops.seal_units(kv, mem, table, wave, cos, sin, CFG)
         triton_ops.seal_units(pages[:, :Hkv], packed, table, wave, cos, sin, CFG)
-        selected = torch_ops.select_units(query, mem, table, wave, cos, sin, CFG)
-        picked = triton_ops.select_units(query, packed, table, wave, cos, sin, CFG)
+        selected = torch_ops.select_units(query, mem, table, wave, cos, sin, CFG, Hkv)
+        picked = triton_ops.select_units(query, packed, table, wave, cos, sin, CFG, Hkv)
         assert [sorted(r) for r in selected.tolist()] == [sorted(r) for r in picked.tolist()]
         o_ref = torch.zeros(T, Hq, D, dtype=dtype, device=DEVICE)
         o_tri = torch.zeros(T, Hq, D, dtype=dtype, device=DEVICE)

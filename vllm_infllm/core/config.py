@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 
 class InfLLMConfigError(ValueError):
@@ -27,6 +27,12 @@ class InfLLMConfig:
     repr_topk:  tokens averaged into a unit's representative key, per query head.
     chunk:      selection granularity in prefill: queries in one `chunk`-aligned span share one
                 top-k selection (the original's `exc_block_size`).
+    selection:  who chooses the units (docs/design.md section 2.7):
+                "layer"   - the paper's rule: one set of topk units per chunk and layer, scored by
+                            the sum over all query heads;
+                "kv_head" - each KV head chooses its own topk units, scored by the sum over its G
+                            query heads (retrieval lives in a few heads; a layer-wide sum lets the
+                            others outvote them). Same keys attended per query.
     """
 
     n_init: int = 128
@@ -35,10 +41,24 @@ class InfLLMConfig:
     topk: int = 16
     repr_topk: int = 4
     chunk: int = 512
+    selection: str = "layer"
+
+    #: The values each string-valued knob accepts (the first is the paper's rule).
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"selection": ("layer", "kv_head")}
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name in self.CHOICES:
+                choices = self.CHOICES[f.name]
+                if value not in choices:
+                    close = difflib.get_close_matches(str(value), choices, n=1)
+                    hint = f"use {close[0]!r}" if close else f"use one of {', '.join(map(repr, choices))}"
+                    raise InfLLMConfigError(
+                        f"infllm config: {f.name}={value!r} is invalid: must be one of "
+                        f"{', '.join(map(repr, choices))}. Fix: {hint}."
+                    )
+                continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise InfLLMConfigError(
                     f"infllm config: {f.name}={value!r} must be an integer "
@@ -102,8 +122,12 @@ class InfLLMConfig:
                 )
         return cls(**dict(values))
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int | str]:
         return dataclasses.asdict(self)
+
+    def selection_groups(self, num_kv_heads: int) -> int:
+        """Independent unit sets per chunk and layer: 1 ("layer") or one per KV head."""
+        return num_kv_heads if self.selection == "kv_head" else 1
 
     @property
     def init_blocks(self) -> int:

@@ -6,9 +6,11 @@ It loops over selection chunks and queries in position order, exactly as the spe
   for each selection chunk C = [c0, c1):
       seal every memory unit that just became a candidate (ends at or before w(c0))
       select the topk candidates by  sum_h <mean_{p in C} R(n_local-1) q_raw_h(p), r_{U,h}>
+          (selection="layer": h over all query heads, one set shared by all heads;
+           selection="kv_head": h over the G query heads of each KV head, one set per KV head)
       for each query p in C:
           local  = [w(p), p]                                  ordinary RoPE
-          global = init [0, min(n_init, w(p)))  +  selected units  +  remainder [R0, w(p))
+          global = init [0, min(n_init, w(p)))  +  selected units of p's KV head  +  remainder [R0, w(p))
                                                               all at relative distance n_local-1
           one softmax over local + global
           every local key j gains P_h(p, j) in its fp32 representative score s_h(j)
@@ -32,7 +34,8 @@ class ChunkTrace:
     c0: int
     c1: int
     num_candidates: int
-    selected: list[int]  # memory-unit indices (sorted)
+    selected: list[int]  # memory-unit indices (sorted); selection="kv_head": union over KV heads
+    per_kv_head: list[list[int]]  # the units each KV head attends (sorted), [Hkv]
 
 
 @dataclasses.dataclass
@@ -118,32 +121,37 @@ def infllm_reference_trace(
                     r[h] = k_global[toks[top], kv_head[h]].mean(0)
                 reprs[u] = r
 
-        # Selection: one set per chunk, shared by all heads.
+        # Selection: one set per group of query heads (all of them, or the G of a KV head).
+        groups = config.selection_groups(Hkv)
         if K <= config.topk:
-            selected = list(range(K))
+            per_group = [list(range(K))] * groups
         else:
             q_bar = q_global[c0:c1].mean(0)  # [Hq, D]
-            unit_scores = torch.stack([(q_bar * reprs[u]).sum() for u in range(K)])
-            selected = sorted(torch.topk(unit_scores, config.topk).indices.tolist())
-        traces.append(ChunkTrace(c0, c1, K, selected))
+            per_group = []
+            for g in range(groups):
+                heads = slice(g * Hq // groups, (g + 1) * Hq // groups)
+                unit_scores = torch.stack([(q_bar[heads] * reprs[u][heads]).sum() for u in range(K)])
+                per_group.append(sorted(torch.topk(unit_scores, config.topk).indices.tolist()))
+        per_kv_head = [per_group[h * groups // Hkv] for h in range(Hkv)]
+        selected = sorted(set().union(*per_group))
+        traces.append(ChunkTrace(c0, c1, K, selected, per_kv_head))
         R0 = n_init + K * B  # end of the last candidate: the remainder starts here
 
         for p in range(c0, c1):
             w = config.window_start(p)
             local = torch.arange(w, p + 1)
-            glob = [torch.arange(0, min(n_init, w))]
-            glob += [unit_tokens(u) for u in selected]
-            glob.append(torch.arange(R0, max(R0, w)))
-            glob = torch.cat(glob)
-
             s_local = torch.einsum("hd,jhd->hj", q_local[p], k_local[local][:, kv_head]) * scale
-            s_global = torch.einsum("hd,jhd->hj", q_global[p], k_global[glob][:, kv_head]) * scale
-            probs = torch.softmax(torch.cat([s_local, s_global], dim=1), dim=1)
-            p_local, p_global = probs[:, : len(local)], probs[:, len(local) :]
-            out[p] = torch.einsum("hj,jhd->hd", p_local, v[local][:, kv_head]) + torch.einsum(
-                "hj,jhd->hd", p_global, v[glob][:, kv_head]
-            )
-            scores[:, local] += p_local
+            for h in range(Hkv):
+                glob = [torch.arange(0, min(n_init, w))]
+                glob += [unit_tokens(u) for u in per_kv_head[h]]
+                glob.append(torch.arange(R0, max(R0, w)))
+                glob = torch.cat(glob)
+                heads = slice(h * G, (h + 1) * G)
+                s_global = torch.einsum("gd,jd->gj", q_global[p, heads], k_global[glob, h]) * scale
+                probs = torch.softmax(torch.cat([s_local[heads], s_global], dim=1), dim=1)
+                p_local, p_global = probs[:, : len(local)], probs[:, len(local) :]
+                out[p, heads] = p_local @ v[local, h] + p_global @ v[glob, h]
+                scores[heads, local] += p_local
 
     return ReferenceTrace(out=out, chunks=traces, reprs=reprs, scores=scores)
 

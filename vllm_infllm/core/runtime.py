@@ -55,7 +55,9 @@ def infllm_forward(
         for wave in plan.waves:
             if config.topk > 0:
                 ops.seal_units(kv_cache, memory, block_table, wave, cos, sin, config)
-                selected = ops.select_units(query, memory, block_table, wave, cos, sin, config)
+                selected = ops.select_units(
+                    query, memory, block_table, wave, cos, sin, config, kv_cache.shape[1]
+                )
             else:
                 selected = None
             ops.attend(query, kv_cache, memory, block_table, wave, selected, cos, sin, config, scale, out)

@@ -124,37 +124,45 @@ def select_units(
     cos: torch.Tensor,
     sin: torch.Tensor,
     config: InfLLMConfig,
+    num_kv_heads: int,
 ) -> torch.Tensor:
-    """The topk candidates of each chunk by sum_h <q̄_h, r_{U,h}>.
+    """The topk candidates of each chunk and selection group by sum_h <q̄_h, r_{U,h}>.
 
     query:        [T, Hq, D] post-RoPE
     memory:       reads `reprs` [num_blocks, Hq, D]
-    returns:      [n, topk] int64 memory-unit ids (not block ids), valid ids first, -1 = none
+    num_kv_heads: Hkv of the layer (query head h belongs to KV head h // (Hq / Hkv))
+    returns:      [n, S, topk] int64 memory-unit ids (not block ids), valid ids first, -1 = none;
+                  S = config.selection_groups(Hkv): 1 (one set for the layer, h over all query
+                  heads) or Hkv (group g: the G query heads of KV head g)
     """
     n, topk, max_k = chunks.n, config.topk, chunks.max_cand
     device = query.device
-    selected = torch.full((n, topk), -1, dtype=torch.long, device=device)
+    Hq, D = query.shape[1], query.shape[2]
+    S = config.selection_groups(num_kv_heads)
+    selected = torch.full((n, S, topk), -1, dtype=torch.long, device=device)
     if max_k == 0:
         return selected
     units = torch.arange(max_k, device=device)
     if max_k <= topk:  # every chunk takes all its candidates
-        selected[:, :max_k] = torch.where(units < chunks.num_cand[:, None], units, -1)
+        selected[:, :, :max_k] = torch.where(units < chunks.num_cand[:, None], units, -1)[:, None]
         return selected
-    q_bar = _chunk_mean_query(query, chunks, cos, sin, config)  # [n, Hq*D]
+    q_bar = _chunk_mean_query(query, chunks, cos, sin, config).view(n, S, -1, 1)  # [n, S, X/S, 1]
     ragged = min(chunks.host["num_cand"]) < max_k
     short = min(chunks.host["num_cand"]) < topk
-    step = max(1, _LOGITS_BUDGET // (max_k * q_bar.shape[1]))
+    step = max(1, _LOGITS_BUDGET // (max_k * Hq * D))
     for s in range(0, n, step):
         e = min(n, s + step)
         phys = block_table[chunks.req[s:e], config.init_blocks : config.init_blocks + max_k]
         reprs = memory.reprs.index_select(0, phys.flatten().to(torch.long))  # [m*K, Hq, D]
-        reprs = reprs.view(e - s, max_k, -1).float()
-        score = torch.bmm(reprs, q_bar[s:e, :, None]).squeeze(2)  # [m, K]
+        # [m, K, S, X/S] -> [m, S, K, X/S]: group g's heads are the contiguous run g*Hq/S ...
+        reprs = reprs.view(e - s, max_k, S, -1).transpose(1, 2).float()
+        score = torch.matmul(reprs, q_bar[s:e]).squeeze(3)  # [m, S, K]
         if ragged:  # pad slots of chunks with fewer candidates (their block ids may be stale)
-            score.masked_fill_(units >= chunks.num_cand[s:e, None], float("-inf"))
+            score.masked_fill_(units >= chunks.num_cand[s:e, None, None], float("-inf"))
         top = score.topk(topk, dim=-1).indices  # sorted: valid candidates first
         if short:
-            top = torch.where(torch.arange(topk, device=device) < chunks.num_cand[s:e, None], top, -1)
+            ok = torch.arange(topk, device=device) < chunks.num_cand[s:e, None, None]
+            top = torch.where(ok, top, -1)
         selected[s:e] = top
     return selected
 
@@ -184,7 +192,8 @@ def attend(
     query:        [T, Hq, D] post-RoPE
     kv_cache:     [num_blocks, Hkv, B, 2*D] with this step's K/V written
     memory:       `scores` [num_blocks, Hq, B] gain the local softmax mass (when topk > 0)
-    selected:     [n, topk] unit ids from `select_units` (-1 = none), or None when topk == 0
+    selected:     [n, S, topk] unit ids from `select_units` (-1 = none; S = 1: the same units for
+                  every KV head, S = Hkv: KV head g reads row g), or None when topk == 0
     out:          [T, Hq, D]; only the wave's query rows are written
     """
     tiles = list(_tiles(chunks))
@@ -197,7 +206,9 @@ def attend(
 
 
 def _gather_blocks(kv_cache, phys, n):
-    """Whole KV blocks `phys` [n*m] -> K, V [Hkv, n, m*B, D] fp32 (strided views of one copy).
+    """Whole KV blocks -> K, V [Hkv, n, m*B, D] fp32 (strided views of one copy).
+
+    phys: [n*m] block ids read by every KV head, or [1 | Hkv, n*m] (one row per KV head).
 
     index_select copies whole blocks (contiguous rows of the cache), far cheaper on CPU than
     gathering token by token; the head-major copy makes (Hkv, n) one batch axis for bmm.
@@ -205,10 +216,11 @@ def _gather_blocks(kv_cache, phys, n):
     recycled blocks hold old finite K/V, so the arithmetic on masked slots stays finite.
     """
     Hkv, B, D2 = kv_cache.shape[1:]
-    m = phys.shape[0] // n
+    phys = phys.view(1, -1) if phys.dim() == 1 else phys
+    m = phys.shape[1] // n
     kv = kv_cache.new_empty(Hkv, n * m, B, D2)
     for h in range(Hkv):  # per head: whole-row copies straight into the head-major layout
-        torch.index_select(kv_cache[:, h], 0, phys, out=kv[h])
+        torch.index_select(kv_cache[:, h], 0, phys[h % phys.shape[0]], out=kv[h])
     kv = kv.float().view(Hkv, n, m * B, D2)
     return kv[..., : D2 // 2], kv[..., D2 // 2 :]
 
@@ -312,24 +324,30 @@ def _attend_tiles(query, kv_cache, memory, block_table, chunks, selected, cos, s
     k_loc, v_loc = _gather_blocks(kv_cache, geo["loc_phys"], n)
     s_loc = torch.matmul(q, k_loc.transpose(-1, -2)).masked_fill_(geo["loc_masked"], float("-inf"))
 
-    # Global keys: init + remainder blocks (fixed for the step), then this layer's selection.
-    blk, phys = geo["fix_blk"], geo["fix_phys"]
+    # Global keys: init + remainder blocks (fixed for the step), then this layer's selection:
+    # one set for all KV heads (S = 1) or one per KV head (S = Hkv), as [S, n, blocks].
+    blk, phys = geo["fix_blk"][None], geo["fix_phys"][None]
     units = selected[geo["chunk_of_tile"]] if (selected is not None and config.topk > 0) else None
     if units is not None:
+        units = units.transpose(0, 1)  # [S, n, topk]
+        S = units.shape[0]
         ublk = config.init_blocks + units.clamp(min=0)
-        blk, phys = torch.cat((blk, ublk), 1), torch.cat((phys, geo["bt"].gather(1, ublk)), 1)
+        uphys = geo["bt"][None].expand(S, -1, -1).gather(2, ublk)
+        blk = torch.cat((blk.expand(S, -1, -1), ublk), 2)
+        phys = torch.cat((phys.expand(S, -1, -1), uphys), 2)
     s_glob = v_glob = None
-    if blk.shape[1]:
-        k_glob, v_glob = _gather_blocks(kv_cache, phys.flatten(), n)
+    if blk.shape[2]:
+        k_glob, v_glob = _gather_blocks(kv_cache, phys.flatten(1), n)
         tb = blk.clamp(max=geo["table_last_blk"]).flatten()  # masked positions only beyond it
-        c = geo["cos_blocks"].index_select(0, tb).view(n, -1, D // 2).float()
-        sn = geo["sin_blocks"].index_select(0, tb).view(n, -1, D // 2).float()
+        c = geo["cos_blocks"].index_select(0, tb).view(blk.shape[0], n, -1, D // 2).float()
+        sn = geo["sin_blocks"].index_select(0, tb).view(blk.shape[0], n, -1, D // 2).float()
         k_glob = rotate_rows(k_glob, c, -sn)  # R(-j): back to raw keys
         s_glob = torch.matmul(q_glob, k_glob.transpose(-1, -2))  # [Hkv, n, G*Qt, Lg]
         F = geo["fix_blk"].shape[1] * B
         s_glob[..., :F].masked_fill_(geo["fix_masked"], float("-inf"))
         if units is not None and geo["num_cand_min"] < config.topk:  # some slots hold no unit
-            s_glob[..., F:].masked_fill_((units < 0).repeat_interleave(B, dim=1)[None, :, None, :], float("-inf"))
+            empty = (units < 0).repeat_interleave(B, dim=2)[:, :, None, :]  # [S, n, 1, topk*B]
+            s_glob[..., F:].masked_fill_(empty, float("-inf"))
 
     # One softmax over local + global (local is never empty), in place: these are big.
     m = s_loc.amax(dim=-1, keepdim=True)

@@ -277,31 +277,35 @@ def _score_kernel(
     reprs_ptr,  # [num_blocks, Hq, D] with each block's [Hq, D] contiguous, block stride s_rb
     bt_ptr,  # [num_reqs, max_blocks] int block table, row stride s_bt
     req_ptr, ncand_ptr,  # [n] int32: block-table row and candidate count of each chunk
-    score_ptr,  # [n, MAX_CAND] fp32 out
-    s_bt, s_rb, MAX_CAND, X: tl.constexpr, INIT_BLOCKS: tl.constexpr,
+    score_ptr,  # [n, S, MAX_CAND] fp32 out
+    s_bt, s_rb, MAX_CAND, X: tl.constexpr, XG: tl.constexpr, INIT_BLOCKS: tl.constexpr,
     BLOCK_U: tl.constexpr, BLOCK_X: tl.constexpr,
 ):
-    """One program per (chunk, BLOCK_U candidates): score[c, u] = <q̄_c, r_u> over the flattened
-    (head, dim) axis; -inf for u >= num_cand. Each unit's representatives are one contiguous run
-    of Hq*D elements: a single streaming pass."""
+    """One program per (chunk, BLOCK_U candidates, selection group g): score[c, g, u] =
+    <q̄_c, r_u> over the group's run [g*XG, (g+1)*XG) of the flattened (head, dim) axis (XG = X:
+    all heads; XG = G*D: the query heads of KV head g); -inf for u >= num_cand. Each unit's
+    representatives are one contiguous run of Hq*D elements: a single streaming pass."""
     c = tl.program_id(0)
     u = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
+    g = tl.program_id(2)
+    dst = score_ptr + (c * tl.num_programs(2) + g) * MAX_CAND + u
     ncand = tl.load(ncand_ptr + c)
     if tl.program_id(1) * BLOCK_U >= ncand:  # past this chunk's candidates (MAX_CAND is a bound)
-        tl.store(score_ptr + c * MAX_CAND + u, tl.full([BLOCK_U], float("-inf"), tl.float32), mask=u < MAX_CAND)
+        tl.store(dst, tl.full([BLOCK_U], float("-inf"), tl.float32), mask=u < MAX_CAND)
         return
     req = tl.load(req_ptr + c).to(tl.int64)
     um = u < ncand
     phys = tl.load(bt_ptr + req * s_bt + INIT_BLOCKS + u, mask=um, other=0).to(tl.int64)
-    rbase = reprs_ptr + phys[:, None] * s_rb
+    rbase = reprs_ptr + phys[:, None] * s_rb + g * XG
+    qbase = qbar_ptr + c * X + g * XG
     acc = tl.zeros([BLOCK_U], dtype=tl.float32)
-    for x0 in range(0, X, BLOCK_X):
+    for x0 in range(0, XG, BLOCK_X):
         x = x0 + tl.arange(0, BLOCK_X)
-        qb = tl.load(qbar_ptr + c * X + x, mask=x < X, other=0.0)
-        r = tl.load(rbase + x[None, :], mask=um[:, None] & (x[None, :] < X), other=0.0)
+        qb = tl.load(qbase + x, mask=x < XG, other=0.0)
+        r = tl.load(rbase + x[None, :], mask=um[:, None] & (x[None, :] < XG), other=0.0)
         acc += tl.sum(r.to(tl.float32) * qb[None, :], 1)
     acc = tl.where(um, acc, float("-inf"))
-    tl.store(score_ptr + c * MAX_CAND + u, acc, mask=u < MAX_CAND)
+    tl.store(dst, acc, mask=u < MAX_CAND)
 
 
 def select_units(
@@ -312,21 +316,25 @@ def select_units(
     cos: torch.Tensor,
     sin: torch.Tensor,
     config: InfLLMConfig,
+    num_kv_heads: int,
 ) -> torch.Tensor:
-    """The topk candidates of each chunk by sum_h <q̄_h, r_{U,h}>.
+    """The topk candidates of each chunk and selection group by sum_h <q̄_h, r_{U,h}>.
 
     query:        [T, Hq, D] post-RoPE
     memory:       reads `reprs` [num_blocks, Hq, D] (each block's [Hq, D] contiguous)
-    returns:      [n, topk] int64 memory-unit ids (not block ids), valid ids first, -1 = none
+    num_kv_heads: Hkv of the layer
+    returns:      [n, S, topk] int64 memory-unit ids (not block ids), valid ids first, -1 = none;
+                  S = config.selection_groups(Hkv) (as torch_ops.select_units)
     """
     n, topk, max_k = chunks.n, config.topk, chunks.max_cand
     device = query.device
-    selected = torch.full((n, topk), -1, dtype=torch.long, device=device)
+    S = config.selection_groups(num_kv_heads)
+    selected = torch.full((n, S, topk), -1, dtype=torch.long, device=device)
     if n == 0 or max_k == 0:
         return selected
     units = torch.arange(max_k, device=device)
     if max_k <= topk:  # every chunk takes all its candidates
-        selected[:, :max_k] = torch.where(units < chunks.num_cand[:, None], units, -1)
+        selected[:, :, :max_k] = torch.where(units < chunks.num_cand[:, None], units, -1)[:, None]
         return selected
     T, Hq, D = query.shape
     reprs = memory.reprs
@@ -343,17 +351,18 @@ def select_units(
         # compile anew for every power of two it meets.
         BLOCK_Q=1 if chunks.max_len == 1 else (128 if _INTERPRET else 32), BLOCK_D2=_p2(D // 2),
     )
-    score = torch.empty(n, max_k, dtype=torch.float32, device=device)
+    score = torch.empty(n, S, max_k, dtype=torch.float32, device=device)
     block_u = 64 if _INTERPRET else 16
-    _score_kernel[(n, triton.cdiv(max_k, block_u))](
+    XG = Hq * D // S
+    _score_kernel[(n, triton.cdiv(max_k, block_u), S)](
         qbar_ptr=qbar, reprs_ptr=reprs, bt_ptr=block_table, req_ptr=chunks.req,
         ncand_ptr=chunks.num_cand, score_ptr=score,
-        s_bt=block_table.stride(0), s_rb=reprs.stride(0), X=Hq * D,
+        s_bt=block_table.stride(0), s_rb=reprs.stride(0), X=Hq * D, XG=XG,
         INIT_BLOCKS=config.init_blocks, MAX_CAND=max_k,
-        BLOCK_U=block_u, BLOCK_X=min(_p2(Hq * D), 1024 if _INTERPRET else 256),
+        BLOCK_U=block_u, BLOCK_X=min(_p2(XG), 1024 if _INTERPRET else 256),
     )
     top = score.topk(topk, dim=-1).indices  # sorted: valid candidates first
-    return torch.where(torch.arange(topk, device=device) < chunks.num_cand[:, None], top, -1)
+    return torch.where(torch.arange(topk, device=device) < chunks.num_cand[:, None, None], top, -1)
 
 
 # --------------------------------------------------------------------------------------- attend
@@ -401,13 +410,15 @@ def _attn_tile(
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["SPLITS"])  # the batch size sets SPLITS: one build for all of them
+# The batch size sets SPLITS; s_selh is 0 or topk by the selection mode: one build for all.
+@triton.jit(do_not_specialize=["SPLITS", "s_selh"])
 def _attend_kernel(
     q_ptr,  # [T, Hq, D] post-RoPE queries, strides s_qt, s_qh, s_qd
     kv_ptr,  # [num_blocks, Hkv, B, 2*D] strides s_cb, s_ch, s_co, s_cd
     out_ptr,  # [T, Hq, D] out, strides s_ot, s_oh, s_od
     bt_ptr,  # [num_reqs, max_blocks] int block table, row stride s_bt
-    sel_ptr,  # [n, TOPK] int64 selected unit ids (-1 = none), row stride s_sel; unused if TOPK == 0
+    sel_ptr,  # [n, S, TOPK] int64 selected unit ids (-1 = none), strides s_sel, s_selh (0 when
+    #          S = 1: every KV head reads the layer's set); unused if TOPK == 0
     scores_ptr,  # [num_blocks, Hq, B] fp32, strides s_sb, s_sh, s_so (accumulated when SCORES)
     lse_ptr,  # [T, Hq] fp32 out, row stride s_lt: each query row's LSE (base 2), when LSE_OUT
     cos_ptr, sin_ptr,  # [rows, D/2] rotary table, row strides s_cos, s_sin
@@ -415,7 +426,7 @@ def _attend_kernel(
     ws_acc_ptr,  # [n*Hkv*SPLITS*BLOCK_M, BLOCK_D] fp32 split workspace (SPLITS > 1 only)
     ws_ml_ptr,  # [n*Hkv*SPLITS*BLOCK_M, 2] fp32 split workspace: (max, sum), then the LSE
     s_qt, s_qh, s_qd, s_ot, s_oh, s_od, s_cb, s_ch, s_co, s_cd,
-    s_bt, s_sel, s_sb, s_sh, s_so, s_lt, s_cos, s_sin,
+    s_bt, s_sel, s_selh, s_sb, s_sh, s_so, s_lt, s_cos, s_sin,
     SPLITS,  # key-range splits per (chunk, KV head); 1 outside flash-decoding
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2
     D: tl.constexpr, B: tl.constexpr, N_INIT: tl.constexpr, N_LOCAL: tl.constexpr,
@@ -517,7 +528,8 @@ def _attend_kernel(
             n_sel = tl.minimum(ncand, TOPK) * B
             for v0 in range(first, n_sel, STEP):
                 v = v0 + cols
-                u = tl.load(sel_ptr + c * s_sel + v // B, mask=v < n_sel, other=-1).to(tl.int32)
+                u = tl.load(sel_ptr + c * s_sel + kvh * s_selh + v // B, mask=v < n_sel,
+                            other=-1).to(tl.int32)
                 ok = (v < n_sel) & (u >= 0)
                 j = N_INIT + u * B + v % B
                 mask = row_ok[:, None] & ok[None, :]
@@ -747,7 +759,8 @@ def attend(
     query:        [T, Hq, D] post-RoPE
     kv_cache:     [num_blocks, Hkv, B, 2*D] with this step's K/V written
     memory:       `scores` [num_blocks, Hq, B] gain the local softmax mass (when topk > 0)
-    selected:     [n, topk] unit ids from `select_units` (-1 = none), or None when topk == 0
+    selected:     [n, S, topk] unit ids from `select_units` (-1 = none; S = 1 or Hkv, as in
+                  torch_ops.attend), or None when topk == 0
     out:          [T, Hq, D]; only the wave's query rows are written
 
     Launches: decode waves run one program per (chunk, KV head) with the score pass inline, or
@@ -768,6 +781,9 @@ def attend(
     topk = config.topk if (selected is not None and config.topk > 0) else 0
     scores_on = config.topk > 0
     sel = selected if topk else chunks.num_cand
+    if topk and sel.shape[1] not in (1, Hkv):
+        raise ValueError(f"selected {tuple(sel.shape)}: one unit set per layer or per KV head ({Hkv})")
+    s_selh = sel.stride(1) if topk and sel.shape[1] > 1 else 0
     scores = memory.scores
     cos, sin = _table(cos), _table(sin)
     lse = torch.empty(T, Hq, dtype=torch.float32, device=query.device) if scores_on and not decode else scores
@@ -788,7 +804,7 @@ def attend(
         ncand_ptr=chunks.num_cand, ws_acc_ptr=ws_acc, ws_ml_ptr=ws_ml,
         s_qt=s_qt, s_qh=s_qh, s_qd=s_qd, s_ot=s_ot, s_oh=s_oh, s_od=s_od,
         s_cb=s_cb, s_ch=s_ch, s_co=s_co, s_cd=s_cd,
-        s_bt=block_table.stride(0), s_sel=sel.stride(0), s_sb=s_sb, s_sh=s_sh, s_so=s_so,
+        s_bt=block_table.stride(0), s_sel=sel.stride(0), s_selh=s_selh, s_sb=s_sb, s_sh=s_sh, s_so=s_so,
         s_lt=lse.stride(0), s_cos=cos.stride(0), s_sin=sin.stride(0),
         SPLITS=splits, qk_scale=scale * _LOG2E,
         D=D, B=B, N_INIT=config.n_init, N_LOCAL=config.n_local,
