@@ -6,6 +6,7 @@ without a GPU: registers, spills, shared memory and compile time per variant.
     python -m benchmarks.ops.compile_check --quick         # bf16, head sizes 64/128/256
     python -m benchmarks.ops.compile_check --json r.json   # also write the report as JSON
     python -m benchmarks.ops.compile_check --no-compile    # only count the variants
+    python -m benchmarks.ops.compile_check --quick --infllm '{"selection": "kv_head", "positions": "ordered"}'
 
 How. The runtime (`core/runtime.py`, `core/ops/triton_ops.py`) is driven as the adapter drives
 it: one plan per scheduler step (`plan_decode_step` for pure decode, as the builder does on CUDA,
@@ -246,9 +247,11 @@ def main(argv=None) -> int:
                     help="fail when one layout x dtype needs more variants than this in all")
     ap.add_argument("--only", help="compile only the kernels whose name contains this")
     ap.add_argument("--json", help="write the report here")
+    ap.add_argument("--infllm", default="{}",
+                    help='InfLLM config over the package defaults (JSON), e.g. \'{"positions": "ordered"}\'')
     args = ap.parse_args(argv)
 
-    cfg = InfLLMConfig()  # the package defaults, as a user gets them
+    cfg = InfLLMConfig.from_dict(json.loads(args.infllm))  # default: the package defaults
     layouts = QUICK_LAYOUTS if args.quick else LAYOUTS
     dtypes = {"bf16": DTYPES["bf16"]} if args.quick else DTYPES
     print(f"# Triton kernels for sm_90 (triton {triton.__version__}, torch {torch.__version__})")

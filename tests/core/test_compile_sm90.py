@@ -54,10 +54,13 @@ def test_variants_are_bounded_over_batch_sizes(tmp_path):
 
 
 @pytest.mark.slow
-def test_kernels_compile_for_sm90_without_spills(tmp_path):
+@pytest.mark.parametrize("infllm", ["{}", '{"selection": "kv_head", "positions": "ordered"}'],
+                         ids=["paper", "kv_head-ordered"])
+def test_kernels_compile_for_sm90_without_spills(tmp_path, infllm):
     # bf16 at head sizes 64, 128 and 256 (the --quick set), decode batches up to 40 so that both
-    # the split and the one-program decode kernels are built.
-    rep = _compile_check(tmp_path, "--quick", "--max-batch", "40")
+    # the split and the one-program decode kernels are built; the paper's rule and the modes
+    # beyond it (their own attend variants).
+    rep = _compile_check(tmp_path, "--quick", "--max-batch", "40", "--infllm", infllm)
     assert rep["rc"] == 0 and rep["ok"], rep["log"]
     built = [v for v in rep["variants"] if "regs" in v]
     assert {v["layout"] for v in built} == {"SmolLM2-135M", "Llama-3-8B", "Gemma-2-9B (D 256)"}

@@ -6,7 +6,7 @@ from vllm_infllm.core.config import InfLLMConfig, InfLLMConfigError
 def test_defaults_are_the_papers():
     c = InfLLMConfig.from_dict({})
     assert c.to_dict() == dict(n_init=128, n_local=4096, block_size=128, topk=16, repr_topk=4, chunk=512,
-                               selection="layer")
+                               selection="layer", positions="fixed")
     assert InfLLMConfig.from_dict(None) == c
     assert c.max_attended() == 128 + 4096 + 16 * 128 + 128 + 512
 
@@ -31,6 +31,7 @@ def test_from_dict_overrides():
         ({"topk": True}, "topk", ["must be an integer"]),
         ({"selection": "kvhead"}, "selection", ["one of 'layer', 'kv_head'", "use 'kv_head'"]),
         ({"selection": 1}, "selection", ["one of 'layer', 'kv_head'"]),
+        ({"positions": "order"}, "positions", ["one of 'fixed', 'ordered'", "use 'ordered'"]),
     ],
 )
 def test_bad_values_name_field_value_rule_and_fix(values, field, words):

@@ -49,6 +49,17 @@ def test_kv_head_selection_matches_oracle(Hq, Hkv):
     assert_matches_oracle(reqs, run, cfg, cos, sin, layers=2)
 
 
+@pytest.mark.parametrize("Hq,Hkv,selection", [(4, 4, "layer"), (6, 2, "layer"), (6, 2, "kv_head"),
+                                             (8, 1, "layer")])
+def test_ordered_positions_match_oracle(Hq, Hkv, selection):
+    """positions="ordered": global blocks moved forward by whole blocks (docs/design.md 2.7)."""
+    cfg = dataclasses.replace(SMALL, positions="ordered", selection=selection)
+    reqs = batch(Hq, Hkv, 64, seed=4)
+    cos, sin = rope_table(64, 1024)
+    run = run_paged(reqs, cfg, cos, sin, layers=2)
+    assert_matches_oracle(reqs, run, cfg, cos, sin, layers=2)
+
+
 def test_representatives_and_selection_match_oracle():
     reqs = batch(6, 2, 64, seed=5)
     cos, sin = rope_table(64, 1024)
@@ -70,8 +81,12 @@ def test_representatives_and_selection_match_oracle():
         InfLLMConfig(n_init=0, n_local=48, block_size=16, topk=1, repr_topk=1, chunk=48),
         InfLLMConfig(n_init=16, n_local=32, block_size=16, topk=0, repr_topk=2, chunk=16),
         InfLLMConfig(n_init=64, n_local=128, block_size=32, topk=3, repr_topk=32, chunk=64),
+        InfLLMConfig(n_init=0, n_local=48, block_size=16, topk=1, repr_topk=1, chunk=48,
+                     selection="kv_head", positions="ordered"),
+        InfLLMConfig(n_init=64, n_local=128, block_size=32, topk=3, repr_topk=32, chunk=64,
+                     positions="ordered"),
     ],
-    ids=["no-init", "topk0-control", "wide"],
+    ids=["no-init", "topk0-control", "wide", "no-init-kv_head-ordered", "wide-ordered"],
 )
 def test_other_configs(cfg):
     reqs = batch(6, 3, 64, seed=2)

@@ -70,10 +70,11 @@ def test_selection_chunks_follow_alignment_steps_and_decode():
     assert selection_chunks(70, cfg, step_bounds=[20, 40]) == [(0, 20), (20, 32), (32, 40), (40, 64), (64, 70)]
 
 
-def planted_needle(topk, T=700, D=32, needle_unit=7, seed=0):
+def planted_needle(topk, T=700, D=32, needle_unit=7, seed=0, positions="fixed"):
     """Noise everywhere, one memory unit whose raw keys point along R(n_local-1)·d and whose
     values are a marker; decode queries point along d."""
-    cfg = InfLLMConfig(n_init=16, n_local=64, block_size=16, topk=topk, repr_topk=2, chunk=32)
+    cfg = InfLLMConfig(n_init=16, n_local=64, block_size=16, topk=topk, repr_topk=2, chunk=32,
+                       positions=positions)
     g = torch.Generator().manual_seed(seed)
     Hq, Hkv = 4, 2
     q = torch.randn(T, Hq, D, generator=g) * 0.3
@@ -186,3 +187,60 @@ def test_a_needle_one_kv_head_holds_is_outvoted_by_layer_selection_not_by_kv_hea
         out = tr.out[prefill:, :2]  # the query heads of KV head 0
         outs[selection] = torch.cosine_similarity(out.reshape(-1, D), marker[None], dim=-1)
     assert outs["layer"].max() < 0.5 and outs["kv_head"].min() > 0.95
+
+
+# --- positions="ordered": global keys in their original order just before the window ---------
+
+
+ORDERED = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32,
+                       positions="ordered")
+
+
+@pytest.mark.parametrize("prefill_len", [None, 130])
+def test_ordered_positions_with_every_unit_selected_is_dense_attention(prefill_len):
+    """All units selected: the global keys are [0, w(p)) in order at positions 0 .. w(p)-1, the
+    query at p: exactly dense causal attention with the model's RoPE (no identity table needed,
+    unlike the paper's fixed distance)."""
+    q, k, v = rand_qkv(300, 4, 2, 16, seed=6)
+    cos, sin = rope_table(16, 512)
+    cfg = InfLLMConfig(**{**ORDERED.to_dict(), "topk": 100})
+    out = infllm_attention_reference(q, k, v, cos, sin, cfg, prefill_len=prefill_len)
+    torch.testing.assert_close(out, dense_causal(q, k, v, cos, sin), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("selection", ["layer", "kv_head"])
+def test_ordered_positions_equal_dense_attention_over_the_attended_tokens_in_order(selection):
+    """With a real selection (topk < candidates), a query's output is dense causal attention over
+    the sequence it attends, laid out in order: init, its KV head's units, remainder, window."""
+    cfg = InfLLMConfig(**{**ORDERED.to_dict(), "selection": selection})
+    T, prefill = 330, 300
+    q, k, v = rand_qkv(T, 4, 2, 16, seed=7)
+    cos, sin = rope_table(16, 512)
+    tr = infllm_reference_trace(q, k, v, cos, sin, cfg, prefill_len=prefill)
+    checked = 0
+    for c in tr.chunks:
+        if c.num_candidates <= cfg.topk:
+            continue
+        for p in (c.c0, c.c1 - 1):
+            w = cfg.window_start(p)
+            R0 = cfg.n_init + c.num_candidates * cfg.block_size
+            for h in range(2):
+                units = [torch.arange(32 + 16 * u, 48 + 16 * u) for u in c.per_kv_head[h]]
+                seq = torch.cat([torch.arange(0, 32), *units, torch.arange(R0, w), torch.arange(w, p + 1)])
+                heads = slice(2 * h, 2 * h + 2)
+                dense = dense_causal(q[seq, heads], k[seq, h : h + 1], v[seq, h : h + 1], cos, sin)
+                torch.testing.assert_close(tr.out[p, heads], dense[-1], rtol=1e-4, atol=1e-5)
+                checked += 1
+    assert checked > 20
+    fixed = infllm_attention_reference(q, k, v, cos, sin, InfLLMConfig(**{**cfg.to_dict(), "positions": "fixed"}),
+                                       prefill_len=prefill)
+    assert (fixed - tr.out).abs().max() > 1e-2  # the positions do matter
+
+
+def test_ordered_positions_find_the_planted_needle():
+    """The needle's keys now sit at distances 64..~95 instead of 63: still selected and read."""
+    trace, unit, marker, prefill = planted_needle(topk=1, positions="ordered")
+    decode = [c for c in trace.chunks if c.c0 >= prefill]
+    assert decode and all(c.selected == [unit] and c.num_candidates > 20 for c in decode)
+    out = trace.out[prefill:]
+    assert torch.cosine_similarity(out.reshape(-1, out.shape[-1]), marker[None], dim=-1).min() > 0.95

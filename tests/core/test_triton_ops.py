@@ -153,8 +153,8 @@ def test_select_units(dtype, selection):
         for ga, gb in zip(a.tolist(), b.tolist(), strict=True):
             differ += len({tuple(sorted(r)) for r in ga}) > 1
             for ra, rb in zip(ga, gb, strict=True):
-                assert sorted(ra) == sorted(rb)
-                assert rb == sorted(rb, key=lambda u: u < 0)  # valid ids first
+                valid = sorted(u for u in rb if u >= 0)
+                assert ra == rb == valid + [-1] * (len(rb) - len(valid))  # ascending, then -1
                 checked += sum(u >= 0 for u in ra)
     assert checked >= 2 * cfg.topk
     assert (differ > 0) == (selection == "kv_head")  # KV heads did choose differently
@@ -162,13 +162,15 @@ def test_select_units(dtype, selection):
 
 @in_process
 @pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("Hq,Hkv,D,dtype,selection", [
-    (4, 2, 32, torch.float32, "layer"), (3, 1, 64, torch.float32, "layer"),
-    (4, 2, 32, torch.float16, "layer"), (6, 3, 32, torch.float32, "kv_head")])
-def test_attend(Hq, Hkv, D, dtype, selection, splits, monkeypatch):
+@pytest.mark.parametrize("Hq,Hkv,D,dtype,selection,positions", [
+    (4, 2, 32, torch.float32, "layer", "fixed"), (3, 1, 64, torch.float32, "layer", "fixed"),
+    (4, 2, 32, torch.float16, "layer", "fixed"), (6, 3, 32, torch.float32, "kv_head", "fixed"),
+    (4, 2, 32, torch.float32, "layer", "ordered"), (6, 3, 32, torch.float16, "kv_head", "ordered")])
+def test_attend(Hq, Hkv, D, dtype, selection, positions, splits, monkeypatch):
     """splits > 1: decode waves take the flash-decoding path (split keys, merge, split scores).
-    selection="kv_head": each KV head reads its own units."""
-    cfg = dataclasses.replace(CFG, selection=selection)
+    selection="kv_head": each KV head reads its own units; positions="ordered": global blocks
+    move forward by whole blocks."""
+    cfg = dataclasses.replace(CFG, selection=selection, positions=positions)
     monkeypatch.setattr(triton_ops, "DECODE_SPLITS", splits)
     monkeypatch.setattr(triton_ops, "BLOCK_N", 16 if splits > 1 else 64)  # several tiles per split
     (kv, table, cos, sin), mem = paged_state(Hq, Hkv, D, SEQ_LENS, dtype)
@@ -252,14 +254,15 @@ def test_static_decode_plan_replays_like_eager(splits, monkeypatch):
 
 
 @in_process
-@pytest.mark.parametrize("Hq,Hkv,D,splits,selection", [(4, 2, 32, 1, "layer"), (3, 1, 64, 2, "layer"),
-                                                       (6, 3, 32, 2, "kv_head")])
-def test_runtime_matches_oracle(Hq, Hkv, D, splits, selection, monkeypatch):
+@pytest.mark.parametrize("Hq,Hkv,D,splits,selection,positions", [
+    (4, 2, 32, 1, "layer", "fixed"), (3, 1, 64, 2, "layer", "fixed"), (6, 3, 32, 2, "kv_head", "fixed"),
+    (4, 2, 32, 2, "kv_head", "ordered")])
+def test_runtime_matches_oracle(Hq, Hkv, D, splits, selection, positions, monkeypatch):
     """The whole runtime (write, seal, select, attend; waves; recycled stale state) vs the oracle."""
     monkeypatch.setattr(triton_ops, "DECODE_SPLITS", splits)
     monkeypatch.setattr(triton_ops, "BLOCK_N", 16 if splits > 1 else 64)
     cfg = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32,
-                       selection=selection)
+                       selection=selection, positions=positions)
     g = torch.Generator().manual_seed(7)
     reqs = [
         make_request([45, 77, 60], 4, Hq, Hkv, D, g),  # chunks cut at step bounds; several waves

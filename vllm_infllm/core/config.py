@@ -33,6 +33,13 @@ class InfLLMConfig:
                 "kv_head" - each KV head chooses its own topk units, scored by the sum over its G
                             query heads (retrieval lives in a few heads; a layer-wide sum lets the
                             others outvote them). Same keys attended per query.
+    positions:  where global keys sit (docs/design.md section 2.7):
+                "fixed"   - the paper's rule: every global key at relative distance n_local-1;
+                "ordered" - the global keys (init, selected units, remainder) in their original
+                            order at consecutive positions just before the local window, so the
+                            model sees the order of the tokens it reads from memory (all at one
+                            distance, a number's digits have none). Distances stay below
+                            max_attended(); a context within n_init + n_local is exactly dense.
     """
 
     n_init: int = 128
@@ -42,9 +49,13 @@ class InfLLMConfig:
     repr_topk: int = 4
     chunk: int = 512
     selection: str = "layer"
+    positions: str = "fixed"
 
     #: The values each string-valued knob accepts (the first is the paper's rule).
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"selection": ("layer", "kv_head")}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "selection": ("layer", "kv_head"),
+        "positions": ("fixed", "ordered"),
+    }
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -11,7 +11,9 @@ It loops over selection chunks and queries in position order, exactly as the spe
       for each query p in C:
           local  = [w(p), p]                                  ordinary RoPE
           global = init [0, min(n_init, w(p)))  +  selected units of p's KV head  +  remainder [R0, w(p))
-                                                              all at relative distance n_local-1
+                   positions="fixed": all at relative distance n_local-1
+                   positions="ordered": in their original order at compressed positions
+                   0 .. Ng-1, the query at Ng + (p - w(p)) (distances n_local-ish .. < p + 1)
           one softmax over local + global
           every local key j gains P_h(p, j) in its fp32 representative score s_h(j)
 
@@ -147,7 +149,16 @@ def infllm_reference_trace(
                 glob.append(torch.arange(R0, max(R0, w)))
                 glob = torch.cat(glob)
                 heads = slice(h * G, (h + 1) * G)
-                s_global = torch.einsum("gd,jd->gj", q_global[p, heads], k_global[glob, h]) * scale
+                if config.positions == "ordered" and len(glob):
+                    # The global keys, in their original order, take compressed positions
+                    # 0 .. Ng-1 right before the window; the window and the query keep their
+                    # true distances: the query sits at Ng + (p - w).
+                    Ng = len(glob)
+                    kg = rotate(k[glob, h][:, None], cos, sin, torch.arange(Ng))[:, 0]
+                    qg = rotate(q[p, heads][None], cos, sin, torch.tensor([Ng + p - w]))[0]
+                else:
+                    kg, qg = k_global[glob, h], q_global[p, heads]
+                s_global = torch.einsum("gd,jd->gj", qg, kg) * scale
                 probs = torch.softmax(torch.cat([s_local[heads], s_global], dim=1), dim=1)
                 p_local, p_global = probs[:, : len(local)], probs[:, len(local) :]
                 out[p, heads] = p_local @ v[local, h] + p_global @ v[glob, h]

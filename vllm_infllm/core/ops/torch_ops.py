@@ -131,7 +131,7 @@ def select_units(
     query:        [T, Hq, D] post-RoPE
     memory:       reads `reprs` [num_blocks, Hq, D]
     num_kv_heads: Hkv of the layer (query head h belongs to KV head h // (Hq / Hkv))
-    returns:      [n, S, topk] int64 memory-unit ids (not block ids), valid ids first, -1 = none;
+    returns:      [n, S, topk] int64 memory-unit ids (not block ids), ascending, then -1 = none;
                   S = config.selection_groups(Hkv): 1 (one set for the layer, h over all query
                   heads) or Hkv (group g: the G query heads of KV head g)
     """
@@ -159,12 +159,12 @@ def select_units(
         score = torch.matmul(reprs, q_bar[s:e]).squeeze(3)  # [m, S, K]
         if ragged:  # pad slots of chunks with fewer candidates (their block ids may be stale)
             score.masked_fill_(units >= chunks.num_cand[s:e, None, None], float("-inf"))
-        top = score.topk(topk, dim=-1).indices  # sorted: valid candidates first
+        top = score.topk(topk, dim=-1).indices  # valid candidates first (-inf scores last)
         if short:
             ok = torch.arange(topk, device=device) < chunks.num_cand[s:e, None, None]
-            top = torch.where(ok, top, -1)
-        selected[s:e] = top
-    return selected
+            top = torch.where(ok, top, max_k)
+        selected[s:e] = top.sort(dim=-1).values  # ascending: positions="ordered" lays them out so
+    return selected.masked_fill_(selected == max_k, -1)
 
 
 def _tiles(chunks: ChunkBatch):
@@ -278,6 +278,13 @@ def _tile_geometry(chunks: ChunkBatch, tiles, block_table, cos, sin, config, G):
     fblk = torch.cat(fblks, dim=1)  # [n, F] logical
     fpos = (fblk[:, :, None] * B + torch.arange(B, device=device)).flatten(1)
     fmask = fpos[:, None, :] < win[..., None]
+    # positions="ordered": each global block is rotated forward by a whole number of blocks,
+    # the gap that removing the unselected candidates closes (docs/design.md section 2.7): init
+    # by (K - nsel)*B, the remainder by 0. Units: see _attend_tiles.
+    cand = chunks.num_cand[j].long()
+    nsel = cand.clamp(max=config.topk)
+    fshift = torch.zeros_like(fblk)
+    fshift[:, : config.init_blocks] = ((cand - nsel) * B)[:, None]
 
     shift = global_query_shift(pos, n_local)  # R(n_local-1-p): q(p) -> R(n_local-1) q_raw
     sign = torch.where(shift < 0, -1.0, 1.0)[..., None]
@@ -291,6 +298,7 @@ def _tile_geometry(chunks: ChunkBatch, tiles, block_table, cos, sin, config, G):
         loc_phys=bt.gather(1, lblk.clamp(max=last_blk)).flatten(), n_loc_blk=n_loc_blk,
         loc_masked=~fold_mask(lmask),
         fix_blk=fblk, fix_phys=bt.gather(1, fblk.clamp(max=last_blk)), fix_masked=~fold_mask(fmask),
+        fix_shift=fshift, cand=cand, nsel=nsel,
         q_cos=qc, q_sin=qs,  # [n, 1, Qt, D/2], broadcast over [Hkv, n, G, Qt, D/2]
         cos_blocks=cos[: rows_in_table * B].view(rows_in_table, B, -1),
         sin_blocks=sin[: rows_in_table * B].view(rows_in_table, B, -1),
@@ -317,8 +325,11 @@ def _attend_tiles(query, kv_cache, memory, block_table, chunks, selected, cos, s
     # Queries, folded so the G query heads of a KV head share its K/V: [Hkv, n, G, Qt, D].
     q = query.index_select(0, geo["rows"]).view(n, Qt, Hkv, G, D).permute(2, 0, 3, 1, 4)
     q = q.float().contiguous().mul_(scale)
-    q_glob = rotate_rows(q, geo["q_cos"], geo["q_sin"])  # R(n_local-1) q_raw
-    q, q_glob = q.view(Hkv, n, G * Qt, D), q_glob.view(Hkv, n, G * Qt, D)
+    ordered = config.positions == "ordered"
+    # fixed: R(n_local-1) q_raw against raw keys; ordered: the query as stored, against keys
+    # moved forward by whole blocks (relative distances are all that RoPE sees).
+    q_glob = q if ordered else rotate_rows(q, geo["q_cos"], geo["q_sin"])
+    q, q_glob = q.view(Hkv, n, G * Qt, D), q_glob.reshape(Hkv, n, G * Qt, D)
 
     # Local window, causal and windowed per query.
     k_loc, v_loc = _gather_blocks(kv_cache, geo["loc_phys"], n)
@@ -326,22 +337,35 @@ def _attend_tiles(query, kv_cache, memory, block_table, chunks, selected, cos, s
 
     # Global keys: init + remainder blocks (fixed for the step), then this layer's selection:
     # one set for all KV heads (S = 1) or one per KV head (S = Hkv), as [S, n, blocks].
-    blk, phys = geo["fix_blk"][None], geo["fix_phys"][None]
+    blk, phys, shift = geo["fix_blk"][None], geo["fix_phys"][None], geo["fix_shift"][None]
     units = selected[geo["chunk_of_tile"]] if (selected is not None and config.topk > 0) else None
     if units is not None:
-        units = units.transpose(0, 1)  # [S, n, topk]
+        units = units.transpose(0, 1)  # [S, n, topk], ascending per row, then -1
         S = units.shape[0]
         ublk = config.init_blocks + units.clamp(min=0)
         uphys = geo["bt"][None].expand(S, -1, -1).gather(2, ublk)
         blk = torch.cat((blk.expand(S, -1, -1), ublk), 2)
         phys = torch.cat((phys.expand(S, -1, -1), uphys), 2)
+        if ordered:  # the unit of rank k moves forward by (K - nsel + k - u) blocks (>= 0)
+            rank = torch.arange(units.shape[2], device=units.device)
+            ushift = (geo["cand"][:, None] - geo["nsel"][:, None] + rank - units) * config.block_size
+            ushift = torch.where(units >= 0, ushift, 0)
+            shift = torch.cat((shift.expand(S, -1, -1), ushift), 2)
     s_glob = v_glob = None
     if blk.shape[2]:
         k_glob, v_glob = _gather_blocks(kv_cache, phys.flatten(1), n)
-        tb = blk.clamp(max=geo["table_last_blk"]).flatten()  # masked positions only beyond it
-        c = geo["cos_blocks"].index_select(0, tb).view(blk.shape[0], n, -1, D // 2).float()
-        sn = geo["sin_blocks"].index_select(0, tb).view(blk.shape[0], n, -1, D // 2).float()
-        k_glob = rotate_rows(k_glob, c, -sn)  # R(-j): back to raw keys
+        if ordered:  # one rotation row per block: R(shift), a whole number of blocks
+            rows = shift.flatten()
+            c = cos.index_select(0, rows).float().view(*shift.shape, 1, D // 2)
+            sn = sin.index_select(0, rows).float().view(*shift.shape, 1, D // 2)
+            c = c.expand(-1, -1, -1, B, -1).reshape(shift.shape[0], n, -1, D // 2)
+            sn = sn.expand(-1, -1, -1, B, -1).reshape(shift.shape[0], n, -1, D // 2)
+            k_glob = rotate_rows(k_glob, c, sn)
+        else:
+            tb = blk.clamp(max=geo["table_last_blk"]).flatten()  # masked positions only beyond it
+            c = geo["cos_blocks"].index_select(0, tb).view(blk.shape[0], n, -1, D // 2).float()
+            sn = geo["sin_blocks"].index_select(0, tb).view(blk.shape[0], n, -1, D // 2).float()
+            k_glob = rotate_rows(k_glob, c, -sn)  # R(-j): back to raw keys
         s_glob = torch.matmul(q_glob, k_glob.transpose(-1, -2))  # [Hkv, n, G*Qt, Lg]
         F = geo["fix_blk"].shape[1] * B
         s_glob[..., :F].masked_fill_(geo["fix_masked"], float("-inf"))

@@ -323,7 +323,7 @@ def select_units(
     query:        [T, Hq, D] post-RoPE
     memory:       reads `reprs` [num_blocks, Hq, D] (each block's [Hq, D] contiguous)
     num_kv_heads: Hkv of the layer
-    returns:      [n, S, topk] int64 memory-unit ids (not block ids), valid ids first, -1 = none;
+    returns:      [n, S, topk] int64 memory-unit ids (not block ids), ascending, then -1 = none;
                   S = config.selection_groups(Hkv) (as torch_ops.select_units)
     """
     n, topk, max_k = chunks.n, config.topk, chunks.max_cand
@@ -361,8 +361,10 @@ def select_units(
         INIT_BLOCKS=config.init_blocks, MAX_CAND=max_k,
         BLOCK_U=block_u, BLOCK_X=min(_p2(XG), 1024 if _INTERPRET else 256),
     )
-    top = score.topk(topk, dim=-1).indices  # sorted: valid candidates first
-    return torch.where(torch.arange(topk, device=device) < chunks.num_cand[:, None, None], top, -1)
+    top = score.topk(topk, dim=-1).indices  # valid candidates first (-inf scores last)
+    top = torch.where(torch.arange(topk, device=device) < chunks.num_cand[:, None, None], top, max_k)
+    top = top.sort(dim=-1).values  # ascending: the attend kernel's slot k is the unit's rank
+    return top.masked_fill_(top == max_k, -1)
 
 
 # --------------------------------------------------------------------------------------- attend
@@ -381,20 +383,43 @@ def _load_k(kv_ptr, bt_row, j, col_ok, kvh_off, s_cb, s_co, s_cd, B: tl.constexp
 
 
 @triton.jit
+def _rotate_q(qa, qb, cos_ptr, sin_ptr, row, s_cos, s_sin, D2: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """R(-row)·q for query halves [M, D/2]: <R(-s) q, k> = <q, R(s) k>, so a key shift that is
+    the same for a whole tile costs one rotation of the (smaller) query tile."""
+    d = tl.arange(0, BLOCK_D2)[None, :]
+    cs = tl.load(cos_ptr + row * s_cos + d, mask=d < D2, other=1.0).to(tl.float32)
+    sn = tl.load(sin_ptr + row * s_sin + d, mask=d < D2, other=0.0).to(tl.float32)
+    a = qa.to(tl.float32)
+    b = qb.to(tl.float32)
+    return (a * cs + b * sn).to(qa.dtype), (b * cs - a * sn).to(qb.dtype)
+
+
+@triton.jit
 def _attn_tile(
     acc, m_i, l_i, qa, qb, j, col_ok, mask,
     kv_ptr, bt_row, cos_ptr, sin_ptr, kvh_off, s_cb, s_co, s_cd, s_cos, s_sin, qk_scale,
     B: tl.constexpr, D2: tl.constexpr, D: tl.constexpr,
     ROTATE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, DOT_PREC: tl.constexpr,
+    rot=None,
 ):
-    """One online-softmax step over keys at logical positions j (masked by `mask` [M, N])."""
+    """One online-softmax step over keys at logical positions j (masked by `mask` [M, N]).
+    ROTATE 0: keys as stored; 1: un-rotated by -j (table row j, sine negated) to raw keys
+    (positions="fixed"); positions="ordered": 2, rotated forward by table row `rot` [N] (a tile
+    may straddle two units), 3, by the one row `rot` (a scalar) of the whole tile."""
     ka, kb, base, phys = _load_k(kv_ptr, bt_row, j, col_ok, kvh_off, s_cb, s_co, s_cd, B, D2, BLOCK_D2)
-    if ROTATE:  # global key: un-rotate by -j (table row j, sine negated) -> raw key
+    if ROTATE != 0:
         d = tl.arange(0, BLOCK_D2)[:, None]
-        m = (d < D2) & col_ok[None, :]
-        cs = tl.load(cos_ptr + j[None, :] * s_cos + d, mask=m, other=1.0).to(tl.float32)
-        sn = tl.load(sin_ptr + j[None, :] * s_sin + d, mask=m, other=0.0).to(tl.float32)
-        ka, kb = ka * cs + kb * sn, kb * cs - ka * sn
+        if ROTATE == 3:
+            cs = tl.load(cos_ptr + rot * s_cos + d, mask=d < D2, other=1.0).to(tl.float32)
+            sn = tl.load(sin_ptr + rot * s_sin + d, mask=d < D2, other=0.0).to(tl.float32)
+        else:
+            m = (d < D2) & col_ok[None, :]
+            row = j if ROTATE == 1 else rot
+            cs = tl.load(cos_ptr + row[None, :] * s_cos + d, mask=m, other=1.0).to(tl.float32)
+            sn = tl.load(sin_ptr + row[None, :] * s_sin + d, mask=m, other=0.0).to(tl.float32)
+        if ROTATE == 1:
+            sn = -sn
+        ka, kb = ka * cs - kb * sn, kb * cs + ka * sn
     s = tl.dot(qa, ka.to(qa.dtype), input_precision=DOT_PREC)
     s += tl.dot(qb, kb.to(qb.dtype), input_precision=DOT_PREC)
     s = tl.where(mask, s * qk_scale, float("-inf"))
@@ -433,6 +458,7 @@ def _attend_kernel(
     G: tl.constexpr,  # query heads per KV head
     QT: tl.constexpr,  # queries per program (BLOCK_M // G)
     TOPK: tl.constexpr,  # attend the selected units (0: none)
+    ORDERED: tl.constexpr,  # positions="ordered": global blocks moved forward by whole blocks
     SCORES: tl.constexpr,  # add the local keys' softmax mass into `scores` here (one query tile)
     LSE_OUT: tl.constexpr,  # write the LSE for _window_scores_kernel instead (several tiles)
     PHASE: tl.constexpr,
@@ -490,16 +516,32 @@ def _attend_kernel(
     ws = ((c * tl.num_programs(2) + kvh) * SPLITS + split) * BLOCK_M
 
     if PHASE != 2:
-        # Global queries: R(n_local-1)·q_raw = R(n_local-1-p)·q, a signed rotation per row.
-        # Rows before n_local have no global keys: angle 0 keeps reads inside short tables.
-        a = tl.where(p >= N_LOCAL, N_LOCAL - 1 - p, 0)[:, None]
-        cs = tl.load(cos_ptr + tl.abs(a) * s_cos + d, mask=qm, other=1.0).to(tl.float32)
-        sn = tl.load(sin_ptr + tl.abs(a) * s_sin + d, mask=qm, other=0.0).to(tl.float32)
-        sn = tl.where(a < 0, -sn, sn)
-        qa = la.to(tl.float32)
-        qb = lb.to(tl.float32)
-        ga = (qa * cs - qb * sn).to(dot_t)
-        gb = (qb * cs + qa * sn).to(dot_t)
+        if ORDERED:  # the query as stored; the keys move (docs/design.md section 2.7)
+            ga = la
+            gb = lb
+        else:
+            # Global queries: R(n_local-1)·q_raw = R(n_local-1-p)·q, a signed rotation per row.
+            # Rows before n_local have no global keys: angle 0 keeps reads inside short tables.
+            a = tl.where(p >= N_LOCAL, N_LOCAL - 1 - p, 0)[:, None]
+            cs = tl.load(cos_ptr + tl.abs(a) * s_cos + d, mask=qm, other=1.0).to(tl.float32)
+            sn = tl.load(sin_ptr + tl.abs(a) * s_sin + d, mask=qm, other=0.0).to(tl.float32)
+            sn = tl.where(a < 0, -sn, sn)
+            qa = la.to(tl.float32)
+            qb = lb.to(tl.float32)
+            ga = (qa * cs - qb * sn).to(dot_t)
+            gb = (qb * cs + qa * sn).to(dot_t)
+        # ordered: init moves forward by the (K - nsel) unselected candidates' blocks, the unit
+        # of rank k by (K - nsel + k - u) blocks, the remainder not at all (true distances).
+        gap = (ncand - tl.minimum(ncand, TOPK)) * B
+        # ordered, per tile: in decode (16 rows) the query rotates back by the tile's shift
+        # (`_rotate_q`, cheaper than BLOCK_N keys); in prefill the keys rotate forward, by one
+        # row when no tile straddles two units (BLOCK_N divides B; tiles start at multiples of
+        # BLOCK_N), else by a row per column. Chosen with compile_check: no variant spills.
+        TILE_SHIFT: tl.constexpr = B % BLOCK_N == 0
+        Q_SHIFT: tl.constexpr = ORDERED and TILE_SHIFT and BLOCK_M <= 16
+        ROT_I: tl.constexpr = (0 if Q_SHIFT else 3) if ORDERED else 1
+        ROT_U: tl.constexpr = (0 if Q_SHIFT else (3 if TILE_SHIFT else 2)) if ORDERED else 1
+        ROT_R: tl.constexpr = 0 if ORDERED else 1
 
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -516,13 +558,18 @@ def _attend_kernel(
                                        B, D2, D, False, BLOCK_D, BLOCK_D2, DOT_PREC)
         # Init [0, min(n_init, w(p))).
         n_init = tl.minimum(w_last, N_INIT)
+        if Q_SHIFT:  # init: one shift for all its blocks
+            ia, ib = _rotate_q(la, lb, cos_ptr, sin_ptr, gap, s_cos, s_sin, D2, BLOCK_D2)
+        else:
+            ia = ga
+            ib = gb
         for k0 in range(first, n_init, STEP):
             j = k0 + cols
             ok = j < n_init
             mask = row_ok[:, None] & ok[None, :] & (j[None, :] < w[:, None])
-            acc, m_i, l_i = _attn_tile(acc, m_i, l_i, ga, gb, j, ok, mask, kv_ptr, bt_row, cos_ptr,
+            acc, m_i, l_i = _attn_tile(acc, m_i, l_i, ia, ib, j, ok, mask, kv_ptr, bt_row, cos_ptr,
                                        sin_ptr, kvh_off, s_cb, s_co, s_cd, s_cos, s_sin, qk_scale,
-                                       B, D2, D, True, BLOCK_D, BLOCK_D2, DOT_PREC)
+                                       B, D2, D, ROT_I, BLOCK_D, BLOCK_D2, DOT_PREC, gap)
         # Selected units (valid ids come first in each row of `selected`): whole units.
         if TOPK > 0:
             n_sel = tl.minimum(ncand, TOPK) * B
@@ -533,10 +580,20 @@ def _attend_kernel(
                 ok = (v < n_sel) & (u >= 0)
                 j = N_INIT + u * B + v % B
                 mask = row_ok[:, None] & ok[None, :]
-                acc, m_i, l_i = _attn_tile(acc, m_i, l_i, ga, gb, j, ok, mask, kv_ptr, bt_row,
+                # ids ascend, so slot v // B is the unit's rank
+                ua = ga
+                ub = gb
+                if TILE_SHIFT:
+                    u0 = tl.load(sel_ptr + c * s_sel + kvh * s_selh + v0 // B).to(tl.int32)
+                    rot = tl.where(u0 >= 0, gap + (v0 // B - u0) * B, 0)
+                else:
+                    rot = tl.where(ok, gap + (v // B - u) * B, 0)
+                if Q_SHIFT:
+                    ua, ub = _rotate_q(la, lb, cos_ptr, sin_ptr, rot, s_cos, s_sin, D2, BLOCK_D2)
+                acc, m_i, l_i = _attn_tile(acc, m_i, l_i, ua, ub, j, ok, mask, kv_ptr, bt_row,
                                            cos_ptr, sin_ptr, kvh_off, s_cb, s_co, s_cd, s_cos,
-                                           s_sin, qk_scale, B, D2, D, True, BLOCK_D, BLOCK_D2,
-                                           DOT_PREC)
+                                           s_sin, qk_scale, B, D2, D, ROT_U, BLOCK_D, BLOCK_D2,
+                                           DOT_PREC, rot)
         # Remainder [R0, w(p)): left the window but not yet a candidate when the chunk started.
         r0 = N_INIT + ncand * B
         for k0 in range(r0 + first, w_last, STEP):
@@ -545,7 +602,7 @@ def _attend_kernel(
             mask = row_ok[:, None] & ok[None, :] & (j[None, :] < w[:, None])
             acc, m_i, l_i = _attn_tile(acc, m_i, l_i, ga, gb, j, ok, mask, kv_ptr, bt_row, cos_ptr,
                                        sin_ptr, kvh_off, s_cb, s_co, s_cd, s_cos, s_sin, qk_scale,
-                                       B, D2, D, True, BLOCK_D, BLOCK_D2, DOT_PREC)
+                                       B, D2, D, ROT_R, BLOCK_D, BLOCK_D2, DOT_PREC)
 
         dv = tl.arange(0, BLOCK_D)[None, :]
         if PHASE == 1:
@@ -715,7 +772,7 @@ def _decode_splits(n: int, Hkv: int, device) -> int:
     return max(1, min(MAX_DECODE_SPLITS, triton.cdiv(2 * sms, n * Hkv)))
 
 
-def _tiling(D: int, G: int, decode: bool, dtype: torch.dtype) -> tuple[int, int, int, int]:
+def _tiling(D: int, G: int, decode: bool, dtype: torch.dtype, ordered: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the attend kernels.
 
     A decode tile is the G heads of one query (tl.dot needs 16 rows); a prefill tile is 64 rows
@@ -725,7 +782,8 @@ def _tiling(D: int, G: int, decode: bool, dtype: torch.dtype) -> tuple[int, int,
     the register peak); at D 256 prefill also drops the software pipelining (two stages spilled
     with every key tile from 16 to 64). fp32 caches have no tensor-core dot (an FMA loop with
     larger register fragments): smaller tiles, and no pipelining except in D-256 decode, where
-    one stage spilled and two did not.
+    one stage spilled and two did not. positions="ordered" at D 256 prefill re-rotates its key
+    tiles by one row per tile (not per key): 32 keys spilled 12 B there, 16 do not.
     """
     if dtype == torch.float32:
         if decode:
@@ -737,7 +795,7 @@ def _tiling(D: int, G: int, decode: bool, dtype: torch.dtype) -> tuple[int, int,
     elif D <= 128 or decode:
         block_m, block_n, num_warps, num_stages = 16 if decode else 64, 64, 8, 2
     else:
-        block_m, block_n, num_warps, num_stages = 64, 32, 8, 1
+        block_m, block_n, num_warps, num_stages = 64, 16 if ordered else 32, 8, 1
     return max(block_m, _p2(G)), BLOCK_N or block_n, num_warps, num_stages
 
 
@@ -775,7 +833,7 @@ def attend(
     G = Hq // Hkv
     assert D % 2 == 0 and kv_cache.shape[3] == 2 * D
     decode = chunks.max_len == 1
-    block_m, block_n, num_warps, num_stages = _tiling(D, G, decode, query.dtype)
+    block_m, block_n, num_warps, num_stages = _tiling(D, G, decode, query.dtype, config.positions == "ordered")
     qt = block_m // G
     splits = _decode_splits(n, Hkv, query.device) if decode else 1
     topk = config.topk if (selected is not None and config.topk > 0) else 0
@@ -808,7 +866,7 @@ def attend(
         s_lt=lse.stride(0), s_cos=cos.stride(0), s_sin=sin.stride(0),
         SPLITS=splits, qk_scale=scale * _LOG2E,
         D=D, B=B, N_INIT=config.n_init, N_LOCAL=config.n_local,
-        G=G, QT=qt, TOPK=topk, SCORES=scores_on and decode, LSE_OUT=scores_on and not decode,
+        G=G, QT=qt, TOPK=topk, ORDERED=config.positions == "ordered", SCORES=scores_on and decode, LSE_OUT=scores_on and not decode,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_p2(D), BLOCK_D2=_p2(D // 2),
         DOT_PREC=_dot_prec(query.dtype), num_warps=num_warps, num_stages=num_stages,
     )
