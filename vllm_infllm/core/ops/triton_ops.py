@@ -866,7 +866,8 @@ def attend(
         s_lt=lse.stride(0), s_cos=cos.stride(0), s_sin=sin.stride(0),
         SPLITS=splits, qk_scale=scale * _LOG2E,
         D=D, B=B, N_INIT=config.n_init, N_LOCAL=config.n_local,
-        G=G, QT=qt, TOPK=topk, ORDERED=config.positions == "ordered", SCORES=scores_on and decode, LSE_OUT=scores_on and not decode,
+        G=G, QT=qt, TOPK=topk, ORDERED=config.positions == "ordered",
+        SCORES=scores_on and decode, LSE_OUT=scores_on and not decode,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_p2(D), BLOCK_D2=_p2(D // 2),
         DOT_PREC=_dot_prec(query.dtype), num_warps=num_warps, num_stages=num_stages,
     )
