@@ -83,7 +83,7 @@ def paged_state(
     table, nb = random_block_table(seq_lens, config.block_size, 2, g)
     B = config.block_size
     kv = torch.empty(nb, Hkv, B, 2 * D, dtype=dtype, device=device).normal_(generator=g)
-    mem = LayerMemory.allocate(nb, Hq, D, B, dtype, device)
+    mem = LayerMemory.allocate(nb, Hq, D, B, dtype, device, config.repr_rows(Hq, Hkv))
     mem.reprs.normal_(generator=g)
     if stale:
         mem.scores.uniform_(generator=g)
@@ -181,7 +181,7 @@ def run_paged(
         caches, memories = reuse.caches, reuse.memories
     for _ in range(layers if reuse is None else 0):
         kv = torch.randn(num_blocks, Hkv, B, 2 * D, generator=gen).to(dtype=dtype, device=device)
-        mem = LayerMemory.allocate(num_blocks, Hq, D, B, dtype, device)
+        mem = LayerMemory.allocate(num_blocks, Hq, D, B, dtype, device, config.repr_rows(Hq, Hkv))
         mem.scores.copy_(torch.rand(mem.scores.shape, generator=gen))  # stale garbage: must be reset
         mem.sealed.fill_(True)  # stale flags too
         caches.append(kv)

@@ -22,6 +22,10 @@ Configurations (one engine each; all its prompts in one `generate` call)
   control       infllm-small with topk=0: sliding window + sinks only, cannot see a needle that
                 left its 512-token window.
   infllm-default the package defaults (n_local 4096, topk 16).
+  infllm-kvhead, infllm-ordered, infllm-kvhead-ordered
+                as infllm with selection="kv_head" and/or positions="ordered" (docs/design.md
+                section 2.7): the same 1664-key budget.
+  --extra NAME=JSON adds a configuration of your own (an infllm config over the defaults).
   full          vLLM's own CPU attention (no `attention_backend`: CPU_ATTN), max_model_len 8192;
                 lengths whose prompt + max_tokens exceed 8192 are SKIPPED (SmolLM2's RoPE table
                 ends at 8192; vLLM refuses longer, or produces NaN) and reported as skipped.
@@ -51,6 +55,10 @@ CONFIGS = {
     "infllm-2k": {"n_local": 2048, "topk": 4},
     "control": {"n_local": 512, "topk": 0},
     "infllm-default": {},
+    # The modes beyond the paper (docs/design.md section 2.7), at the budget of "infllm":
+    "infllm-kvhead": {"n_local": 1024, "topk": 4, "selection": "kv_head"},
+    "infllm-ordered": {"n_local": 1024, "topk": 4, "positions": "ordered"},
+    "infllm-kvhead-ordered": {"n_local": 1024, "topk": 4, "selection": "kv_head", "positions": "ordered"},
     "full": None,  # vLLM's CPU_ATTN
 }
 
@@ -172,7 +180,10 @@ def main(argv=None) -> int:
     ap.add_argument("--task", choices=["passkey", "niah"], default="passkey")
     ap.add_argument("--lengths", type=int, nargs="+", default=[4000, 8000])
     ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
-    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=["infllm", "control", "full"])
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=JSON",
+                    help='another configuration, e.g. --extra \'k8={"n_local": 1024, "topk": 8}\'')
+    ap.add_argument("--configs", nargs="+", default=["infllm", "control", "full"],
+                    help=f"configurations to run: {', '.join(CONFIGS)} or an --extra NAME")
     ap.add_argument("--needle", choices=["number", "sf"], default="number", help="niah needle")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
@@ -183,6 +194,15 @@ def main(argv=None) -> int:
     ap.add_argument("--replot", action="store_true",
                     help="only re-render PREFIX.md and the heatmaps from an existing PREFIX.json")
     args = ap.parse_args(argv)
+    for spec in args.extra:
+        name, _, raw = spec.partition("=")
+        try:
+            CONFIGS[name] = json.loads(raw)
+        except json.JSONDecodeError as e:
+            ap.error(f"--extra {spec!r}: expected NAME=JSON ({e})")
+    unknown = [c for c in args.configs if c not in CONFIGS]
+    if unknown and not args.replot:
+        ap.error(f"unknown configs {unknown}: choose from {', '.join(CONFIGS)} or add one with --extra")
     if args.replot:
         out = Path(args.out)
         data = json.loads(out.with_suffix(".json").read_text())
@@ -190,6 +210,7 @@ def main(argv=None) -> int:
         lengths = sorted({r["length"] for r in recs})
         depths = sorted({r["depth"] for r in recs})
         configs = list(meta["configs"])
+        CONFIGS.update(meta["configs"])  # the run's own definitions (its --extra ones too)
         out.with_suffix(".md").write_text(
             f"# {meta['task']} eval\n\n`{meta['command']}` ({meta['date']}, {meta['machine']})\n\n"
             + markdown(recs, configs, lengths, depths))

@@ -6,7 +6,7 @@ from vllm_infllm.core.config import InfLLMConfig, InfLLMConfigError
 def test_defaults_are_the_papers():
     c = InfLLMConfig.from_dict({})
     assert c.to_dict() == dict(n_init=128, n_local=4096, block_size=128, topk=16, repr_topk=4, chunk=512,
-                               selection="layer", positions="fixed")
+                               selection="layer", unit_score="mean_topk", positions="fixed")
     assert InfLLMConfig.from_dict(None) == c
     assert c.max_attended() == 128 + 4096 + 16 * 128 + 128 + 512
 
@@ -32,6 +32,7 @@ def test_from_dict_overrides():
         ({"selection": "kvhead"}, "selection", ["one of 'layer', 'kv_head'", "use 'kv_head'"]),
         ({"selection": 1}, "selection", ["one of 'layer', 'kv_head'"]),
         ({"positions": "order"}, "positions", ["one of 'fixed', 'ordered'", "use 'ordered'"]),
+        ({"unit_score": "quest"}, "unit_score", ["one of 'mean_topk', 'minmax'"]),
     ],
 )
 def test_bad_values_name_field_value_rule_and_fix(values, field, words):
@@ -49,6 +50,8 @@ def test_bad_values_name_field_value_rule_and_fix(values, field, words):
 def test_selection_groups():
     assert InfLLMConfig().selection_groups(8) == 1
     assert InfLLMConfig(selection="kv_head").selection_groups(8) == 8
+    assert InfLLMConfig().repr_rows(32, 8) == 32
+    assert InfLLMConfig(unit_score="minmax").repr_rows(32, 8) == 16
 
 
 def test_unknown_key_suggests_closest():

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from vllm_infllm.core.config import InfLLMConfig
+from vllm_infllm.core.plan import LayerMemory, plan_step
 from vllm_infllm.core.rope import rope_table
+from vllm_infllm.core.runtime import infllm_forward
 from vllm_infllm.testing import make_request, run_oracle, run_paged
 
 SMALL = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32)
@@ -58,6 +60,34 @@ def test_ordered_positions_match_oracle(Hq, Hkv, selection):
     cos, sin = rope_table(64, 1024)
     run = run_paged(reqs, cfg, cos, sin, layers=2)
     assert_matches_oracle(reqs, run, cfg, cos, sin, layers=2)
+
+
+@pytest.mark.parametrize("Hq,Hkv,selection,positions", [(4, 4, "layer", "fixed"), (6, 2, "layer", "fixed"),
+                                                       (6, 2, "kv_head", "ordered"), (8, 1, "layer", "fixed")])
+def test_minmax_unit_score_matches_oracle(Hq, Hkv, selection, positions):
+    """unit_score="minmax": Quest's per-channel bound (docs/design.md section 2.7)."""
+    cfg = dataclasses.replace(SMALL, unit_score="minmax", selection=selection, positions=positions)
+    reqs = batch(Hq, Hkv, 64, seed=6)
+    cos, sin = rope_table(64, 1024)
+    run = run_paged(reqs, cfg, cos, sin, layers=2)
+    assert_matches_oracle(reqs, run, cfg, cos, sin, layers=2)
+    mem, table = run.memories[0], run.block_table
+    for i, tr in enumerate(run_oracle(reqs, cfg, cos, sin)):
+        for u, r in tr.reprs.items():
+            torch.testing.assert_close(mem.reprs[table[i, cfg.init_blocks + u]], r, rtol=1e-4, atol=1e-5)
+
+
+def test_memory_allocated_for_another_unit_score_is_an_error():
+    cfg = dataclasses.replace(SMALL, unit_score="minmax")
+    reqs = batch(6, 2, 64)
+    cos, sin = rope_table(64, 1024)
+    mem = LayerMemory.allocate(8, 6, 64, 16, torch.float32, "cpu")  # paper layout: 6 rows
+    kv = torch.zeros(8, 2, 16, 128)
+    q = reqs[0].q[:4]
+    plan = plan_step([0, 4], [4], cfg)
+    with pytest.raises(ValueError, match=r"reprs has 6 rows per block, unit_score='minmax' needs 4"):
+        infllm_forward(q, kv, torch.zeros(1, 8, dtype=torch.int32), plan, mem, cos, sin, cfg, 0.1,
+                       torch.empty_like(q))
 
 
 def test_representatives_and_selection_match_oracle():

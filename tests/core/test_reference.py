@@ -70,11 +70,10 @@ def test_selection_chunks_follow_alignment_steps_and_decode():
     assert selection_chunks(70, cfg, step_bounds=[20, 40]) == [(0, 20), (20, 32), (32, 40), (40, 64), (64, 70)]
 
 
-def planted_needle(topk, T=700, D=32, needle_unit=7, seed=0, positions="fixed"):
+def planted_needle(topk, T=700, D=32, needle_unit=7, seed=0, **modes):
     """Noise everywhere, one memory unit whose raw keys point along R(n_local-1)·d and whose
-    values are a marker; decode queries point along d."""
-    cfg = InfLLMConfig(n_init=16, n_local=64, block_size=16, topk=topk, repr_topk=2, chunk=32,
-                       positions=positions)
+    values are a marker; decode queries point along d. `modes`: section 2.7 knobs."""
+    cfg = InfLLMConfig(n_init=16, n_local=64, block_size=16, topk=topk, repr_topk=2, chunk=32, **modes)
     g = torch.Generator().manual_seed(seed)
     Hq, Hkv = 4, 2
     q = torch.randn(T, Hq, D, generator=g) * 0.3
@@ -240,6 +239,53 @@ def test_ordered_positions_equal_dense_attention_over_the_attended_tokens_in_ord
 def test_ordered_positions_find_the_planted_needle():
     """The needle's keys now sit at distances 64..~95 instead of 63: still selected and read."""
     trace, unit, marker, prefill = planted_needle(topk=1, positions="ordered")
+    decode = [c for c in trace.chunks if c.c0 >= prefill]
+    assert decode and all(c.selected == [unit] and c.num_candidates > 20 for c in decode)
+    out = trace.out[prefill:]
+    assert torch.cosine_similarity(out.reshape(-1, out.shape[-1]), marker[None], dim=-1).min() > 0.95
+
+
+# --- unit_score="minmax": Quest's per-channel bound -------------------------------------------
+
+
+MINMAX = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32,
+                      unit_score="minmax")
+
+
+@pytest.mark.parametrize("selection", ["layer", "kv_head"])
+def test_minmax_selects_the_units_with_the_largest_quest_bound(selection):
+    """Representatives are the per-channel min and max of the unit's raw keys per KV head, and
+    the selection is the topk by the bound sum_h sum_d max(q̄ min, q̄ max), brute-forced here
+    from the raw keys; the bound is >= q̄·k of every key of the unit."""
+    cfg = InfLLMConfig(**{**MINMAX.to_dict(), "selection": selection})
+    Hq, Hkv, G, T = 6, 3, 2, 300
+    q, k, v = rand_qkv(T, Hq, Hkv, 16, seed=8)
+    cos, sin = rope_table(16, 512)
+    tr = infllm_reference_trace(q, k, v, cos, sin, cfg, prefill_len=260)
+    q_bar_all = rotate(q, cos, sin, torch.full((T,), cfg.n_local - 1))
+    checked = 0
+    for c in tr.chunks:
+        if c.num_candidates <= cfg.topk:
+            continue
+        q_bar = q_bar_all[c.c0 : c.c1].mean(0)  # [Hq, D]
+        bound = torch.zeros(c.num_candidates, Hq)
+        for u in range(c.num_candidates):
+            raw = k[32 + 16 * u : 48 + 16 * u]  # [B, Hkv, D]
+            torch.testing.assert_close(tr.reprs[u].view(Hkv, 2, 16)[:, 0], raw.amin(0))
+            torch.testing.assert_close(tr.reprs[u].view(Hkv, 2, 16)[:, 1], raw.amax(0))
+            lo, hi = raw.amin(0).repeat_interleave(G, 0), raw.amax(0).repeat_interleave(G, 0)
+            bound[u] = torch.maximum(q_bar * lo, q_bar * hi).sum(-1)
+            dots = torch.einsum("hd,bhd->bh", q_bar, raw.repeat_interleave(G, 1))
+            assert (bound[u] >= dots.amax(0) - 1e-5).all()
+        groups = bound.view(-1, Hkv, G).sum(-1) if selection == "kv_head" else bound.sum(-1, keepdim=True)
+        for g, sel in enumerate(c.per_kv_head if selection == "kv_head" else [c.selected]):
+            assert sel == sorted(groups[:, g].topk(cfg.topk).indices.tolist())
+            checked += 1
+    assert checked > 10
+
+
+def test_minmax_finds_the_planted_needle():
+    trace, unit, marker, prefill = planted_needle(topk=1, unit_score="minmax")
     decode = [c for c in trace.chunks if c.c0 >= prefill]
     assert decode and all(c.selected == [unit] and c.num_candidates > 20 for c in decode)
     out = trace.out[prefill:]

@@ -124,25 +124,30 @@ def _plan(device=DEVICE):
 
 
 @in_process
-@pytest.mark.parametrize("Hq,Hkv,D", [(4, 2, 32), (3, 1, 64)])
-def test_seal_units(Hq, Hkv, D):
-    (kv, table, cos, sin), mem = paged_state(Hq, Hkv, D, SEQ_LENS, torch.float32)
+@pytest.mark.parametrize("Hq,Hkv,D,unit_score", [(4, 2, 32, "mean_topk"), (3, 1, 64, "mean_topk"),
+                                                (4, 2, 32, "minmax"), (3, 1, 64, "minmax")])
+def test_seal_units(Hq, Hkv, D, unit_score, monkeypatch):
+    monkeypatch.setattr(triton_ops, "SEAL_TOKENS", 8)  # minmax: two tiles per 16-token unit
+    cfg = dataclasses.replace(CFG, unit_score=unit_score)
+    (kv, table, cos, sin), mem = paged_state(Hq, Hkv, D, SEQ_LENS, torch.float32, cfg)
+    assert mem.reprs.shape[1] == cfg.repr_rows(Hq, Hkv)
     ref = mem.clone()
     for wave in _plan():
-        torch_ops.seal_units(kv, ref, table, wave, cos, sin, CFG)
-        triton_ops.seal_units(kv, mem, table, wave, cos, sin, CFG)
+        torch_ops.seal_units(kv, ref, table, wave, cos, sin, cfg)
+        triton_ops.seal_units(kv, mem, table, wave, cos, sin, cfg)
     assert torch.equal(mem.sealed, ref.sealed)
     assert ref.sealed.sum() > 5
     torch.testing.assert_close(mem.reprs, ref.reprs, rtol=1e-5, atol=1e-5)
 
 
 @in_process
-@pytest.mark.parametrize("selection", ["layer", "kv_head"])
+@pytest.mark.parametrize("selection,unit_score", [("layer", "mean_topk"), ("kv_head", "mean_topk"),
+                                                  ("layer", "minmax"), ("kv_head", "minmax")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_select_units(dtype, selection):
+def test_select_units(dtype, selection, unit_score):
     Hq, Hkv, D = 6, 3, 32
-    cfg = dataclasses.replace(CFG, selection=selection)
-    (kv, table, cos, sin), mem = paged_state(Hq, Hkv, D, SEQ_LENS, dtype)
+    cfg = dataclasses.replace(CFG, selection=selection, unit_score=unit_score)
+    (kv, table, cos, sin), mem = paged_state(Hq, Hkv, D, SEQ_LENS, dtype, cfg)
     g = torch.Generator().manual_seed(3)
     query = torch.randn(sum(QUERY_LENS), Hq, D, generator=g).to(dtype=dtype, device=DEVICE)
     checked = differ = 0
@@ -254,15 +259,16 @@ def test_static_decode_plan_replays_like_eager(splits, monkeypatch):
 
 
 @in_process
-@pytest.mark.parametrize("Hq,Hkv,D,splits,selection,positions", [
-    (4, 2, 32, 1, "layer", "fixed"), (3, 1, 64, 2, "layer", "fixed"), (6, 3, 32, 2, "kv_head", "fixed"),
-    (4, 2, 32, 2, "kv_head", "ordered")])
-def test_runtime_matches_oracle(Hq, Hkv, D, splits, selection, positions, monkeypatch):
+@pytest.mark.parametrize("Hq,Hkv,D,splits,selection,positions,unit_score", [
+    (4, 2, 32, 1, "layer", "fixed", "mean_topk"), (3, 1, 64, 2, "layer", "fixed", "mean_topk"),
+    (6, 3, 32, 2, "kv_head", "fixed", "mean_topk"), (4, 2, 32, 2, "kv_head", "ordered", "mean_topk"),
+    (6, 3, 32, 1, "layer", "fixed", "minmax")])
+def test_runtime_matches_oracle(Hq, Hkv, D, splits, selection, positions, unit_score, monkeypatch):
     """The whole runtime (write, seal, select, attend; waves; recycled stale state) vs the oracle."""
     monkeypatch.setattr(triton_ops, "DECODE_SPLITS", splits)
     monkeypatch.setattr(triton_ops, "BLOCK_N", 16 if splits > 1 else 64)
     cfg = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32,
-                       selection=selection, positions=positions)
+                       selection=selection, positions=positions, unit_score=unit_score)
     g = torch.Generator().manual_seed(7)
     reqs = [
         make_request([45, 77, 60], 4, Hq, Hkv, D, g),  # chunks cut at step bounds; several waves

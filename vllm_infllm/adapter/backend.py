@@ -198,7 +198,8 @@ class InfLLMAttentionBackend(AttentionBackend):
         if spec.num_head_slots is not None or spec.state_content_bytes is not None:
             return spec  # already packed (ours, or another owner's: leave it)
         num_q_heads = _num_q_heads(spec)
-        extra = num_side_state_slots(num_q_heads, spec.head_size, spec.dtype, spec.head_size_v)
+        extra = num_side_state_slots(num_q_heads, spec.head_size, spec.dtype, spec.head_size_v,
+                                     spec.num_kv_heads)
         return dataclasses.replace(spec, num_head_slots=spec.num_kv_heads + extra)
 
     @classmethod
@@ -256,8 +257,8 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
         cfg = get_current_vllm_config_or_none()
         if cfg is not None and cfg.device_config is not None and cfg.device_config.device_type == "cpu":
             tune_cpu_malloc()
-        if cfg is not None:
-            infllm_config_from_vllm(cfg)  # fail while the model is built, not at the first step
+        # Fail while the model is built, not at the first step; keep it for the side state.
+        self.infllm_config = infllm_config_from_vllm(cfg) if cfg is not None else None
         # The model's rotary module; the model built it just before this layer.
         self.rope = None
         if cfg is not None and cfg.model_config is not None:
@@ -280,8 +281,11 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
         """Typed views of this layer's side state inside the extra head slots (cached)."""
         key = (kv_cache.data_ptr(), tuple(kv_cache.shape), kv_cache.dtype)
         if self._memory_key != key:
+            if self.infllm_config is None:
+                raise RuntimeError("infllm: no InfLLM config (the impl was built outside a vLLM config)")
+            rows = self.infllm_config.repr_rows(self.num_heads, self.num_kv_heads)
             scores, reprs, sealed = side_state_views(
-                kv_cache, self.num_kv_heads, self.num_heads, self.head_size
+                kv_cache, self.num_kv_heads, self.num_heads, self.head_size, rows
             )
             self._memory = LayerMemory(reprs=reprs, scores=scores, sealed=sealed.view(torch.bool))
             self._memory_key = key

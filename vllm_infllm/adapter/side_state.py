@@ -3,7 +3,9 @@
 Each physical KV block (one memory unit) carries, per layer, the state InfLLM needs to select it:
 
     scores  [Hq, B]  float32       softmax mass each token received inside local windows
-    reprs   [Hq, D]  cache dtype   representative keys (raw, un-rotated), one per query head
+    reprs   [R, D]   cache dtype   representative keys (raw, un-rotated): R = Hq, one per query
+                                   head, or R = 2*Hkv, min and max raw key per KV head
+                                   (unit_score="minmax"); pages have room for max(Hq, 2*Hkv)
     sealed  [1]      uint8         representatives are final
 
 vLLM allocates a KV page per (layer, block). `InfLLMAttentionBackend.customize_spec` asks for
@@ -52,6 +54,7 @@ class SideStateLayout:
     head_size: int
     block_size: int
     dtype: torch.dtype
+    repr_rows: int | None = None  # rows of `reprs` (default num_q_heads)
 
     @property
     def scores_offset(self) -> int:
@@ -68,7 +71,8 @@ class SideStateLayout:
 
     @property
     def reprs_bytes(self) -> int:
-        return self.num_q_heads * self.head_size * _dtype_size(self.dtype)
+        rows = self.num_q_heads if self.repr_rows is None else self.repr_rows
+        return rows * self.head_size * _dtype_size(self.dtype)
 
     @property
     def sealed_offset(self) -> int:
@@ -89,9 +93,14 @@ class SideStateLayout:
 
 
 def num_side_state_slots(
-    num_q_heads: int, head_size: int, dtype: torch.dtype, head_size_v: int | None = None
+    num_q_heads: int,
+    head_size: int,
+    dtype: torch.dtype,
+    head_size_v: int | None = None,
+    num_kv_heads: int | None = None,
 ) -> int:
-    """Extra head slots per page needed for one block's side state.
+    """Extra head slots per page needed for one block's side state, with room for the
+    representatives of either unit score (max(Hq, 2*Hkv) rows; `num_kv_heads` None: Hq rows).
 
     Always computed for the 128-token *kernel* block, whatever ``spec.block_size`` is:
     ``customize_spec`` is also called with ``block_size=1`` (per-token page probes in
@@ -100,15 +109,21 @@ def num_side_state_slots(
     ``num_head_slots = Hkv + E`` gives the right page at every N that is a multiple of 128 and
     the right per-token ratio at N=1.
     """
-    return SideStateLayout(num_q_heads, head_size, INFLLM_BLOCK_SIZE, dtype).num_extra_slots(
+    rows = num_q_heads if num_kv_heads is None else max(num_q_heads, 2 * num_kv_heads)
+    return SideStateLayout(num_q_heads, head_size, INFLLM_BLOCK_SIZE, dtype, rows).num_extra_slots(
         head_size_v
     )
 
 
 def side_state_views(
-    kv_cache: torch.Tensor, num_kv_heads: int, num_q_heads: int, head_size: int
+    kv_cache: torch.Tensor,
+    num_kv_heads: int,
+    num_q_heads: int,
+    head_size: int,
+    repr_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Typed views ``scores[NB, Hq, B] f32``, ``reprs[NB, Hq, D] (cache dtype)``, ``sealed[NB] u8``.
+    """Typed views ``scores[NB, Hq, B] f32``, ``reprs[NB, R, D] (cache dtype)``, ``sealed[NB] u8``
+    (R = repr_rows, default Hq; ``InfLLMConfig.repr_rows``).
 
     kv_cache: [NB, Hkv + E, B, 2*D], the layer's bound cache tensor. The views alias its extra
     head slots ``kv_cache[:, num_kv_heads:]`` (no copy: writes go to the page). ``sealed`` is a
@@ -123,12 +138,13 @@ def side_state_views(
         )
     # .view (not .flatten/.reshape) so a non-contiguous layout errors instead of copying.
     flat = extra.view(nb, -1).view(torch.uint8)  # [NB, E*N*C*es] bytes of each block
-    lay = SideStateLayout(num_q_heads, head_size, n, kv_cache.dtype)
+    rows = num_q_heads if repr_rows is None else repr_rows
+    lay = SideStateLayout(num_q_heads, head_size, n, kv_cache.dtype, rows)
     if lay.total_bytes > flat.shape[1]:
         raise ValueError(f"side state needs {lay.total_bytes} B/block, page has {flat.shape[1]}")
     scores = flat[:, lay.scores_offset : lay.scores_offset + lay.scores_bytes]
     scores = scores.view(torch.float32).view(nb, num_q_heads, n)
     reprs = flat[:, lay.reprs_offset : lay.reprs_offset + lay.reprs_bytes]
-    reprs = reprs.view(kv_cache.dtype).view(nb, num_q_heads, head_size)
+    reprs = reprs.view(kv_cache.dtype).view(nb, rows, head_size)
     sealed = flat[:, lay.sealed_offset]
     return scores, reprs, sealed

@@ -33,6 +33,13 @@ class InfLLMConfig:
                 "kv_head" - each KV head chooses its own topk units, scored by the sum over its G
                             query heads (retrieval lives in a few heads; a layer-wide sum lets the
                             others outvote them). Same keys attended per query.
+    unit_score: how a candidate unit is scored against the chunk's mean query q̄ (section 2.7):
+                "mean_topk" - the paper's rule: <q̄_h, r_{U,h}>, r = mean raw key of the unit's
+                              repr_topk most-attended tokens, per query head;
+                "minmax"    - Quest's bound: sum_d max(q̄_hd min_d, q̄_hd max_d) over the
+                              per-channel min / max of the unit's raw keys (of h's KV head), an
+                              upper bound of q̄_h·k over the unit that needs no attention
+                              statistics (repr_topk is unused).
     positions:  where global keys sit (docs/design.md section 2.7):
                 "fixed"   - the paper's rule: every global key at relative distance n_local-1;
                 "ordered" - the global keys (init, selected units, remainder) in their original
@@ -49,11 +56,13 @@ class InfLLMConfig:
     repr_topk: int = 4
     chunk: int = 512
     selection: str = "layer"
+    unit_score: str = "mean_topk"
     positions: str = "fixed"
 
     #: The values each string-valued knob accepts (the first is the paper's rule).
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "selection": ("layer", "kv_head"),
+        "unit_score": ("mean_topk", "minmax"),
         "positions": ("fixed", "ordered"),
     }
 
@@ -139,6 +148,11 @@ class InfLLMConfig:
     def selection_groups(self, num_kv_heads: int) -> int:
         """Independent unit sets per chunk and layer: 1 ("layer") or one per KV head."""
         return num_kv_heads if self.selection == "kv_head" else 1
+
+    def repr_rows(self, num_q_heads: int, num_kv_heads: int) -> int:
+        """Rows of D values per memory unit in `LayerMemory.reprs`: one representative key per
+        query head ("mean_topk"), or a min row and a max row per KV head ("minmax")."""
+        return 2 * num_kv_heads if self.unit_score == "minmax" else num_q_heads
 
     @property
     def init_blocks(self) -> int:

@@ -20,7 +20,9 @@ from .config import InfLLMConfig
 class LayerMemory:
     """Per-physical-block side state of one layer (reset when a block is rewritten from offset 0).
 
-    reprs:  [num_blocks, Hq, D]   representative keys (raw, un-rotated), one per query head
+    reprs:  [num_blocks, R, D]    representative keys (raw, un-rotated), one per query head
+                                  (R = Hq), or unit_score="minmax": min and max raw key per KV
+                                  head (R = 2*Hkv); R = InfLLMConfig.repr_rows(Hq, Hkv)
     scores: [num_blocks, Hq, B]   fp32 sum of softmax mass each token received inside local windows
     sealed: [num_blocks] bool     representatives computed (the unit became a candidate)
 
@@ -41,9 +43,12 @@ class LayerMemory:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        repr_rows: int | None = None,
     ) -> LayerMemory:
+        """repr_rows: `config.repr_rows(Hq, Hkv)` (default Hq: the paper's representatives)."""
+        rows = num_q_heads if repr_rows is None else repr_rows
         return cls(
-            reprs=torch.zeros(num_blocks, num_q_heads, head_dim, dtype=dtype, device=device),
+            reprs=torch.zeros(num_blocks, rows, head_dim, dtype=dtype, device=device),
             scores=torch.zeros(num_blocks, num_q_heads, block_size, dtype=torch.float32, device=device),
             sealed=torch.zeros(num_blocks, dtype=torch.bool, device=device),
         )

@@ -6,6 +6,7 @@ It loops over selection chunks and queries in position order, exactly as the spe
   for each selection chunk C = [c0, c1):
       seal every memory unit that just became a candidate (ends at or before w(c0))
       select the topk candidates by  sum_h <mean_{p in C} R(n_local-1) q_raw_h(p), r_{U,h}>
+          (unit_score="minmax": sum_h sum_d max(q̄_hd min_{U,d}, q̄_hd max_{U,d}), Quest's bound)
           (selection="layer": h over all query heads, one set shared by all heads;
            selection="kv_head": h over the G query heads of each KV head, one set per KV head)
       for each query p in C:
@@ -44,7 +45,8 @@ class ChunkTrace:
 class ReferenceTrace:
     out: torch.Tensor  # [T, Hq, D] fp32
     chunks: list[ChunkTrace]
-    reprs: dict[int, torch.Tensor]  # unit -> [Hq, D] fp32 representative keys (raw, un-rotated)
+    reprs: dict[int, torch.Tensor]  # unit -> [Hq, D] fp32 representative keys (raw, un-rotated);
+    #                                 unit_score="minmax": [2*Hkv, D], min and max raw key per KV head
     scores: torch.Tensor  # [Hq, T] fp32 accumulated representative scores
 
 
@@ -108,6 +110,13 @@ def infllm_reference_trace(
     def unit_tokens(u: int) -> torch.Tensor:
         return torch.arange(n_init + u * B, n_init + (u + 1) * B)
 
+    def unit_score(q_bar: torch.Tensor, r: torch.Tensor, heads: slice) -> torch.Tensor:
+        """Sum over `heads` of query head h's score of one unit (section 2.7)."""
+        if config.unit_score == "minmax":  # Quest: max of q·k over the box [min, max]
+            lo, hi = r.view(Hkv, 2, D)[kv_head[heads]].unbind(1)  # [h, D] each
+            return torch.maximum(q_bar[heads] * lo, q_bar[heads] * hi).sum()
+        return (q_bar[heads] * r[heads]).sum()
+
     for c0, c1 in selection_chunks(T, config, prefill_len, step_bounds):
         # Sealing: a unit's representatives are fixed when it first becomes a candidate.
         w0 = max(0, c0 - n_local + 1)
@@ -117,6 +126,10 @@ def infllm_reference_trace(
         for u in range(K):
             if u not in reprs:
                 toks = unit_tokens(u)
+                if config.unit_score == "minmax":  # rows 2g, 2g+1: min, max raw key of KV head g
+                    raw = k_global[toks]  # [B, Hkv, D]
+                    reprs[u] = torch.stack([raw.amin(0), raw.amax(0)], dim=1).reshape(2 * Hkv, D)
+                    continue
                 r = torch.empty(Hq, D)
                 for h in range(Hq):
                     top = torch.topk(scores[h, toks], config.repr_topk).indices
@@ -132,7 +145,7 @@ def infllm_reference_trace(
             per_group = []
             for g in range(groups):
                 heads = slice(g * Hq // groups, (g + 1) * Hq // groups)
-                unit_scores = torch.stack([(q_bar[heads] * reprs[u][heads]).sum() for u in range(K)])
+                unit_scores = torch.stack([unit_score(q_bar, reprs[u], heads) for u in range(K)])
                 per_group.append(sorted(torch.topk(unit_scores, config.topk).indices.tolist()))
         per_kv_head = [per_group[h * groups // Hkv] for h in range(Hkv)]
         selected = sorted(set().union(*per_group))

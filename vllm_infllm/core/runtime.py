@@ -49,6 +49,12 @@ def infllm_forward(
     out:          [T, Hq, D], any float dtype
     ops:          the op module (default: `ops.for_device(query.device)`)
     """
+    rows = config.repr_rows(query.shape[1], kv_cache.shape[1])
+    if memory.reprs.shape[1] != rows:
+        raise ValueError(
+            f"infllm: LayerMemory.reprs has {memory.reprs.shape[1]} rows per block, unit_score="
+            f"{config.unit_score!r} needs {rows}: allocate it with config.repr_rows(Hq, Hkv)"
+        )
     if ops is None:
         ops = ops_pkg.for_device(query.device)
     with _cpu_threads(query.device, plan.num_tokens):

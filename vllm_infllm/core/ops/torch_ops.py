@@ -62,7 +62,8 @@ def seal_units(
     config: InfLLMConfig,
 ) -> None:
     """Seal every not-yet-sealed unit among each chunk's candidates: its representative keys
-    become the mean raw key of its `repr_topk` top-scored tokens, per query head.
+    become the mean raw key of its `repr_topk` top-scored tokens, per query head
+    (unit_score="minmax": the per-channel min and max of its raw keys, per KV head).
 
     kv_cache:     [num_blocks, Hkv, B, 2*D]
     memory:       reads `scores` [num_blocks, Hq, B], writes `reprs` [num_blocks, Hq, D], `sealed`
@@ -81,6 +82,13 @@ def seal_units(
     need = (units >= 0) & ~memory.sealed[phys]
     phys, units = phys[need], units[need]
     if phys.numel() == 0:
+        return
+    if config.unit_score == "minmax":  # per KV head: per-channel min and max of the raw keys
+        pos = config.n_init + units[:, None, None] * B + torch.arange(B, device=phys.device)[:, None]
+        raw = rotate(kv_cache[phys, :, :, :D].transpose(1, 2), cos, sin, -pos)  # [m, B, Hkv, D]
+        box = torch.stack((raw.amin(1), raw.amax(1)), dim=2)  # [m, Hkv, 2, D]
+        memory.reprs[phys] = box.view(-1, 2 * Hkv, D).to(memory.reprs.dtype)
+        memory.sealed[phys] = True
         return
     top = memory.scores[phys].topk(config.repr_topk, dim=-1).indices  # [m, Hq, r]
     kv_head = (torch.arange(Hq, device=phys.device) // (Hq // Hkv))[None, :, None]
@@ -126,10 +134,11 @@ def select_units(
     config: InfLLMConfig,
     num_kv_heads: int,
 ) -> torch.Tensor:
-    """The topk candidates of each chunk and selection group by sum_h <q̄_h, r_{U,h}>.
+    """The topk candidates of each chunk and selection group by sum_h <q̄_h, r_{U,h}>
+    (unit_score="minmax": by sum_h sum_d max(q̄_hd lo_d, q̄_hd hi_d), lo/hi of h's KV head).
 
     query:        [T, Hq, D] post-RoPE
-    memory:       reads `reprs` [num_blocks, Hq, D]
+    memory:       reads `reprs` [num_blocks, R, D] (R = config.repr_rows(Hq, Hkv))
     num_kv_heads: Hkv of the layer (query head h belongs to KV head h // (Hq / Hkv))
     returns:      [n, S, topk] int64 memory-unit ids (not block ids), ascending, then -1 = none;
                   S = config.selection_groups(Hkv): 1 (one set for the layer, h over all query
@@ -153,10 +162,17 @@ def select_units(
     for s in range(0, n, step):
         e = min(n, s + step)
         phys = block_table[chunks.req[s:e], config.init_blocks : config.init_blocks + max_k]
-        reprs = memory.reprs.index_select(0, phys.flatten().to(torch.long))  # [m*K, Hq, D]
-        # [m, K, S, X/S] -> [m, S, K, X/S]: group g's heads are the contiguous run g*Hq/S ...
-        reprs = reprs.view(e - s, max_k, S, -1).transpose(1, 2).float()
-        score = torch.matmul(reprs, q_bar[s:e]).squeeze(3)  # [m, S, K]
+        reprs = memory.reprs.index_select(0, phys.flatten().to(torch.long)).float()  # [m*K, R, D]
+        if config.unit_score == "minmax":  # Quest: sum_d max(q̄ lo, q̄ hi) per query head
+            Hkv = num_kv_heads
+            box = reprs.view(e - s, max_k, Hkv, 1, 2, D)
+            qb = q_bar[s:e].view(e - s, 1, Hkv, Hq // Hkv, D)
+            per_head = torch.maximum(qb * box[..., 0, :], qb * box[..., 1, :]).sum(-1)  # [m, K, Hkv, G]
+            score = per_head.view(e - s, max_k, S, -1).sum(-1).transpose(1, 2)  # [m, S, K]
+        else:
+            # [m, K, S, X/S] -> [m, S, K, X/S]: group g's heads are the contiguous run g*Hq/S ...
+            reprs = reprs.view(e - s, max_k, S, -1).transpose(1, 2)
+            score = torch.matmul(reprs, q_bar[s:e]).squeeze(3)  # [m, S, K]
         if ragged:  # pad slots of chunks with fewer candidates (their block ids may be stale)
             score.masked_fill_(units >= chunks.num_cand[s:e, None, None], float("-inf"))
         top = score.topk(topk, dim=-1).indices  # valid candidates first (-inf scores last)

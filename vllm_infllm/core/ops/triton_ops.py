@@ -188,6 +188,63 @@ def _seal_kernel(
     tl.store(sealed_ptr + phys * s_z, tl.full([], 1, tl.uint8))
 
 
+#: Tokens per tile of _seal_minmax_kernel (tests lower it to run its loop on small blocks).
+SEAL_TOKENS = 32
+
+
+@triton.jit
+def _seal_minmax_kernel(
+    kv_ptr,  # [num_blocks, Hkv, B, 2*D] strides s_cb, s_ch, s_co, s_cd
+    bt_ptr, req_ptr, ncand_ptr,  # as _seal_kernel
+    reprs_ptr,  # [num_blocks, 2*Hkv, D] out: rows 2g, 2g+1 = min, max raw key of KV head g
+    sealed_ptr,  # [num_blocks] uint8, stride s_z; in/out
+    cos_ptr, sin_ptr,  # [rows, D/2] rotary table, row strides s_cos, s_sin
+    s_cb, s_ch, s_co, s_cd, s_bt, s_rb, s_rh, s_rd, s_z, s_cos, s_sin,
+    HKV: tl.constexpr, D2: tl.constexpr, B: tl.constexpr, N_INIT: tl.constexpr,
+    INIT_BLOCKS: tl.constexpr, WINDOW: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D2: tl.constexpr,
+):
+    """unit_score="minmax": one program per (chunk, scanned candidate); per KV head, the
+    per-channel min and max of the unit's B raw keys (RoPE undone: rotation by -pos)."""
+    pid = tl.program_id(0)
+    c = pid // WINDOW
+    unit = tl.load(ncand_ptr + c) - WINDOW + pid % WINDOW
+    if unit < 0:
+        return
+    req = tl.load(req_ptr + c).to(tl.int64)
+    phys = tl.load(bt_ptr + req * s_bt + INIT_BLOCKS + unit).to(tl.int64)
+    if tl.load(sealed_ptr + phys * s_z) != 0:
+        return
+    d = tl.arange(0, BLOCK_D2)[None, :]
+    dd = tl.arange(0, BLOCK_D2)
+    ty = reprs_ptr.dtype.element_ty
+    for g in range(HKV):
+        lo_a = tl.full([BLOCK_D2], float("inf"), tl.float32)
+        lo_b = tl.full([BLOCK_D2], float("inf"), tl.float32)
+        hi_a = tl.full([BLOCK_D2], float("-inf"), tl.float32)
+        hi_b = tl.full([BLOCK_D2], float("-inf"), tl.float32)
+        for b0 in range(0, B, BLOCK_B):  # BLOCK_B tokens at a time: [B, D/2] fp32 x 4 spilled at D 256
+            b = b0 + tl.arange(0, BLOCK_B)[:, None]
+            m = (b < B) & (d < D2)
+            pos = N_INIT + unit * B + b
+            cs = tl.load(cos_ptr + pos * s_cos + d, mask=m, other=1.0).to(tl.float32)
+            sn = tl.load(sin_ptr + pos * s_sin + d, mask=m, other=0.0).to(tl.float32)
+            ptr = kv_ptr + phys * s_cb + g * s_ch + b * s_co
+            ka = tl.load(ptr + d * s_cd, mask=m, other=0.0).to(tl.float32)
+            kb = tl.load(ptr + (d + D2) * s_cd, mask=m, other=0.0).to(tl.float32)
+            ra = ka * cs + kb * sn
+            rb = kb * cs - ka * sn
+            lo_a = tl.minimum(lo_a, tl.min(tl.where(m, ra, float("inf")), 0))
+            lo_b = tl.minimum(lo_b, tl.min(tl.where(m, rb, float("inf")), 0))
+            hi_a = tl.maximum(hi_a, tl.max(tl.where(m, ra, float("-inf")), 0))
+            hi_b = tl.maximum(hi_b, tl.max(tl.where(m, rb, float("-inf")), 0))
+        dst = reprs_ptr + phys * s_rb + 2 * g * s_rh
+        tl.store(dst + dd * s_rd, lo_a.to(ty), mask=dd < D2)
+        tl.store(dst + (dd + D2) * s_rd, lo_b.to(ty), mask=dd < D2)
+        tl.store(dst + s_rh + dd * s_rd, hi_a.to(ty), mask=dd < D2)
+        tl.store(dst + s_rh + (dd + D2) * s_rd, hi_b.to(ty), mask=dd < D2)
+    tl.store(sealed_ptr + phys * s_z, tl.full([], 1, tl.uint8))
+
+
 def seal_units(
     kv_cache: torch.Tensor,
     memory: LayerMemory,
@@ -215,6 +272,18 @@ def seal_units(
     s_sb, s_sh, s_so = memory.scores.stride()
     s_rb, s_rh, s_rd = memory.reprs.stride()
     sealed = memory.sealed.view(torch.uint8)  # one byte per KV page in vLLM: index by its stride
+    if config.unit_score == "minmax":
+        _seal_minmax_kernel[(chunks.n * window,)](
+            kv_ptr=kv_cache, bt_ptr=block_table, req_ptr=chunks.req, ncand_ptr=chunks.num_cand,
+            reprs_ptr=memory.reprs, sealed_ptr=sealed, cos_ptr=cos, sin_ptr=sin,
+            s_cb=s_cb, s_ch=s_ch, s_co=s_co, s_cd=s_cd, s_bt=block_table.stride(0),
+            s_rb=s_rb, s_rh=s_rh, s_rd=s_rd, s_z=sealed.stride(0),
+            s_cos=cos.stride(0), s_sin=sin.stride(0),
+            HKV=Hkv, D2=D // 2, B=B, N_INIT=config.n_init, INIT_BLOCKS=config.init_blocks,
+            WINDOW=window, BLOCK_B=min(_p2(B), SEAL_TOKENS), BLOCK_D2=_p2(D // 2),
+            num_warps=4 if D <= 128 else 8,
+        )
+        return
     _seal_kernel[(chunks.n * window,)](
         kv_ptr=kv_cache, bt_ptr=block_table, req_ptr=chunks.req, ncand_ptr=chunks.num_cand,
         scores_ptr=memory.scores, reprs_ptr=memory.reprs, sealed_ptr=sealed,
@@ -308,6 +377,43 @@ def _score_kernel(
     tl.store(dst, acc, mask=u < MAX_CAND)
 
 
+@triton.jit(do_not_specialize=["MAX_CAND"])
+def _score_minmax_kernel(
+    qbar_ptr,  # [n, Hq*D] fp32
+    reprs_ptr,  # [num_blocks, 2*Hkv, D], each block's rows contiguous, block stride s_rb
+    bt_ptr, req_ptr, ncand_ptr,  # as _score_kernel
+    score_ptr,  # [n, S, MAX_CAND] fp32 out
+    s_bt, s_rb, MAX_CAND, HQ: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+    HEADS: tl.constexpr,  # query heads per selection group (Hq or G)
+    INIT_BLOCKS: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """unit_score="minmax": score[c, g, u] = sum over the group's query heads h of
+    sum_d max(q̄_hd lo_d, q̄_hd hi_d), lo/hi the rows 2*(h//G), 2*(h//G)+1 of the unit."""
+    c = tl.program_id(0)
+    u = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
+    grp = tl.program_id(2)
+    dst = score_ptr + (c * tl.num_programs(2) + grp) * MAX_CAND + u
+    ncand = tl.load(ncand_ptr + c)
+    if tl.program_id(1) * BLOCK_U >= ncand:
+        tl.store(dst, tl.full([BLOCK_U], float("-inf"), tl.float32), mask=u < MAX_CAND)
+        return
+    req = tl.load(req_ptr + c).to(tl.int64)
+    um = u < ncand
+    phys = tl.load(bt_ptr + req * s_bt + INIT_BLOCKS + u, mask=um, other=0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    rm = um[:, None] & (d[None, :] < D)
+    acc = tl.zeros([BLOCK_U], dtype=tl.float32)
+    for i in range(HEADS):
+        h = grp * HEADS + i
+        qb = tl.load(qbar_ptr + c * HQ * D + h * D + d, mask=d < D, other=0.0)[None, :]
+        rbase = reprs_ptr + phys[:, None] * s_rb + (2 * (h // G)) * D + d[None, :]
+        lo = tl.load(rbase, mask=rm, other=0.0).to(tl.float32)
+        hi = tl.load(rbase + D, mask=rm, other=0.0).to(tl.float32)
+        acc += tl.sum(tl.maximum(qb * lo, qb * hi), 1)
+    acc = tl.where(um, acc, float("-inf"))
+    tl.store(dst, acc, mask=u < MAX_CAND)
+
+
 def select_units(
     query: torch.Tensor,
     memory: LayerMemory,
@@ -338,7 +444,7 @@ def select_units(
         return selected
     T, Hq, D = query.shape
     reprs = memory.reprs
-    assert reprs.stride(2) == 1 and reprs.stride(1) == D, "reprs[block] must be a contiguous [Hq, D]"
+    assert reprs.stride(2) == 1 and reprs.stride(1) == D, "reprs[block] must be a contiguous [R, D]"
     cos, sin = _table(cos), _table(sin)
     qbar = torch.empty(n, Hq * D, dtype=torch.float32, device=device)
     s_qt, s_qh, s_qd = query.stride()
@@ -354,13 +460,22 @@ def select_units(
     score = torch.empty(n, S, max_k, dtype=torch.float32, device=device)
     block_u = 64 if _INTERPRET else 16
     XG = Hq * D // S
-    _score_kernel[(n, triton.cdiv(max_k, block_u), S)](
-        qbar_ptr=qbar, reprs_ptr=reprs, bt_ptr=block_table, req_ptr=chunks.req,
-        ncand_ptr=chunks.num_cand, score_ptr=score,
-        s_bt=block_table.stride(0), s_rb=reprs.stride(0), X=Hq * D, XG=XG,
-        INIT_BLOCKS=config.init_blocks, MAX_CAND=max_k,
-        BLOCK_U=block_u, BLOCK_X=min(_p2(XG), 1024 if _INTERPRET else 256),
-    )
+    if config.unit_score == "minmax":
+        _score_minmax_kernel[(n, triton.cdiv(max_k, block_u), S)](
+            qbar_ptr=qbar, reprs_ptr=reprs, bt_ptr=block_table, req_ptr=chunks.req,
+            ncand_ptr=chunks.num_cand, score_ptr=score,
+            s_bt=block_table.stride(0), s_rb=reprs.stride(0), MAX_CAND=max_k, HQ=Hq, D=D,
+            G=Hq // num_kv_heads, HEADS=Hq // S, INIT_BLOCKS=config.init_blocks,
+            BLOCK_U=block_u, BLOCK_D=_p2(D),
+        )
+    else:
+        _score_kernel[(n, triton.cdiv(max_k, block_u), S)](
+            qbar_ptr=qbar, reprs_ptr=reprs, bt_ptr=block_table, req_ptr=chunks.req,
+            ncand_ptr=chunks.num_cand, score_ptr=score,
+            s_bt=block_table.stride(0), s_rb=reprs.stride(0), X=Hq * D, XG=XG,
+            INIT_BLOCKS=config.init_blocks, MAX_CAND=max_k,
+            BLOCK_U=block_u, BLOCK_X=min(_p2(XG), 1024 if _INTERPRET else 256),
+        )
     top = score.topk(topk, dim=-1).indices  # valid candidates first (-inf scores last)
     top = torch.where(torch.arange(topk, device=device) < chunks.num_cand[:, None, None], top, max_k)
     top = top.sort(dim=-1).values  # ascending: the attend kernel's slot k is the unit's rank
