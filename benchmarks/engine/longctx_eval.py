@@ -22,9 +22,9 @@ Configurations (one engine each; all its prompts in one `generate` call)
   control       infllm-small with topk=0: sliding window + sinks only, cannot see a needle that
                 left its 512-token window.
   infllm-default the package defaults (n_local 4096, topk 16).
-  infllm-kvhead, infllm-ordered, infllm-kvhead-ordered
-                as infllm with selection="kv_head" and/or positions="ordered" (docs/design.md
-                section 2.7): the same 1664-key budget.
+  infllm-kvhead, infllm-ordered, infllm-kvhead-ordered, infllm-minmax
+                as infllm with selection="kv_head" and/or positions="ordered", or
+                unit_score="minmax" (docs/design.md section 2.7): the same 1664-key budget.
   --extra NAME=JSON adds a configuration of your own (an infllm config over the defaults).
   full          vLLM's own CPU attention (no `attention_backend`: CPU_ATTN), max_model_len 8192;
                 lengths whose prompt + max_tokens exceed 8192 are SKIPPED (SmolLM2's RoPE table
@@ -59,6 +59,7 @@ CONFIGS = {
     "infllm-kvhead": {"n_local": 1024, "topk": 4, "selection": "kv_head"},
     "infllm-ordered": {"n_local": 1024, "topk": 4, "positions": "ordered"},
     "infllm-kvhead-ordered": {"n_local": 1024, "topk": 4, "selection": "kv_head", "positions": "ordered"},
+    "infllm-minmax": {"n_local": 1024, "topk": 4, "unit_score": "minmax"},
     "full": None,  # vLLM's CPU_ATTN
 }
 
