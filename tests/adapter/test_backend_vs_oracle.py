@@ -59,8 +59,21 @@ def make_request(prefill_pieces, decode_steps, gen) -> Request:
     return Request(list(prefill_pieces) + [1] * decode_steps, sum(prefill_pieces), q, k, v)
 
 
+# The modes beyond the paper (docs/design.md section 2.7), all at once.
+MODES = {**INFLLM, "unit_score": "minmax", "selection": "kv_head", "positions": "ordered"}
+
+
 @pytest.fixture(scope="module")
 def vllm_config(tmp_path_factory):
+    return _vllm_config(tmp_path_factory, INFLLM)
+
+
+@pytest.fixture(scope="module")
+def vllm_config_modes(tmp_path_factory):
+    return _vllm_config(tmp_path_factory, MODES)
+
+
+def _vllm_config(tmp_path_factory, infllm):
     from transformers import LlamaConfig
     from vllm.config import ModelConfig, VllmConfig
 
@@ -71,7 +84,7 @@ def vllm_config(tmp_path_factory):
         max_position_embeddings=MAX_POS, rope_theta=10000.0,
     ).save_pretrained(path)  # config only: nothing here loads weights
     model = ModelConfig(model=str(path), max_model_len=MAX_POS, dtype="float32", skip_tokenizer_init=True)
-    return VllmConfig(model_config=model, additional_config={"infllm": INFLLM})
+    return VllmConfig(model_config=model, additional_config={"infllm": dict(infllm)})
 
 
 class Backend:
@@ -165,7 +178,7 @@ def run_schedule(backend: Backend, schedule: list[Scheduled], block_table: torch
     return outs
 
 
-def check_against_oracle(backend: Backend, schedule, block_table, outs):
+def check_against_oracle(backend: Backend, schedule, block_table, outs, cfg=CFG):
     cache = backend.rope.cos_sin_cache
     cos, sin = cache[:, : D // 2], cache[:, D // 2 :]
     chose = 0
@@ -173,15 +186,15 @@ def check_against_oracle(backend: Backend, schedule, block_table, outs):
         memory = backend.impls[layer]._layer_memory(backend.kv_caches[layer])
         for i, s in enumerate(schedule):
             r = s.request
-            trace = infllm_reference_trace(r.q[layer], r.k[layer], r.v[layer], cos, sin, CFG,
+            trace = infllm_reference_trace(r.q[layer], r.k[layer], r.v[layer], cos, sin, cfg,
                                            r.prompt_len, step_bounds=r.step_bounds())
             err = max_abs_err(outs[layer][i], trace.out)
             assert err <= 2e-4, f"layer {layer} request {i}: max |out - oracle| = {err:.2e}"
             for unit, reprs in trace.reprs.items():
-                blk = int(block_table[i, CFG.init_blocks + unit])
+                blk = int(block_table[i, cfg.init_blocks + unit])
                 assert bool(memory.sealed[blk]), (layer, i, unit)
                 torch.testing.assert_close(memory.reprs[blk], reprs, rtol=1e-4, atol=1e-4)
-            chose += sum(c.num_candidates > CFG.topk for c in trace.chunks)
+            chose += sum(c.num_candidates > cfg.topk for c in trace.chunks)
     assert chose >= 8 * LAYERS, f"only {chose} chunks made a real selection (more candidates than topk)"
 
 
@@ -225,3 +238,26 @@ def test_backend_matches_oracle_beyond_window_with_recycled_blocks(vllm_config):
     assert int(memory.sealed[used[:at].long()].sum()) >= 5  # stale flags the backend must reset
     outs = run_schedule(backend, round2, table2, pad_steps={1})
     check_against_oracle(backend, round2, table2, outs)
+
+
+def test_backend_matches_oracle_in_the_modes_beyond_the_paper(vllm_config_modes):
+    """minmax unit scores, per-KV-head selection and ordered positions through the real Builder
+    and Impl: side-state pages sized for either representative layout, the views the config's."""
+    g = torch.Generator().manual_seed(1)
+    backend = Backend(vllm_config_modes, num_blocks=24)
+    schedule = [
+        Scheduled(make_request([300, 417, 300], 6, g), arrival=0),
+        Scheduled(make_request([129, 1], 20, g), arrival=0),
+        Scheduled(make_request([600, 1], 4, g), arrival=2),
+    ]
+    widths = [-(-s.request.total // 128) for s in schedule]
+    perm = torch.randperm(24, generator=g)
+    table = torch.zeros(len(schedule), max(widths), dtype=torch.int32)
+    at = 0
+    for i, w in enumerate(widths):
+        table[i, :w] = perm[at : at + w]
+        at += w
+    outs = run_schedule(backend, schedule, table, pad_steps={1})
+    memory = backend.impls[0]._layer_memory(backend.kv_caches[0])
+    assert memory.reprs.shape[1] == 2 * HKV  # min and max per KV head
+    check_against_oracle(backend, schedule, table, outs, InfLLMConfig(**MODES))
