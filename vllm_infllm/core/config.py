@@ -149,6 +149,12 @@ class InfLLMConfig:
         """Independent unit sets per chunk and layer: 1 ("layer") or one per KV head."""
         return num_kv_heads if self.selection == "kv_head" else 1
 
+    @property
+    def accumulates_scores(self) -> bool:
+        """Whether the ops add the local softmax mass into the representative scores: only the
+        paper's representatives read them (no memory, or "minmax", need none)."""
+        return self.topk > 0 and self.unit_score == "mean_topk"
+
     def repr_rows(self, num_q_heads: int, num_kv_heads: int) -> int:
         """Rows of D values per memory unit in `LayerMemory.reprs`: one representative key per
         query head ("mean_topk"), or a min row and a max row per KV head ("minmax")."""

@@ -207,7 +207,7 @@ def attend(
 
     query:        [T, Hq, D] post-RoPE
     kv_cache:     [num_blocks, Hkv, B, 2*D] with this step's K/V written
-    memory:       `scores` [num_blocks, Hq, B] gain the local softmax mass (when topk > 0)
+    memory:       `scores` [num_blocks, Hq, B] gain the local softmax mass (config.accumulates_scores)
     selected:     [n, S, topk] unit ids from `select_units` (-1 = none; S = 1: the same units for
                   every KV head, S = Hkv: KV head g reads row g), or None when topk == 0
     out:          [T, Hq, D]; only the wave's query rows are written
@@ -405,7 +405,7 @@ def _attend_tiles(query, kv_cache, memory, block_table, chunks, selected, cos, s
         o = o.index_select(0, geo["valid_idx"])
     out.index_copy_(0, geo["rows_valid"], o.to(out.dtype))
 
-    if config.topk > 0:  # representative scores: fp32 softmax mass each local key received
+    if config.accumulates_scores:  # representative scores: fp32 softmax mass each local key received
         w = geo["mass_weight"] / denom.view(Hkv, n, G, 1, Qt)
         mass = torch.matmul(w, p_loc.view(Hkv, n, G, Qt, -1))  # [Hkv, n, G, 1, Lloc]
         nb = geo["n_loc_blk"]

@@ -931,7 +931,7 @@ def attend(
 
     query:        [T, Hq, D] post-RoPE
     kv_cache:     [num_blocks, Hkv, B, 2*D] with this step's K/V written
-    memory:       `scores` [num_blocks, Hq, B] gain the local softmax mass (when topk > 0)
+    memory:       `scores` [num_blocks, Hq, B] gain the local softmax mass (config.accumulates_scores)
     selected:     [n, S, topk] unit ids from `select_units` (-1 = none; S = 1 or Hkv, as in
                   torch_ops.attend), or None when topk == 0
     out:          [T, Hq, D]; only the wave's query rows are written
@@ -952,7 +952,7 @@ def attend(
     qt = block_m // G
     splits = _decode_splits(n, Hkv, query.device) if decode else 1
     topk = config.topk if (selected is not None and config.topk > 0) else 0
-    scores_on = config.topk > 0
+    scores_on = config.accumulates_scores
     sel = selected if topk else chunks.num_cand
     if topk and sel.shape[1] not in (1, Hkv):
         raise ValueError(f"selected {tuple(sel.shape)}: one unit set per layer or per KV head ({Hkv})")
