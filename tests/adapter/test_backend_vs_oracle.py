@@ -60,7 +60,8 @@ def make_request(prefill_pieces, decode_steps, gen) -> Request:
 
 
 # The modes beyond the paper (docs/design.md section 2.7), all at once.
-MODES = {**INFLLM, "unit_score": "minmax", "selection": "kv_head", "positions": "ordered"}
+MODES = {**INFLLM, "unit_score": "minmax", "selection": "kv_head", "positions": "ordered",
+         "contiguity": 1, "select_queries": 32}
 
 
 @pytest.fixture(scope="module")
@@ -241,8 +242,9 @@ def test_backend_matches_oracle_beyond_window_with_recycled_blocks(vllm_config):
 
 
 def test_backend_matches_oracle_in_the_modes_beyond_the_paper(vllm_config_modes):
-    """minmax unit scores, per-KV-head selection and ordered positions through the real Builder
-    and Impl: side-state pages sized for either representative layout, the views the config's."""
+    """minmax unit scores, per-KV-head selection, ordered positions, contiguity and the chunk's
+    last queries selecting, through the real Builder and Impl: side-state pages sized for either
+    representative layout, the views the config's."""
     g = torch.Generator().manual_seed(1)
     backend = Backend(vllm_config_modes, num_blocks=24)
     schedule = [

@@ -6,7 +6,8 @@ from vllm_infllm.core.config import InfLLMConfig, InfLLMConfigError
 def test_defaults_are_the_papers():
     c = InfLLMConfig.from_dict({})
     assert c.to_dict() == dict(n_init=128, n_local=4096, block_size=128, topk=16, repr_topk=4, chunk=512,
-                               selection="layer", unit_score="mean_topk", positions="fixed")
+                               selection="layer", unit_score="mean_topk", positions="fixed",
+                               contiguity=0, select_queries=0)
     assert InfLLMConfig.from_dict(None) == c
     assert c.max_attended() == 128 + 4096 + 16 * 128 + 128 + 512
 
@@ -33,6 +34,9 @@ def test_from_dict_overrides():
         ({"selection": 1}, "selection", ["one of 'layer', 'kv_head'"]),
         ({"positions": "order"}, "positions", ["one of 'fixed', 'ordered'", "use 'ordered'"]),
         ({"unit_score": "quest"}, "unit_score", ["one of 'mean_topk', 'minmax'"]),
+        ({"contiguity": -1}, "contiguity", ["contiguity >= 0", "use 0"]),
+        ({"select_queries": 600}, "select_queries", ["select_queries <= chunk=512", "e.g. 32"]),
+        ({"select_queries": -2}, "select_queries", ["0 <= select_queries"]),
     ],
 )
 def test_bad_values_name_field_value_rule_and_fix(values, field, words):

@@ -77,6 +77,20 @@ def test_minmax_unit_score_matches_oracle(Hq, Hkv, selection, positions):
             torch.testing.assert_close(mem.reprs[table[i, cfg.init_blocks + u]], r, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("Hq,Hkv,modes", [
+    (6, 2, {"contiguity": 1}), (8, 1, {"contiguity": 2, "unit_score": "minmax"}),
+    (6, 2, {"select_queries": 5}), (4, 4, {"select_queries": 7, "contiguity": 1, "selection": "kv_head"}),
+    (6, 2, {"select_queries": 3, "positions": "ordered", "unit_score": "minmax"})])
+def test_contiguity_and_select_queries_match_oracle(Hq, Hkv, modes):
+    """contiguity: neighbours ranked in; select_queries: q̄ of the chunk's last m queries
+    (docs/design.md section 2.7), with step-cut chunks shorter than m."""
+    cfg = dataclasses.replace(SMALL, topk=3, **modes)
+    reqs = batch(Hq, Hkv, 64, seed=7)
+    cos, sin = rope_table(64, 1024)
+    run = run_paged(reqs, cfg, cos, sin, layers=2)
+    assert_matches_oracle(reqs, run, cfg, cos, sin, layers=2)
+
+
 def test_memory_allocated_for_another_unit_score_is_an_error():
     cfg = dataclasses.replace(SMALL, unit_score="minmax")
     reqs = batch(6, 2, 64)

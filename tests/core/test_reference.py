@@ -94,8 +94,9 @@ def planted_needle(topk, T=700, D=32, needle_unit=7, seed=0, **modes):
     return trace, needle_unit, marker, prefill
 
 
-@pytest.mark.parametrize("modes", [{}, {"positions": "ordered"}, {"unit_score": "minmax"}],
-                         ids=["paper", "ordered", "minmax"])
+@pytest.mark.parametrize("modes", [{}, {"positions": "ordered"}, {"unit_score": "minmax"},
+                                   {"contiguity": 1}, {"select_queries": 4}],
+                         ids=["paper", "ordered", "minmax", "contiguity", "select_queries"])
 def test_planted_needle_is_selected_and_dominates(modes):
     """ordered: the needle's keys sit at distances 64..~95 instead of 63, still read."""
     trace, unit, marker, prefill = planted_needle(topk=1, **modes)
@@ -277,3 +278,79 @@ def test_minmax_selects_the_units_with_the_largest_quest_bound(selection):
             assert sel == sorted(groups[:, g].topk(cfg.topk).indices.tolist())
             checked += 1
     assert checked > 10
+
+
+# --- contiguity and select_queries (minmax scores: representatives that do not depend on the
+# --- selections made before, so the bound can be brute-forced from the raw keys) -------------
+
+
+def quest_scores(q_bar, k, c, Hkv, G, B=16, n_init=32):
+    """[K] layer-wide Quest bound of every candidate unit, from the raw keys."""
+    out = []
+    for u in range(c.num_candidates):
+        raw = k[n_init + B * u : n_init + B * (u + 1)]
+        lo, hi = raw.amin(0).repeat_interleave(G, 0), raw.amax(0).repeat_interleave(G, 0)
+        out.append(torch.maximum(q_bar * lo, q_bar * hi).sum().item())
+    return out
+
+
+@pytest.mark.parametrize("contiguity,topk", [(1, 3), (1, 4), (2, 5)])
+def test_contiguity_brings_the_best_units_neighbours(contiguity, topk):
+    """Each selected unit brings its neighbours: the best unit arrives with every candidate within
+    `contiguity` units of it, and the ranking is the best bound within reach, then the unit's own,
+    then position (docs/design.md section 2.7); the budget stays topk units."""
+    cfg = InfLLMConfig(**{**MINMAX.to_dict(), "topk": topk, "contiguity": contiguity})
+    paper = InfLLMConfig(**{**cfg.to_dict(), "contiguity": 0})
+    Hq, Hkv, G, T = 6, 3, 2, 400
+    q, k, v = rand_qkv(T, Hq, Hkv, 16, seed=11)
+    cos, sin = rope_table(16, 512)
+    tr = infllm_reference_trace(q, k, v, cos, sin, cfg, prefill_len=330)
+    tr0 = infllm_reference_trace(q, k, v, cos, sin, paper, prefill_len=330)
+    q_bar_all = rotate(q, cos, sin, torch.full((T,), cfg.n_local - 1))
+    checked = differ = 0
+    for c, c0 in zip(tr.chunks, tr0.chunks, strict=True):
+        if c.num_candidates <= topk:
+            assert c.selected == list(range(c.num_candidates))
+            continue
+        score = quest_scores(q_bar_all[c.c0 : c.c1].mean(0), k, c, Hkv, G)
+        assert len(c.selected) == topk
+        best = max(range(len(score)), key=score.__getitem__)
+        reach = range(max(0, best - contiguity), min(len(score), best + contiguity + 1))
+        assert set(reach) <= set(c.selected)
+        near = [max(score[max(0, u - contiguity) : u + contiguity + 1]) for u in range(len(score))]
+        ranked = sorted(range(len(score)), key=lambda u: (-near[u], -score[u], u))
+        assert c.selected == sorted(ranked[:topk])
+        assert c0.selected == sorted(sorted(range(len(score)), key=lambda u: -score[u])[:topk])
+        differ += c.selected != c0.selected
+        checked += 1
+    assert checked > 10 and differ > 3
+
+
+def test_select_queries_selects_with_the_chunks_last_queries():
+    """select_queries=m: q̄ is the mean over the chunk's last m queries (all of a shorter chunk's,
+    and a decode step's one); m = chunk is exactly the paper's rule."""
+    cfg = InfLLMConfig(**{**MINMAX.to_dict(), "select_queries": 5})
+    Hq, Hkv, G, T = 6, 3, 2, 330
+    q, k, v = rand_qkv(T, Hq, Hkv, 16, seed=12)
+    cos, sin = rope_table(16, 512)
+    steps = [150, 203]  # step boundaries: chunks of 3 and 21 queries, shorter than and above m
+    tr = infllm_reference_trace(q, k, v, cos, sin, cfg, prefill_len=300, step_bounds=steps)
+    tr0 = infllm_reference_trace(q, k, v, cos, sin, InfLLMConfig(**{**cfg.to_dict(), "select_queries": 0}),
+                                 prefill_len=300, step_bounds=steps)
+    q_bar_all = rotate(q, cos, sin, torch.full((T,), cfg.n_local - 1))
+    checked = differ = 0
+    for c, c0 in zip(tr.chunks, tr0.chunks, strict=True):
+        if c.num_candidates <= cfg.topk:
+            continue
+        score = torch.tensor(quest_scores(q_bar_all[max(c.c0, c.c1 - 5) : c.c1].mean(0), k, c, Hkv, G))
+        assert c.selected == sorted(score.topk(cfg.topk).indices.tolist())
+        differ += c.selected != c0.selected
+        checked += 1
+    assert checked > 20 and differ > 2
+    assert all(c.selected == c0.selected for c, c0 in zip(tr.chunks, tr0.chunks, strict=True) if c.c0 >= 300)
+    # m = chunk: every selection chunk is at most `chunk` long, so this is the paper's rule exactly
+    for unit_score in ("mean_topk", "minmax"):
+        base = InfLLMConfig(**{**cfg.to_dict(), "unit_score": unit_score, "select_queries": 0})
+        whole = InfLLMConfig(**{**base.to_dict(), "select_queries": base.chunk})
+        a = infllm_attention_reference(q, k, v, cos, sin, base, prefill_len=300)
+        assert torch.equal(a, infllm_attention_reference(q, k, v, cos, sin, whole, prefill_len=300))

@@ -141,12 +141,15 @@ def test_seal_units(Hq, Hkv, D, unit_score, monkeypatch):
 
 
 @in_process
-@pytest.mark.parametrize("selection,unit_score", [("layer", "mean_topk"), ("kv_head", "mean_topk"),
-                                                  ("layer", "minmax"), ("kv_head", "minmax")])
+@pytest.mark.parametrize("selection,unit_score,extra", [
+    ("layer", "mean_topk", {}), ("kv_head", "mean_topk", {}), ("layer", "minmax", {}),
+    ("kv_head", "minmax", {}), ("layer", "mean_topk", {"contiguity": 1}),
+    ("kv_head", "minmax", {"contiguity": 2, "select_queries": 5}), ("layer", "minmax", {"select_queries": 3})])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_select_units(dtype, selection, unit_score):
+def test_select_units(dtype, selection, unit_score, extra):
+    """extra: contiguity (neighbours ranked in), select_queries (q̄ of the chunk's last queries)."""
     Hq, Hkv, D = 6, 3, 32
-    cfg = dataclasses.replace(CFG, selection=selection, unit_score=unit_score)
+    cfg = dataclasses.replace(CFG, selection=selection, unit_score=unit_score, **extra)
     (kv, table, cos, sin), mem = paged_state(Hq, Hkv, D, SEQ_LENS, dtype, cfg)
     g = torch.Generator().manual_seed(3)
     query = torch.randn(sum(QUERY_LENS), Hq, D, generator=g).to(dtype=dtype, device=DEVICE)
@@ -262,13 +265,16 @@ def test_static_decode_plan_replays_like_eager(splits, monkeypatch):
 @pytest.mark.parametrize("Hq,Hkv,D,splits,selection,positions,unit_score", [
     (4, 2, 32, 1, "layer", "fixed", "mean_topk"), (3, 1, 64, 2, "layer", "fixed", "mean_topk"),
     (6, 3, 32, 2, "kv_head", "fixed", "mean_topk"), (4, 2, 32, 2, "kv_head", "ordered", "mean_topk"),
-    (6, 3, 32, 1, "layer", "fixed", "minmax")])
+    (6, 3, 32, 1, "layer", "fixed", "minmax"), (4, 2, 32, 2, "layer", "ordered", "contiguity+last")])
 def test_runtime_matches_oracle(Hq, Hkv, D, splits, selection, positions, unit_score, monkeypatch):
-    """The whole runtime (write, seal, select, attend; waves; recycled stale state) vs the oracle."""
+    """The whole runtime (write, seal, select, attend; waves; recycled stale state) vs the oracle.
+    "contiguity+last": minmax scores with contiguity 1 and select_queries 4."""
     monkeypatch.setattr(triton_ops, "DECODE_SPLITS", splits)
     monkeypatch.setattr(triton_ops, "BLOCK_N", 16 if splits > 1 else 64)
+    extra = dict(unit_score="minmax", contiguity=1, select_queries=4) if unit_score == "contiguity+last" else \
+        dict(unit_score=unit_score)
     cfg = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32,
-                       selection=selection, positions=positions, unit_score=unit_score)
+                       selection=selection, positions=positions, **extra)
     g = torch.Generator().manual_seed(7)
     reqs = [
         make_request([45, 77, 60], 4, Hq, Hkv, D, g),  # chunks cut at step bounds; several waves

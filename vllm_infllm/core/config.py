@@ -47,6 +47,14 @@ class InfLLMConfig:
                             model sees the order of the tokens it reads from memory (all at one
                             distance, a number's digits have none). Distances stay below
                             max_attended(); a context within n_init + n_local is exactly dense.
+    contiguity: neighbours a selected unit brings (docs/design.md section 2.7), on each side:
+                0 is the paper's rule; c > 0 ranks each candidate by the best score within c
+                units of it (then by its own score, then by position), so the best unit's
+                neighbours come right after it - EM-LLM's contiguity buffer, with the budget
+                still topk units (a needle cut by a unit boundary arrives whole).
+    select_queries: how many of a chunk's queries average into the selecting query q̄: 0 is the
+                paper's rule (all of them); m > 0 takes the chunk's last m (the question at the
+                end of a prompt, rather than the filler before it). Decoding is unaffected.
     """
 
     n_init: int = 128
@@ -58,6 +66,8 @@ class InfLLMConfig:
     selection: str = "layer"
     unit_score: str = "mean_topk"
     positions: str = "fixed"
+    contiguity: int = 0
+    select_queries: int = 0
 
     #: The values each string-valued knob accepts (the first is the paper's rule).
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -115,6 +125,14 @@ class InfLLMConfig:
             f"use repr_topk={min(4, self.block_size)}",
         )
         self._check(self.topk >= 0, "topk", "topk >= 0", "use 0 (no memory) or e.g. 16")
+        self._check(self.contiguity >= 0, "contiguity", "contiguity >= 0",
+                    "use 0 (the paper's rule) or 1 (each selected unit brings its neighbours)")
+        self._check(
+            0 <= self.select_queries <= self.chunk,
+            "select_queries",
+            f"0 <= select_queries <= chunk={self.chunk} (the last m queries of a chunk)",
+            "use 0 (the mean over the whole chunk, the paper's rule) or e.g. 32",
+        )
 
     def _check(self, ok: bool, field: str, rule: str, fix: str) -> None:
         if not ok:

@@ -6,6 +6,8 @@ It loops over selection chunks and queries in position order, exactly as the spe
   for each selection chunk C = [c0, c1):
       seal every memory unit that just became a candidate (ends at or before w(c0))
       select the topk candidates by  sum_h <mean_{p in C} R(n_local-1) q_raw_h(p), r_{U,h}>
+          (select_queries=m: the mean over the chunk's last m queries only)
+          (contiguity=c: ranked by the best score within c units, then their own score)
           (unit_score="minmax": sum_h sum_d max(q̄_hd min_{U,d}, q̄_hd max_{U,d}), Quest's bound)
           (selection="layer": h over all query heads, one set shared by all heads;
            selection="kv_head": h over the G query heads of each KV head, one set per KV head)
@@ -117,6 +119,16 @@ def infllm_reference_trace(
             return torch.maximum(q_bar[heads] * lo, q_bar[heads] * hi).sum()
         return (q_bar[heads] * r[heads]).sum()
 
+    def top_units(score: list[float]) -> list[int]:
+        """The topk units by score (contiguity c > 0: by the best score within c units, then by
+        their own score, then by position), ascending."""
+        c = config.contiguity
+        if c == 0:
+            return sorted(torch.topk(torch.tensor(score), config.topk).indices.tolist())
+        near = [max(score[max(0, u - c) : u + c + 1]) for u in range(len(score))]
+        order = sorted(range(len(score)), key=lambda u: (-near[u], -score[u], u))
+        return sorted(order[: config.topk])
+
     for c0, c1 in selection_chunks(T, config, prefill_len, step_bounds):
         # Sealing: a unit's representatives are fixed when it first becomes a candidate.
         w0 = max(0, c0 - n_local + 1)
@@ -141,12 +153,13 @@ def infllm_reference_trace(
         if K <= config.topk:
             per_group = [list(range(K))] * groups
         else:
-            q_bar = q_global[c0:c1].mean(0)  # [Hq, D]
+            m = config.select_queries
+            q_bar = q_global[max(c0, c1 - m) if m else c0 : c1].mean(0)  # [Hq, D]
             per_group = []
             for g in range(groups):
                 heads = slice(g * Hq // groups, (g + 1) * Hq // groups)
                 unit_scores = torch.stack([unit_score(q_bar, reprs[u], heads) for u in range(K)])
-                per_group.append(sorted(torch.topk(unit_scores, config.topk).indices.tolist()))
+                per_group.append(top_units(unit_scores.tolist()))
         per_kv_head = [per_group[h * groups // Hkv] for h in range(Hkv)]
         selected = sorted(set().union(*per_group))
         traces.append(ChunkTrace(c0, c1, K, selected, per_kv_head))

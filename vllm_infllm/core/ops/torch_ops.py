@@ -17,6 +17,7 @@ import torch
 from ..config import InfLLMConfig
 from ..plan import ChunkBatch, LayerMemory
 from ..rope import global_query_shift, rotate, rotate_rows
+from .ranking import top_units
 
 # Upper bound on elements of one padded logits tensor (tiles x heads x queries x keys).
 _LOGITS_BUDGET = 1 << 24
@@ -100,19 +101,24 @@ def seal_units(
 
 
 def _chunk_mean_query(query, chunks: ChunkBatch, cos, sin, config: InfLLMConfig):
-    """q̄ = mean over the chunk of R(n_local-1)·q_raw = R(n_local-1-p)·q(p); [n, Hq*D] fp32."""
+    """q̄ = mean over the chunk (select_queries=m: its last m queries) of R(n_local-1)·q_raw
+    = R(n_local-1-p)·q(p); [n, Hq*D] fp32."""
     key = ("qbar", cos.data_ptr())
     geo = chunks.scratch.get(key)
     if geo is None:  # layer-independent: rows, RoPE rows and weights, once per step
         L = chunks.max_len
         i = torch.arange(L, device=query.device)
         valid = i[None, :] < chunks.length[:, None]
+        used = chunks.length
+        if config.select_queries:  # only the chunk's last m queries select
+            used = used.clamp(max=config.select_queries)
+            valid &= i[None, :] >= (chunks.length - used)[:, None]
         rows = torch.where(valid, chunks.q0[:, None] + i, chunks.q0[:, None])
         shift = global_query_shift(chunks.c0[:, None] + i, config.n_local)
         sign = torch.where(shift < 0, -1.0, 1.0)[..., None, None]
         c = cos.index_select(0, shift.abs().flatten()).view(-1, L, 1, cos.shape[1]).float()
         s = sin.index_select(0, shift.abs().flatten()).view(-1, L, 1, sin.shape[1]).float() * sign
-        weight = (valid / chunks.length[:, None]).float()[..., None, None]  # mean over valid rows
+        weight = (valid / used[:, None]).float()[..., None, None]  # mean over the selecting rows
         geo = chunks.scratch[key] = (rows.flatten(), c, s, weight, L)
     rows, c, s, weight, L = geo
     q = query.index_select(0, rows).float()
@@ -157,7 +163,6 @@ def select_units(
         return selected
     q_bar = _chunk_mean_query(query, chunks, cos, sin, config).view(n, S, -1, 1)  # [n, S, X/S, 1]
     ragged = min(chunks.host["num_cand"]) < max_k
-    short = min(chunks.host["num_cand"]) < topk
     step = max(1, _LOGITS_BUDGET // (max_k * Hq * D))
     for s in range(0, n, step):
         e = min(n, s + step)
@@ -175,12 +180,8 @@ def select_units(
             score = torch.matmul(reprs, q_bar[s:e]).squeeze(3)  # [m, S, K]
         if ragged:  # pad slots of chunks with fewer candidates (their block ids may be stale)
             score.masked_fill_(units >= chunks.num_cand[s:e, None, None], float("-inf"))
-        top = score.topk(topk, dim=-1).indices  # valid candidates first (-inf scores last)
-        if short:
-            ok = torch.arange(topk, device=device) < chunks.num_cand[s:e, None, None]
-            top = torch.where(ok, top, max_k)
-        selected[s:e] = top.sort(dim=-1).values  # ascending: positions="ordered" lays them out so
-    return selected.masked_fill_(selected == max_k, -1)
+        selected[s:e] = top_units(score, chunks.num_cand[s:e], config)
+    return selected
 
 
 def _tiles(chunks: ChunkBatch):

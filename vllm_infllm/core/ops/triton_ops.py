@@ -29,6 +29,7 @@ import triton.language as tl
 
 from ..config import InfLLMConfig
 from ..plan import ChunkBatch, LayerMemory
+from .ranking import top_units
 
 _LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -306,20 +307,24 @@ def _qbar_kernel(
     c0_ptr, len_ptr, q0_ptr,  # [n] int32: first position, queries, first query row of each chunk
     cos_ptr, sin_ptr,  # [rows, D/2] rotary table, row strides s_cos, s_sin
     s_qt, s_qh, s_qd, s_cos, s_sin,
+    SELECT_QUERIES,  # 0: every query of the chunk; m > 0: its last m
     D2: tl.constexpr, X: tl.constexpr, N_LOCAL: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
-    """One program per (chunk, query head): q̄[c, h] = mean over the chunk of
-    R(n_local-1-p)·q(p), fp32, stored at [c, h*D : (h+1)*D]."""
+    """One program per (chunk, query head): q̄[c, h] = mean over the chunk (or its last
+    SELECT_QUERIES queries) of R(n_local-1-p)·q(p), fp32, stored at [c, h*D : (h+1)*D]."""
     c = tl.program_id(0)
     h = tl.program_id(1)
     length = tl.load(len_ptr + c)
     c0 = tl.load(c0_ptr + c)
     q0 = tl.load(q0_ptr + c)
+    first = 0
+    if SELECT_QUERIES > 0:
+        first = tl.maximum(length - SELECT_QUERIES, 0)
     d = tl.arange(0, BLOCK_D2)[None, :]
     acc_a = tl.zeros([BLOCK_D2], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_D2], dtype=tl.float32)
-    for t in range(0, length, BLOCK_Q):
+    for t in range(first, length, BLOCK_Q):
         i = t + tl.arange(0, BLOCK_Q)[:, None]
         m = (i < length) & (d < D2)
         ptr = q_ptr + (q0 + i).to(tl.int64) * s_qt + h * s_qh  # rows x stride can pass 2^31
@@ -335,7 +340,7 @@ def _qbar_kernel(
         acc_b += tl.sum(qb * cs + qa * sn, 0)
     dd = tl.arange(0, BLOCK_D2)
     dst = qbar_ptr + c * X + h * 2 * D2
-    n = tl.maximum(length, 1)  # padding chunks of a static decode plan have no queries
+    n = tl.maximum(length - first, 1)  # padding chunks of a static decode plan have no queries
     tl.store(dst + dd, acc_a / n, mask=dd < D2)
     tl.store(dst + D2 + dd, acc_b / n, mask=dd < D2)
 
@@ -452,7 +457,7 @@ def select_units(
         q_ptr=query, qbar_ptr=qbar, c0_ptr=chunks.c0, len_ptr=chunks.length, q0_ptr=chunks.q0,
         cos_ptr=cos, sin_ptr=sin,
         s_qt=s_qt, s_qh=s_qh, s_qd=s_qd, s_cos=cos.stride(0), s_sin=sin.stride(0),
-        D2=D // 2, X=Hq * D, N_LOCAL=config.n_local,
+        SELECT_QUERIES=config.select_queries, D2=D // 2, X=Hq * D, N_LOCAL=config.n_local,
         # Two builds only (decode, prefill): a block sized by each step's longest chunk would
         # compile anew for every power of two it meets.
         BLOCK_Q=1 if chunks.max_len == 1 else (128 if _INTERPRET else 32), BLOCK_D2=_p2(D // 2),
@@ -476,10 +481,7 @@ def select_units(
             INIT_BLOCKS=config.init_blocks, MAX_CAND=max_k,
             BLOCK_U=block_u, BLOCK_X=min(_p2(XG), 1024 if _INTERPRET else 256),
         )
-    top = score.topk(topk, dim=-1).indices  # valid candidates first (-inf scores last)
-    top = torch.where(torch.arange(topk, device=device) < chunks.num_cand[:, None, None], top, max_k)
-    top = top.sort(dim=-1).values  # ascending: the attend kernel's slot k is the unit's rank
-    return top.masked_fill_(top == max_k, -1)
+    return top_units(score, chunks.num_cand, config)  # ascending: slot k is the unit's rank
 
 
 # --------------------------------------------------------------------------------------- attend
