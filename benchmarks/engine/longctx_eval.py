@@ -22,9 +22,11 @@ Configurations (one engine each; all its prompts in one `generate` call)
   control       infllm-small with topk=0: sliding window + sinks only, cannot see a needle that
                 left its 512-token window.
   infllm-default the package defaults (n_local 4096, topk 16).
-  infllm-kvhead, infllm-ordered, infllm-kvhead-ordered, infllm-minmax
+  infllm-kvhead, infllm-ordered, infllm-kvhead-ordered, infllm-minmax, infllm-contig,
+  infllm-last, infllm-minmax-contig, infllm-minmax-last
                 as infllm with selection="kv_head" and/or positions="ordered", or
-                unit_score="minmax" (docs/design.md section 2.7): the same 1664-key budget.
+                unit_score="minmax", contiguity=1, select_queries=16 (docs/design.md section
+                2.7): the same 1664-key budget.
   --extra NAME=JSON adds a configuration of your own (an infllm config over the defaults).
   full          vLLM's own CPU attention (no `attention_backend`: CPU_ATTN), max_model_len 8192;
                 lengths whose prompt + max_tokens exceed 8192 are SKIPPED (SmolLM2's RoPE table
@@ -60,6 +62,10 @@ CONFIGS = {
     "infllm-ordered": {"n_local": 1024, "topk": 4, "positions": "ordered"},
     "infllm-kvhead-ordered": {"n_local": 1024, "topk": 4, "selection": "kv_head", "positions": "ordered"},
     "infllm-minmax": {"n_local": 1024, "topk": 4, "unit_score": "minmax"},
+    "infllm-contig": {"n_local": 1024, "topk": 4, "contiguity": 1},
+    "infllm-last": {"n_local": 1024, "topk": 4, "select_queries": 16},
+    "infllm-minmax-contig": {"n_local": 1024, "topk": 4, "unit_score": "minmax", "contiguity": 1},
+    "infllm-minmax-last": {"n_local": 1024, "topk": 4, "unit_score": "minmax", "select_queries": 16},
     "full": None,  # vLLM's CPU_ATTN
 }
 
