@@ -105,3 +105,12 @@ def test_public_command_lines():
     demo = subprocess.run([sys.executable, "-m", "vllm_infllm.demo", "--help"], capture_output=True,
                           text=True, timeout=120)
     assert demo.returncode == 0 and "--n-local" in demo.stdout, demo.stderr
+
+
+def test_demo_rejects_a_bad_knob_before_loading_the_model():
+    """`--infllm` knobs are checked by the config before any engine starts: the error names the
+    key and the fix, and no model is loaded (the run takes the time of an import)."""
+    bad = subprocess.run([sys.executable, "-m", "vllm_infllm.demo", "--infllm", '{"unit_scor": "minmax"}'],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert "Did you mean 'unit_score'?" in bad.stderr and "Loading" not in bad.stderr + bad.stdout

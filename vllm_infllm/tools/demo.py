@@ -2,6 +2,7 @@
 
     bash scripts/demo.sh                       # set-up, then this with the defaults
     python -m vllm_infllm.demo --length 12000 --depth 0.25 --topk 4 --n-local 1024 --control
+    python -m vllm_infllm.demo --n-local 1024 --infllm '{"unit_score": "minmax", "positions": "ordered"}'
 
 Runs vLLM's offline `LLM(attention_backend="infllm")` on the CPU build and prints, for each
 depth, the expected key, the model's answer, right/wrong and the time. `--control` also runs
@@ -11,6 +12,7 @@ the sliding-window control (`topk: 0`), which cannot see a needle outside its wi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -24,8 +26,24 @@ def main(argv=None) -> int:
     ap.add_argument("--n-local", type=int, default=512)
     ap.add_argument("--topk", type=int, default=4)
     ap.add_argument("--control", action="store_true", help="also run topk=0 (sliding window + sinks)")
+    ap.add_argument("--infllm", default="{}", metavar="JSON",
+                    help='more InfLLM knobs over --n-local/--topk, e.g. \'{"unit_score": "minmax"}\' '
+                    "(README, Knobs)")
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args(argv)
+    try:
+        extra = json.loads(args.infllm)
+    except json.JSONDecodeError as e:
+        ap.error(f"--infllm {args.infllm!r} is not JSON ({e}); e.g. --infllm '{{\"unit_score\": \"minmax\"}}'")
+    if not isinstance(extra, dict):
+        ap.error(f"--infllm must be a JSON object such as '{{\"unit_score\": \"minmax\"}}', got {args.infllm!r}")
+    from ..core.config import InfLLMConfig, InfLLMConfigError
+
+    for topk in (args.topk, 0):  # a bad knob fails here, before the model loads
+        try:
+            InfLLMConfig.from_dict({**extra, "n_local": args.n_local, "topk": topk})
+        except InfLLMConfigError as e:
+            ap.error(str(e))
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: starts fast
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -47,7 +65,7 @@ def main(argv=None) -> int:
         llm = LLM(
             model=model,
             attention_backend="infllm",
-            additional_config={"infllm": {"n_local": args.n_local, "topk": topk}},
+            additional_config={"infllm": {**extra, "n_local": args.n_local, "topk": topk}},
             max_model_len=max_len,  # beyond the trained 8192: the plugin extends the RoPE table
             enforce_eager=True,
             dtype=args.dtype,
@@ -56,7 +74,8 @@ def main(argv=None) -> int:
         outs = llm.generate([p.text for p in prompts], SamplingParams(max_tokens=8, temperature=0),
                             use_tqdm=False)
         took = time.time() - start
-        print(f"\n== {name}: n_local={args.n_local} topk={topk}, engine start {start - t0:.0f} s, "
+        knobs = "".join(f" {k}={v}" for k, v in extra.items())
+        print(f"\n== {name}: n_local={args.n_local} topk={topk}{knobs}, engine start {start - t0:.0f} s, "
               f"{len(prompts)} prompts in {took:.0f} s ({took / len(prompts):.0f} s per request)")
         for p, o in zip(prompts, outs, strict=True):
             answer = o.outputs[0].text.strip()
