@@ -23,7 +23,7 @@ Configurations (one engine each; all its prompts in one `generate` call)
                 left its 512-token window.
   infllm-default the package defaults (n_local 4096, topk 16).
   infllm-kvhead, infllm-ordered, infllm-kvhead-ordered, infllm-minmax, infllm-contig,
-  infllm-last, infllm-minmax-contig, infllm-minmax-last
+  infllm-last, infllm-minmax-contig, infllm-minmax-last, infllm-minmax-ordered
                 as infllm with selection="kv_head" and/or positions="ordered", or
                 unit_score="minmax", contiguity=1, select_queries=16 (docs/design.md section
                 2.7): the same 1664-key budget.
@@ -66,6 +66,7 @@ CONFIGS = {
     "infllm-last": {"n_local": 1024, "topk": 4, "select_queries": 16},
     "infllm-minmax-contig": {"n_local": 1024, "topk": 4, "unit_score": "minmax", "contiguity": 1},
     "infllm-minmax-last": {"n_local": 1024, "topk": 4, "unit_score": "minmax", "select_queries": 16},
+    "infllm-minmax-ordered": {"n_local": 1024, "topk": 4, "unit_score": "minmax", "positions": "ordered"},
     "full": None,  # vLLM's CPU_ATTN
 }
 

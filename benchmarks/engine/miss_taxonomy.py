@@ -1,13 +1,18 @@
-"""Why InfLLM misses a passkey: every miss of a grid classified from what each layer selected.
+"""Why InfLLM misses a needle: every miss of a grid classified from what each layer selected.
 
     python -m benchmarks.engine.miss_taxonomy --lengths 4000 8000 16000 32000 --depths 0.1 0.5 0.9 \
         --infllm '{"n_local": 1024, "topk": 4}' --out benchmarks/results/miss_taxonomy
+    python -m benchmarks.engine.miss_taxonomy --task niah ...   # the essay needle instead
+
+`--task passkey` (default): the prompts of `vllm_infllm/tools/passkey.py`; `--task niah`: the
+number needle in Paul Graham essays of `vllm_infllm/tools/niah.py` ("The special magic number is
+N."), the prompts of longctx_eval.py for the same lengths, depths and seed.
 
 Prompts run one at a time through `LLM(attention_backend="infllm")` (greedy, 8 new tokens, fp32,
 eager, prefix caching off, as longctx_eval.py). A wrapper around `torch_ops.select_units` records,
 for the query that produces the answer (the prompt's last token, a selection chunk of its own),
 the units every layer selected. The needle sentence ("The pass key is N. Remember it. N is the
-pass key.") covers tokens [s, e]; for that query a token is attended without selection when it is
+pass key.", or the essay needle) covers tokens [s, e]; for that query a token is attended without selection when it is
 in init, in the local window or in the remainder (past the last candidate unit), and otherwise
 only when its unit is selected. Per prompt, over the L layers: `full` layers selected every
 needle unit that needs selecting, `partial` some, `none` none. A miss is then
@@ -72,6 +77,7 @@ def classify(needle: tuple[int, int], answer_pos: int, cfg, layers: list[list[in
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", choices=["passkey", "niah"], default="passkey")
     ap.add_argument("--lengths", type=int, nargs="+", required=True, help="prompt tokens")
     ap.add_argument("--depths", type=float, nargs="+", required=True)
     ap.add_argument("--infllm", default='{"n_local": 1024, "topk": 4}', help="InfLLM config (JSON)")
@@ -88,7 +94,16 @@ def main(argv=None) -> int:
     from vllm_infllm.core.config import InfLLMConfig
     from vllm_infllm.core.ops import torch_ops
     from vllm_infllm.tools.assets import default_model_dir
+    from vllm_infllm.tools.niah import NEEDLES, make_niah_prompt
     from vllm_infllm.tools.passkey import NEEDLE, make_passkey_prompt
+
+    def prompt_and_needle(n, d):
+        """The prompt and its needle sentence (as the prompt builder inserted it)."""
+        if args.task == "niah":
+            p = make_niah_prompt(tok, n, d, kind="number", seed=args.seed)
+            return p, NEEDLES["number"]["needle"].format(key=p.key)
+        p = make_passkey_prompt(tok, n, d, seed=args.seed)
+        return p, NEEDLE.format(key=p.key)
 
     cfg_dict = json.loads(args.infllm)
     cfg = InfLLMConfig.from_dict(cfg_dict)
@@ -124,9 +139,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     for n in args.lengths:
         for d in args.depths:
-            p = make_passkey_prompt(tok, n, d, seed=args.seed)
+            p, sentence = prompt_and_needle(n, d)
             ids = llm.get_tokenizer()(p.text)["input_ids"]
-            needle_len = len(tok(NEEDLE.format(key=p.key), add_special_tokens=False)["input_ids"])
+            needle_len = len(tok(sentence, add_special_tokens=False)["input_ids"])
             # the engine's prompt may carry a BOS the builder's count did not
             offset = len(ids) - p.num_tokens
             needle = (p.needle_token + offset, p.needle_token + offset + needle_len - 1)
@@ -155,7 +170,7 @@ def main(argv=None) -> int:
     kinds = {k: sum(r["kind"] == k for r in misses) for k in ("attended", "copy", "boundary", "selection")}
     # Selection misses where nearly every layer had the needle behave like copy misses.
     near = sum(r["kind"] == "selection" and r["none"] <= max(1, r["layers"] // 10) for r in misses)
-    lines = [f"# Miss taxonomy: passkey, InfLLM {cfg_dict}, seed {args.seed}", "",
+    lines = [f"# Miss taxonomy: {args.task}, InfLLM {cfg_dict}, seed {args.seed}", "",
              f"{sum(r['ok'] for r in rows)}/{len(rows)} found; misses by kind: "
              + ", ".join(f"{k} {v}" for k, v in kinds.items())
              + f" (selection misses with the needle missing in <= 10% of layers: {near};"
@@ -171,7 +186,8 @@ def main(argv=None) -> int:
                      f"{r['needle_units']} | {r['distance']} | {r['answer']!r} |")
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"config": cfg_dict, "seed": args.seed, "rows": rows}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"task": args.task, "config": cfg_dict, "seed": args.seed,
+                                                    "rows": rows}, indent=1))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

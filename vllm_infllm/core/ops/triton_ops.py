@@ -318,9 +318,7 @@ def _qbar_kernel(
     length = tl.load(len_ptr + c)
     c0 = tl.load(c0_ptr + c)
     q0 = tl.load(q0_ptr + c)
-    first = 0
-    if SELECT_QUERIES > 0:
-        first = tl.maximum(length - SELECT_QUERIES, 0)
+    first = tl.where(SELECT_QUERIES > 0, tl.maximum(length - SELECT_QUERIES, 0), 0)
     d = tl.arange(0, BLOCK_D2)[None, :]
     acc_a = tl.zeros([BLOCK_D2], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_D2], dtype=tl.float32)
