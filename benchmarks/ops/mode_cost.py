@@ -40,6 +40,7 @@ MODES = {
     "ordered": {"positions": "ordered"},
     "contiguity 1": {"contiguity": 1},
     "minmax + contiguity 1": {"unit_score": "minmax", "contiguity": 1},
+    "minmax + ordered": {"unit_score": "minmax", "positions": "ordered"},
 }
 BASE = {"n_local": 1024, "topk": 4}
 
