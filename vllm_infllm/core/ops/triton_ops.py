@@ -887,7 +887,8 @@ def _decode_splits(n: int, Hkv: int, device) -> int:
     return max(1, min(MAX_DECODE_SPLITS, triton.cdiv(2 * sms, n * Hkv)))
 
 
-def _tiling(D: int, G: int, decode: bool, dtype: torch.dtype, ordered: bool = False) -> tuple[int, int, int, int]:
+def _tiling(D: int, G: int, decode: bool, dtype: torch.dtype, ordered: bool = False,
+            scores: bool = True) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the attend kernels.
 
     A decode tile is the G heads of one query (tl.dot needs 16 rows); a prefill tile is 64 rows
@@ -899,6 +900,9 @@ def _tiling(D: int, G: int, decode: bool, dtype: torch.dtype, ordered: bool = Fa
     larger register fragments): smaller tiles, and no pipelining except in D-256 decode, where
     one stage spilled and two did not. positions="ordered" at D 256 prefill re-rotates its key
     tiles by one row per tile (not per key): 32 keys spilled 12 B there, 16 do not.
+    A D-128 one-program decode without the score pass (unit_score="minmax"; `scores` False)
+    spilled 40 B with two stages, where the split decode did not: one stage there only (the
+    split decode spills with one).
     """
     if dtype == torch.float32:
         if decode:
@@ -909,6 +913,8 @@ def _tiling(D: int, G: int, decode: bool, dtype: torch.dtype, ordered: bool = Fa
         block_m, block_n, num_warps, num_stages = 16 if decode else 64, 64, 4, 2
     elif D <= 128 or decode:
         block_m, block_n, num_warps, num_stages = 16 if decode else 64, 64, 8, 2
+        if decode and not scores and D <= 128:
+            num_stages = 1
     else:
         block_m, block_n, num_warps, num_stages = 64, 16 if ordered else 32, 8, 1
     return max(block_m, _p2(G)), BLOCK_N or block_n, num_warps, num_stages
@@ -948,9 +954,10 @@ def attend(
     G = Hq // Hkv
     assert D % 2 == 0 and kv_cache.shape[3] == 2 * D
     decode = chunks.max_len == 1
-    block_m, block_n, num_warps, num_stages = _tiling(D, G, decode, query.dtype, config.positions == "ordered")
-    qt = block_m // G
     splits = _decode_splits(n, Hkv, query.device) if decode else 1
+    block_m, block_n, num_warps, num_stages = _tiling(D, G, decode, query.dtype, config.positions == "ordered",
+                                                       config.accumulates_scores or splits > 1)
+    qt = block_m // G
     topk = config.topk if (selected is not None and config.topk > 0) else 0
     scores_on = config.accumulates_scores
     sel = selected if topk else chunks.num_cand
