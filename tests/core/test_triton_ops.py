@@ -262,17 +262,15 @@ def test_static_decode_plan_replays_like_eager(splits, monkeypatch):
 
 
 @in_process
-@pytest.mark.parametrize("Hq,Hkv,D,splits,selection,positions,unit_score", [
-    (4, 2, 32, 1, "layer", "fixed", "mean_topk"), (3, 1, 64, 2, "layer", "fixed", "mean_topk"),
-    (6, 3, 32, 2, "kv_head", "fixed", "mean_topk"), (4, 2, 32, 2, "kv_head", "ordered", "mean_topk"),
-    (6, 3, 32, 1, "layer", "fixed", "minmax"), (4, 2, 32, 2, "layer", "ordered", "contiguity+last")])
-def test_runtime_matches_oracle(Hq, Hkv, D, splits, selection, positions, unit_score, monkeypatch):
-    """The whole runtime (write, seal, select, attend; waves; recycled stale state) vs the oracle.
-    "contiguity+last": minmax scores with contiguity 1 and select_queries 4."""
+@pytest.mark.parametrize("Hq,Hkv,D,splits,selection,positions,extra", [
+    (4, 2, 32, 1, "layer", "fixed", {}), (3, 1, 64, 2, "layer", "fixed", {}),
+    (6, 3, 32, 2, "kv_head", "fixed", {}), (4, 2, 32, 2, "kv_head", "ordered", {}),
+    (6, 3, 32, 1, "layer", "fixed", {"unit_score": "minmax"}),
+    (4, 2, 32, 2, "layer", "ordered", {"unit_score": "minmax", "contiguity": 1, "select_queries": 4})])
+def test_runtime_matches_oracle(Hq, Hkv, D, splits, selection, positions, extra, monkeypatch):
+    """The whole runtime (write, seal, select, attend; waves; recycled stale state) vs the oracle."""
     monkeypatch.setattr(triton_ops, "DECODE_SPLITS", splits)
     monkeypatch.setattr(triton_ops, "BLOCK_N", 16 if splits > 1 else 64)
-    extra = dict(unit_score="minmax", contiguity=1, select_queries=4) if unit_score == "contiguity+last" else \
-        dict(unit_score=unit_score)
     cfg = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32,
                        selection=selection, positions=positions, **extra)
     g = torch.Generator().manual_seed(7)
