@@ -83,7 +83,8 @@ def paged_state(
     table, nb = random_block_table(seq_lens, config.block_size, 2, g)
     B = config.block_size
     kv = torch.empty(nb, Hkv, B, 2 * D, dtype=dtype, device=device).normal_(generator=g)
-    mem = LayerMemory.allocate(nb, Hq, D, B, dtype, device, config.repr_rows(Hq, Hkv))
+    mem = LayerMemory.allocate(nb, Hq, D, B, dtype, device, config.repr_rows(Hq, Hkv),
+                               config.chosen_shape(Hkv))
     mem.reprs.normal_(generator=g)
     if stale:
         mem.scores.uniform_(generator=g)
@@ -181,7 +182,11 @@ def run_paged(
         caches, memories = reuse.caches, reuse.memories
     for _ in range(layers if reuse is None else 0):
         kv = torch.randn(num_blocks, Hkv, B, 2 * D, generator=gen).to(dtype=dtype, device=device)
-        mem = LayerMemory.allocate(num_blocks, Hq, D, B, dtype, device, config.repr_rows(Hq, Hkv))
+        mem = LayerMemory.allocate(num_blocks, Hq, D, B, dtype, device, config.repr_rows(Hq, Hkv),
+                                   config.chosen_shape(Hkv))
+        if mem.chosen is not None:
+            # stale selections, as a recycled block holds: must never be read
+            mem.chosen.copy_(torch.randint(-1, 4, mem.chosen.shape, generator=gen))
         mem.scores.copy_(torch.rand(mem.scores.shape, generator=gen))  # stale garbage: must be reset
         mem.sealed.fill_(True)  # stale flags too
         caches.append(kv)
@@ -198,7 +203,8 @@ def run_paged(
             rows.append((i, done[i], done[i] + n))
             qsl.append(qsl[-1] + n)
             seq_lens.append(done[i] + n)
-        plan = plan_step(qsl, seq_lens, config, device=device)
+        plan = plan_step(qsl, seq_lens, config, device=device,
+                         prompt_lens=[requests[i].prompt_len for i in active])
         bt = block_table[torch.tensor(active, device=device)]
         T = qsl[-1]
         positions = torch.cat([torch.arange(a, b) for _, a, b in rows])

@@ -15,18 +15,22 @@ default 8, temperature 0) equals the key. sf needle: the answer, lower-cased, co
 
 Configurations (one engine each; all its prompts in one `generate` call)
   infllm        attention_backend="infllm", package defaults except n_local=1024, topk=4
-                (n_init 128, block 128, repr_topk 4, chunk 512): the `demo.py` defaults, i.e.
+                (n_init 128, block 128, repr_topk 4, chunk 512, chunking "aligned"): the
+                `demo.py` defaults, i.e.
                 the model sees 128 + 1024 + 4*128 = 1664 keys per query instead of 4K..32K.
   infllm-small  as infllm with n_local=512 (the engine tests' config).
   infllm-2k     as infllm with n_local=2048 (128 + 2048 + 512 keys per query).
   control       infllm-small with topk=0: sliding window + sinks only, cannot see a needle that
                 left its 512-token window.
   infllm-default the package defaults (n_local 4096, topk 16).
+  infllm-step   as infllm with the paper's chunking="step" (the package default before
+                2026-12-03: every figure in benchmarks/RESULTS.md §1-§2g ran with it).
   infllm-kvhead, infllm-ordered, infllm-kvhead-ordered, infllm-minmax, infllm-contig,
   infllm-last, infllm-minmax-contig, infllm-minmax-last, infllm-minmax-ordered
                 as infllm with selection="kv_head" and/or positions="ordered", or
                 unit_score="minmax", contiguity=1, select_queries=16 (docs/design.md section
-                2.7): the same 1664-key budget.
+                2.7): the same 1664-key budget. The "-last" ones use chunking="step" (the
+                selecting queries are the chunk's last ones).
   --extra NAME=JSON adds a configuration of your own (an infllm config over the defaults).
   full          vLLM's own CPU attention (no `attention_backend`: CPU_ATTN), max_model_len 8192;
                 lengths whose prompt + max_tokens exceed 8192 are SKIPPED (SmolLM2's RoPE table
@@ -57,15 +61,17 @@ CONFIGS = {
     "infllm-2k": {"n_local": 2048, "topk": 4},
     "control": {"n_local": 512, "topk": 0},
     "infllm-default": {},
+    "infllm-step": {"n_local": 1024, "topk": 4, "chunking": "step"},
     # The modes beyond the paper (docs/design.md section 2.7), at the budget of "infllm":
     "infllm-kvhead": {"n_local": 1024, "topk": 4, "selection": "kv_head"},
     "infllm-ordered": {"n_local": 1024, "topk": 4, "positions": "ordered"},
     "infllm-kvhead-ordered": {"n_local": 1024, "topk": 4, "selection": "kv_head", "positions": "ordered"},
     "infllm-minmax": {"n_local": 1024, "topk": 4, "unit_score": "minmax"},
     "infllm-contig": {"n_local": 1024, "topk": 4, "contiguity": 1},
-    "infllm-last": {"n_local": 1024, "topk": 4, "select_queries": 16},
+    "infllm-last": {"n_local": 1024, "topk": 4, "select_queries": 16, "chunking": "step"},
     "infllm-minmax-contig": {"n_local": 1024, "topk": 4, "unit_score": "minmax", "contiguity": 1},
-    "infllm-minmax-last": {"n_local": 1024, "topk": 4, "unit_score": "minmax", "select_queries": 16},
+    "infllm-minmax-last": {"n_local": 1024, "topk": 4, "unit_score": "minmax", "select_queries": 16,
+                           "chunking": "step"},
     "infllm-minmax-ordered": {"n_local": 1024, "topk": 4, "unit_score": "minmax", "positions": "ordered"},
     "full": None,  # vLLM's CPU_ATTN
 }

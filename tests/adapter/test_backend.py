@@ -88,6 +88,15 @@ def test_customize_spec_probe_consistent(q_heads_4):
     assert probe.page_size_bytes * 128 == real.page_size_bytes
     assert big.page_size_bytes == 2 * real.page_size_bytes
     assert InfLLMAttentionBackend.customize_spec(real) is real  # idempotent
+    # Our spec subclass, so that vLLM gives its groups InfLLM's block manager (adapter/kv_cache.py).
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    from vllm_infllm.adapter.kv_cache import InfLLMAttentionSpec, InfLLMKVCacheManager, register_kv_cache_spec
+
+    assert type(real) is InfLLMAttentionSpec and (real.infllm_n_local, real.infllm_chunk) == (4096, 512)
+    KVCacheSpecRegistry._ensure_registered()
+    register_kv_cache_spec()
+    assert KVCacheSpecRegistry.get_manager_class(real) is InfLLMKVCacheManager
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -120,23 +129,30 @@ def test_side_state_views_alias_page_without_corrupting_kv(dtype, q_heads_4):
         assert torch.equal(kv[b, :2, o, :64], key[i]) and torch.equal(kv[b, :2, o, 64:], val[i])
     before = kv[:, :2].clone()
 
-    scores, reprs, sealed = side_state_views(kv, num_kv_heads=2, num_q_heads=4, head_size=64)
+    # chunking="aligned" adds the stored selections ([S, topk] int32) after the sealed flag.
+    scores, reprs, sealed, chosen = side_state_views(kv, num_kv_heads=2, num_q_heads=4, head_size=64,
+                                                     chosen_shape=(2, 16))
     assert scores.shape == (nb, 4, 128) and scores.dtype == torch.float32
     assert reprs.shape == (nb, 4, 64) and reprs.dtype == dtype
     assert sealed.shape == (nb,) and sealed.dtype == torch.uint8
+    assert chosen.shape == (nb, 2, 16) and chosen.dtype == torch.int32
     base, end = kv.data_ptr(), kv.data_ptr() + nb * page
-    for v in (scores, reprs, sealed):
+    for v in (scores, reprs, sealed, chosen):
         assert base <= v.data_ptr() < end  # aliases the page, not a copy
     scores.fill_(float("nan"))
     reprs.fill_(7)
     sealed.fill_(1)
+    chosen.fill_(-3)
     scores[3, 1, 5] = 2.5
+    chosen[4, 1, 15] = 11
     # K/V slots bit-identical, the other layer untouched, values readable through fresh views
     assert torch.equal(kv[:, :2].view(torch.uint8), before.view(torch.uint8))
     assert bool((views[0].view(torch.uint8) == 0).all())
-    s2, r2, z2 = side_state_views(kv, 2, 4, 64)
+    s2, r2, z2, c2 = side_state_views(kv, 2, 4, 64, chosen_shape=(2, 16))
     assert s2[3, 1, 5] == 2.5 and bool((r2 == 7).all()) and bool((z2 == 1).all())
     assert bool(torch.isnan(s2[0]).all())
+    assert c2[4, 1, 15] == 11 and int((c2 == -3).sum()) == nb * 32 - 1
+    assert side_state_views(kv, 2, 4, 64)[3] is None  # chunking="step" stores none
 
     bt = torch.tensor([4, 0, 2], dtype=torch.int32)
     k, v = gather_request_kv(kv, bt, 300, 2, 64)
@@ -165,7 +181,12 @@ def test_builder_decodes_first():
         block_table_tensor=torch.zeros(4, 8, dtype=torch.int32),
         slot_mapping=torch.arange(170), seq_lens_cpu_upper_bound=seq,
     )
-    md = b.build(0, cm)
+    from vllm_infllm.adapter import prompt_lengths
+
+    with pytest.raises(RuntimeError, match="needs each request's prompt length"):
+        b.build(0, cm)  # no runner gave them: the builder does not guess
+    with prompt_lengths.given([10, 300, 48, 120]):  # as vLLM's model runner gives them
+        md = b.build(0, cm)
     assert (md.num_decodes, md.num_prefills, md.num_decode_tokens, md.num_prefill_tokens) == (2, 2, 2, 168)
     assert md.infllm_config.topk == 3 and md.num_actual_tokens == 170
     assert torch.equal(md.seq_lens_cpu, seq)
@@ -198,15 +219,18 @@ def test_builder_plans_decode_steps_statically_for_cuda_graphs():
     b = InfLLMMetadataBuilder(_spec(), ["l0"], vcfg("cpu"), torch.device("cpu"))
     b.decode_buffers, b.max_candidates = PlanBuffers(8, "cpu"), 60
 
-    def build(qsl, seq, max_q):
-        qsl, seq = torch.tensor(qsl, dtype=torch.int32), torch.tensor(seq, dtype=torch.int32)
-        cm = CommonAttentionMetadata(
-            query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq, num_reqs=len(seq),
-            num_actual_tokens=int(qsl[-1]), max_query_len=max_q, max_seq_len=int(seq.max()),
-            block_table_tensor=torch.zeros(len(seq), 64, dtype=torch.int32),
-            slot_mapping=torch.arange(int(qsl[-1])), seq_lens_cpu_upper_bound=seq,
-        )
-        return b.build(0, cm).plan
+    from vllm_infllm.adapter import prompt_lengths
+
+    def build(qsl, seq, max_q, prompts=None):
+        with prompt_lengths.given(prompts or seq):  # default: every query is its prompt's last
+            qsl, seq = torch.tensor(qsl, dtype=torch.int32), torch.tensor(seq, dtype=torch.int32)
+            cm = CommonAttentionMetadata(
+                query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq, num_reqs=len(seq),
+                num_actual_tokens=int(qsl[-1]), max_query_len=max_q, max_seq_len=int(seq.max()),
+                block_table_tensor=torch.zeros(len(seq), 64, dtype=torch.int32),
+                slot_mapping=torch.arange(int(qsl[-1])), seq_lens_cpu_upper_bound=seq,
+            )
+            return b.build(0, cm).plan
 
     ptrs = set()
     for seq in ([5000, 700, 3000], [5001, 701, 3001]):
@@ -218,6 +242,10 @@ def test_builder_plans_decode_steps_statically_for_cuda_graphs():
     assert len(ptrs) == 1
     mixed = build([0, 1, 300], [5000, 300], 299)  # a prefill: the ordinary plan
     assert len(mixed.waves) > 1 and mixed.waves[0].req.data_ptr() not in ptrs
+    # One-token queries inside a prompt (a tight token budget) continue aligned chunks: not a
+    # decode plan either.
+    inside = build([0, 1, 2, 3, 3, 3], [5000, 700, 3000, 0, 0], 1, prompts=[6000, 700, 3000, 0, 0])
+    assert inside.waves[0].req.data_ptr() not in ptrs and inside.waves[0].a0.tolist()[0] == 4608
 
 
 @pytest.mark.parametrize("env,expected", [("1", True), ("0", False)])
@@ -239,3 +267,21 @@ def test_cpu_malloc_tuning_applies_once_and_can_be_disabled(env, expected):
     out = subprocess.run([sys.executable, "-c", code], env=env_vars, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == str(expected)
+
+
+def test_a_block_settles_when_no_later_query_can_change_its_representatives():
+    """InfLLMAttentionSpec.settling: the last position whose attention mass reaches a block, and
+    the chunk start by which its writer sealed it (docs/design.md 3.2); None where the writer's
+    queries that weigh in include its prompt's last query or generated tokens."""
+    from vllm_infllm.adapter.kv_cache import InfLLMAttentionSpec
+
+    spec = InfLLMAttentionSpec(block_size=128, num_kv_heads=2, head_size=64, dtype=torch.float32,
+                               infllm_n_local=512, infllm_chunk=512)
+    assert spec.settling(1024, 4000) == (1024 + 510, 1536)  # sealed by the next aligned chunk
+    assert spec.settling(1024, 1540) == (1534, 1536)
+    assert spec.settling(1024, 1536) == (1534, 1535)  # the last prompt query (1535) seals it
+    assert spec.settling(1024, 1535) is None  # 1534 is that request's last prompt query
+    assert spec.settling(3500, 4000) is None
+    minmax = InfLLMAttentionSpec(block_size=128, num_kv_heads=2, head_size=64, dtype=torch.float32,
+                                 infllm_n_local=512, infllm_chunk=512, infllm_scores_matter=False)
+    assert minmax.settling(1024, 1100) == (1023, 1023)  # its own keys decide

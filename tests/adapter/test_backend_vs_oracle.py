@@ -61,7 +61,7 @@ def make_request(prefill_pieces, decode_steps, gen) -> Request:
 
 # The modes beyond the paper (docs/design.md section 2.7), all at once.
 MODES = {**INFLLM, "unit_score": "minmax", "selection": "kv_head", "positions": "ordered",
-         "contiguity": 1, "select_queries": 32}
+         "contiguity": 1, "select_queries": 32, "chunking": "step"}
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,16 @@ def vllm_config(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vllm_config_modes(tmp_path_factory):
     return _vllm_config(tmp_path_factory, MODES)
+
+
+# Load-independent chunking (docs/design.md 2.3; the default, as in INFLLM) with per-KV-head
+# selection: the stored selections in the pages hold one set per KV head.
+ALIGNED = {**INFLLM, "chunking": "aligned", "selection": "kv_head"}
+
+
+@pytest.fixture(scope="module")
+def vllm_config_aligned(tmp_path_factory):
+    return _vllm_config(tmp_path_factory, ALIGNED)
 
 
 def _vllm_config(tmp_path_factory, infllm):
@@ -135,8 +145,11 @@ class Backend:
 
 
 def run_schedule(backend: Backend, schedule: list[Scheduled], block_table: torch.Tensor, pad_steps):
-    """Run every step of the schedule through builder + impls; returns per-layer outputs."""
+    """Run every step of the schedule through builder + impls; returns per-layer outputs. The
+    builder gets each request's prompt length, as vLLM's model runner gives it."""
     from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    from vllm_infllm.adapter import prompt_lengths
 
     outs = [[torch.full((s.request.total, HQ, D), float("nan")) for s in schedule] for _ in range(LAYERS)]
     steps = max(s.arrival + len(s.request.pieces) for s in schedule)
@@ -163,7 +176,8 @@ def run_schedule(backend: Backend, schedule: list[Scheduled], block_table: torch
             max_seq_len=max(seq_lens), block_table_tensor=block_table[active], slot_mapping=slots,
             seq_lens_cpu_upper_bound=seq_t, positions=positions,
         )
-        md = backend.builder.build(common_prefix_len=0, common_attn_metadata=common)
+        with prompt_lengths.given([schedule[i].request.prompt_len for i in active]):
+            md = backend.builder.build(common_prefix_len=0, common_attn_metadata=common)
         for layer, (impl, kv_cache) in enumerate(zip(backend.impls, backend.kv_caches, strict=True)):
             q = torch.cat([schedule[i].request.q[layer, a:b] for i, a, b in rows] + [torch.randn(pad, HQ, D)])
             k = torch.cat([schedule[i].request.k[layer, a:b] for i, a, b in rows] + [torch.randn(pad, HKV, D)])
@@ -177,6 +191,18 @@ def run_schedule(backend: Backend, schedule: list[Scheduled], block_table: torch
         for i, _, b in rows:
             schedule[i].done = b
     return outs
+
+
+def block_table_for(schedule: list[Scheduled], blocks: torch.Tensor) -> torch.Tensor:
+    """A block table giving each request, in order, the next of `blocks` (physical ids)."""
+    widths = [-(-s.request.total // 128) for s in schedule]
+    assert sum(widths) <= len(blocks)
+    table = torch.zeros(len(schedule), max(widths), dtype=torch.int32)
+    at = 0
+    for i, w in enumerate(widths):
+        table[i, :w] = blocks[at : at + w]
+        at += w
+    return table
 
 
 def check_against_oracle(backend: Backend, schedule, block_table, outs, cfg=CFG):
@@ -211,13 +237,9 @@ def test_backend_matches_oracle_beyond_window_with_recycled_blocks(vllm_config):
         Scheduled(make_request([129, 1], 20, g), arrival=0),  # short prompt, long decode, into memory
         Scheduled(make_request([600, 1], 4, g), arrival=3),  # arrives while others decode
     ]
-    widths = [-(-s.request.total // 128) for s in round1]
     perm = torch.randperm(num_blocks, generator=g)
-    table1 = torch.zeros(len(round1), max(widths), dtype=torch.int32)
-    at = 0
-    for i, w in enumerate(widths):
-        table1[i, :w] = perm[at : at + w]
-        at += w
+    table1 = block_table_for(round1, perm)
+    at = sum(-(-s.request.total // 128) for s in round1)  # blocks round 1 used
     outs = run_schedule(backend, round1, table1, pad_steps={0, 2})
     check_against_oracle(backend, round1, table1, outs)
 
@@ -228,13 +250,8 @@ def test_backend_matches_oracle_beyond_window_with_recycled_blocks(vllm_config):
         Scheduled(make_request([1000], 5, g), arrival=0),
     ]
     used = perm[:at][torch.randperm(at, generator=g)]
-    widths = [-(-s.request.total // 128) for s in round2]
-    table2 = torch.zeros(len(round2), max(widths), dtype=torch.int32)
-    at = 0
-    for i, w in enumerate(widths):
-        table2[i, :w] = used[at : at + w]
-        at += w
-    assert at <= len(used)
+    table2 = block_table_for(round2, used)
+    at = sum(-(-s.request.total // 128) for s in round2)
     memory = backend.impls[0]._layer_memory(backend.kv_caches[0])
     assert int(memory.sealed[used[:at].long()].sum()) >= 5  # stale flags the backend must reset
     outs = run_schedule(backend, round2, table2, pad_steps={1})
@@ -252,14 +269,38 @@ def test_backend_matches_oracle_in_the_modes_beyond_the_paper(vllm_config_modes)
         Scheduled(make_request([129, 1], 20, g), arrival=0),
         Scheduled(make_request([600, 1], 4, g), arrival=2),
     ]
-    widths = [-(-s.request.total // 128) for s in schedule]
-    perm = torch.randperm(24, generator=g)
-    table = torch.zeros(len(schedule), max(widths), dtype=torch.int32)
-    at = 0
-    for i, w in enumerate(widths):
-        table[i, :w] = perm[at : at + w]
-        at += w
+    table = block_table_for(schedule, torch.randperm(24, generator=g))
     outs = run_schedule(backend, schedule, table, pad_steps={1})
     memory = backend.impls[0]._layer_memory(backend.kv_caches[0])
     assert memory.reprs.shape[1] == 2 * HKV  # min and max per KV head
     check_against_oracle(backend, schedule, table, outs, InfLLMConfig(**MODES))
+
+
+def test_backend_with_aligned_chunking_matches_the_step_free_oracle(vllm_config_aligned):
+    """chunking="aligned": the builder takes each request's prompt length (from vLLM's runner;
+    here given), the steps continue chunks with the selections stored in the pages, and the
+    oracle's result does not depend on the step bounds it is given (the aligned rule ignores
+    them). Without the prompt lengths the builder refuses to guess."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    g = torch.Generator().manual_seed(2)
+    backend = Backend(vllm_config_aligned, num_blocks=24)
+    schedule = [
+        Scheduled(make_request([300, 417, 300], 6, g), arrival=0),  # steps end inside chunks
+        Scheduled(make_request([129, 1], 20, g), arrival=0),
+        Scheduled(make_request([600, 1], 4, g), arrival=2),
+    ]
+    table = block_table_for(schedule, torch.randperm(24, generator=g))
+    outs = run_schedule(backend, schedule, table, pad_steps={1})
+    memory = backend.impls[0]._layer_memory(backend.kv_caches[0])
+    assert memory.chosen.shape == (24, HKV, CFG.topk)
+    check_against_oracle(backend, schedule, table, outs, InfLLMConfig(**ALIGNED))
+
+    t = torch.tensor([0, 4], dtype=torch.int32)
+    common = CommonAttentionMetadata(
+        query_start_loc=t, query_start_loc_cpu=t, seq_lens=torch.tensor([4], dtype=torch.int32),
+        num_reqs=1, num_actual_tokens=4, max_query_len=4, max_seq_len=4, block_table_tensor=table[:1],
+        slot_mapping=torch.arange(4), seq_lens_cpu_upper_bound=torch.tensor([4], dtype=torch.int32),
+    )
+    with pytest.raises(RuntimeError, match="needs each request's prompt length"):
+        backend.builder.build(common_prefix_len=0, common_attn_metadata=common)

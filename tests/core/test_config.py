@@ -3,11 +3,11 @@ import pytest
 from vllm_infllm.core.config import InfLLMConfig, InfLLMConfigError
 
 
-def test_defaults_are_the_papers():
+def test_defaults_are_the_papers_but_load_independent():
     c = InfLLMConfig.from_dict({})
     assert c.to_dict() == dict(n_init=128, n_local=4096, block_size=128, topk=16, repr_topk=4, chunk=512,
                                selection="layer", unit_score="mean_topk", positions="fixed",
-                               contiguity=0, select_queries=0)
+                               contiguity=0, select_queries=0, chunking="aligned")
     assert InfLLMConfig.from_dict(None) == c
     assert c.max_attended() == 128 + 4096 + 16 * 128 + 128 + 512
 
@@ -35,8 +35,12 @@ def test_from_dict_overrides():
         ({"positions": "order"}, "positions", ["one of 'fixed', 'ordered'", "use 'ordered'"]),
         ({"unit_score": "quest"}, "unit_score", ["one of 'mean_topk', 'minmax'"]),
         ({"contiguity": -1}, "contiguity", ["contiguity >= 0", "use 0"]),
-        ({"select_queries": 600}, "select_queries", ["select_queries <= chunk=512", "e.g. 32"]),
+        ({"select_queries": 600, "chunking": "step"}, "select_queries", ["select_queries <= chunk=512", "e.g. 32"]),
         ({"select_queries": -2}, "select_queries", ["0 <= select_queries"]),
+        ({"chunking": "align"}, "chunking", ["one of 'step', 'aligned'", "use 'aligned'"]),
+        ({"select_queries": 16}, "select_queries",
+         ["chunking='step' only", "drop select_queries"]),
+        ({"chunking": "aligned", "chunk": 200}, "chunk", ["multiple of block_size=128", "chunk=128"]),
     ],
 )
 def test_bad_values_name_field_value_rule_and_fix(values, field, words):

@@ -11,7 +11,7 @@ from vllm_infllm.core.config import InfLLMConfig
 from vllm_infllm.core.plan import LayerMemory, plan_step
 from vllm_infllm.core.rope import rope_table
 from vllm_infllm.core.runtime import infllm_forward
-from vllm_infllm.testing import make_request, run_oracle, run_paged
+from vllm_infllm.testing import make_request, max_abs_err, run_oracle, run_paged
 
 SMALL = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32)
 
@@ -79,8 +79,9 @@ def test_minmax_unit_score_matches_oracle(Hq, Hkv, selection, positions):
 
 @pytest.mark.parametrize("Hq,Hkv,modes", [
     (6, 2, {"contiguity": 1}), (8, 1, {"contiguity": 2, "unit_score": "minmax"}),
-    (6, 2, {"select_queries": 5}), (4, 4, {"select_queries": 7, "contiguity": 1, "selection": "kv_head"}),
-    (6, 2, {"select_queries": 3, "positions": "ordered", "unit_score": "minmax"})])
+    (6, 2, {"select_queries": 5, "chunking": "step"}),
+    (4, 4, {"select_queries": 7, "contiguity": 1, "selection": "kv_head", "chunking": "step"}),
+    (6, 2, {"select_queries": 3, "positions": "ordered", "unit_score": "minmax", "chunking": "step"})])
 def test_contiguity_and_select_queries_match_oracle(Hq, Hkv, modes):
     """contiguity: neighbours ranked in; select_queries: q̄ of the chunk's last m queries
     (docs/design.md section 2.7), with step-cut chunks shorter than m."""
@@ -203,9 +204,63 @@ def test_plan_is_one_aligned_int32_table():
     assert len(plan.waves) > 3 and len({w.n for w in plan.waves}) > 1
     storages = set()
     for w in plan.waves:
-        for name in ("req", "c0", "length", "q0", "num_cand"):
+        for name in ("req", "c0", "length", "q0", "num_cand", "a0"):
             t = getattr(w, name)
             assert t.dtype == torch.int32 and t.data_ptr() % 16 == 0, name
             assert t.tolist() == w.host[name], name
             storages.add(t.untyped_storage().data_ptr())
     assert len(storages) == 1
+
+
+# One prompt (same q/k/v: same seed and length), scheduled five ways in one batch: one step,
+# steps cut inside chunks that already select (K > topk from position ~160), 1-token steps.
+SPLITS = [[300], [170, 60, 70], [37, 163, 5, 95], [1] * 20 + [280], [229, 1, 1, 69]]
+
+
+@pytest.mark.parametrize("modes", [{}, {"selection": "kv_head"},
+                                   {"unit_score": "minmax", "positions": "ordered", "contiguity": 1}],
+                         ids=["paper", "kv_head", "minmax-ordered-contig"])
+def test_aligned_chunking_does_not_depend_on_the_schedule(modes):
+    """chunking="aligned" (docs/design.md 2.3): every split gives the oracle's output, which
+    knows no steps, so the splits agree with each other; the steps that continue a chunk read the
+    stored selection (recycled blocks hold stale `chosen` values that must not be read)."""
+    cfg = dataclasses.replace(SMALL, chunking="aligned", **modes)
+    cos, sin = rope_table(64, 1024)
+    reqs = [make_request(sp, 25, 6, 2, 64, torch.Generator().manual_seed(0), scale_qk=2.0) for sp in SPLITS]
+    run = run_paged(reqs, cfg, cos, sin, layers=2)
+    assert_matches_oracle(reqs, run, cfg, cos, sin, layers=2)
+    traces = run_oracle(reqs, cfg, cos, sin)
+    assert all(len(tr.chunks) == len(traces[0].chunks) for tr in traces)  # steps cut nothing
+    # Each block at a multiple of `chunk` holds its chunk's selection (the decode at 320 too).
+    stored = 0
+    for i, tr in enumerate(traces):
+        for c in tr.chunks:
+            if c.c0 % cfg.chunk == 0 and c.num_candidates > cfg.topk:
+                held = run.memories[0].chosen[run.block_table[i, c.c0 // cfg.block_size]]
+                groups = cfg.selection_groups(2)
+                assert held.tolist() == [c.per_kv_head[g * 2 // groups] for g in range(groups)], (i, c.c0)
+                stored += 1
+    assert stored >= 5 * len(traces)
+    for layer in range(2):
+        for out in run.outs[layer][1:]:
+            torch.testing.assert_close(out, run.outs[layer][0], rtol=1e-5, atol=1e-5)
+    # The same splits with the paper's chunking ("step"): the schedule changes the answer.
+    step = dataclasses.replace(cfg, chunking="step")
+    run = run_paged(reqs, step, cos, sin)
+    assert max(max_abs_err(out, run.outs[0][0]) for out in run.outs[0][1:]) > 0.1
+
+
+def test_aligned_plan_continues_chunks_and_takes_prompt_lengths():
+    cfg = dataclasses.replace(SMALL, chunking="aligned")  # chunk 32
+    # Without prompt lengths every prompt ends with the step: its last query selects alone.
+    assert [(w.host["c0"], w.host["length"]) for w in plan_step([0, 10], [50], cfg).waves] == [
+        ([40], [9]), ([49], [1])]
+    # A prompt of 100 tokens, this step [40, 100): continues chunk [32, 64) (a0 = 32 < c0),
+    # then [64, 96), [96, 99), the last prompt query alone. Two more requests decode.
+    plan = plan_step([0, 60, 61, 62], [100, 201, 225], cfg, prompt_lens=[100, 150, 150])
+    rows = [(w.host["req"][j], w.host["c0"][j], w.host["length"][j], w.host["a0"][j], w.host["num_cand"][j])
+            for w in plan.waves for j in range(w.n)]
+    assert sorted(rows) == [
+        (0, 40, 24, 32, 0), (0, 64, 32, 64, 0), (0, 96, 3, 96, 0), (0, 99, 1, 99, 0),
+        (1, 200, 1, 200, cfg.num_candidates(200)), (2, 224, 1, 224, cfg.num_candidates(224)),
+    ]

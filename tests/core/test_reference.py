@@ -63,11 +63,50 @@ def test_all_units_selected_is_dense_without_positions(prefill_len):
 
 
 def test_selection_chunks_follow_alignment_steps_and_decode():
-    cfg = SMALL  # chunk 32
+    cfg = InfLLMConfig(**{**SMALL.to_dict(), "chunking": "step"})  # chunk 32, the paper's cuts
     assert selection_chunks(100, cfg, prefill_len=70) == (
         [(0, 32), (32, 64), (64, 70)] + [(p, p + 1) for p in range(70, 100)]
     )
     assert selection_chunks(70, cfg, step_bounds=[20, 40]) == [(0, 20), (20, 32), (32, 40), (40, 64), (64, 70)]
+
+
+def test_aligned_chunks_ignore_steps_and_the_prompts_last_query_is_alone():
+    cfg = InfLLMConfig(**{**SMALL.to_dict(), "chunking": "aligned"})  # chunk 32
+    expect = [(0, 32), (32, 64), (64, 69)] + [(p, p + 1) for p in range(69, 100)]
+    assert selection_chunks(100, cfg, prefill_len=70) == expect
+    assert selection_chunks(100, cfg, prefill_len=70, step_bounds=[20, 40, 65]) == expect
+    assert selection_chunks(64, cfg) == [(0, 32), (32, 63), (63, 64)]
+
+
+def test_aligned_chunk_is_selected_by_its_first_query():
+    """chunking="aligned": q̄ = R(n_local-1) q_raw(a0), the chunk's first query. Changing the
+    chunk's later queries changes nothing it selects; the scores of the first query give its
+    selection."""
+    cfg = InfLLMConfig(**{**SMALL.to_dict(), "chunking": "aligned"})
+    Hq, Hkv, T = 6, 2, 330
+    q, k, v = rand_qkv(T, Hq, Hkv, 16, seed=13)
+    cos, sin = rope_table(16, 512)
+    tr = infllm_reference_trace(q, k, v, cos, sin, cfg, prefill_len=300)
+    q_global = rotate(q, cos, sin, torch.full((T,), cfg.n_local - 1))
+    checked = 0
+    for c in tr.chunks:
+        if c.num_candidates <= cfg.topk:
+            continue
+        score = torch.stack([(q_global[c.c0] * tr.reprs[u]).sum() for u in range(c.num_candidates)])
+        assert c.selected == sorted(score.topk(cfg.topk).indices.tolist())
+        checked += 1
+    assert checked > 30
+    # Every query but each chunk's first replaced: with minmax representatives (the units' own
+    # keys, no attention mass) no selection changes; the mean of the paper's "step" rule does.
+    q2 = q.clone()
+    for c in tr.chunks:
+        q2[c.c0 + 1 : c.c1] = torch.randn(c.c1 - c.c0 - 1, Hq, 16)
+    for chunking, same in (("aligned", True), ("step", False)):
+        mm = InfLLMConfig(**{**cfg.to_dict(), "unit_score": "minmax", "chunking": chunking})
+        a = infllm_reference_trace(q, k, v, cos, sin, mm, prefill_len=300)
+        b = infllm_reference_trace(q2, k, v, cos, sin, mm, prefill_len=300)
+        assert ([c.selected for c in a.chunks] == [c.selected for c in b.chunks]) == same, chunking
+        assert not torch.equal(a.out, b.out)
 
 
 def planted_needle(topk, T=700, D=32, needle_unit=7, seed=0, **modes):
@@ -95,7 +134,7 @@ def planted_needle(topk, T=700, D=32, needle_unit=7, seed=0, **modes):
 
 
 @pytest.mark.parametrize("modes", [{}, {"positions": "ordered"}, {"unit_score": "minmax"},
-                                   {"contiguity": 1}, {"select_queries": 4}],
+                                   {"contiguity": 1}, {"select_queries": 4, "chunking": "step"}],
                          ids=["paper", "ordered", "minmax", "contiguity", "select_queries"])
 def test_planted_needle_is_selected_and_dominates(modes):
     """ordered: the needle's keys sit at distances 64..~95 instead of 63, still read."""
@@ -244,8 +283,9 @@ def test_ordered_positions_equal_dense_attention_over_the_attended_tokens_in_ord
 # --- unit_score="minmax": Quest's per-channel bound -------------------------------------------
 
 
+# The paper's chunking: these tests check selections against the mean query of each chunk.
 MINMAX = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32,
-                      unit_score="minmax")
+                      unit_score="minmax", chunking="step")
 
 
 @pytest.mark.parametrize("selection", ["layer", "kv_head"])
@@ -329,7 +369,7 @@ def test_contiguity_brings_the_best_units_neighbours(contiguity, topk):
 def test_select_queries_selects_with_the_chunks_last_queries():
     """select_queries=m: q̄ is the mean over the chunk's last m queries (all of a shorter chunk's,
     and a decode step's one); m = chunk is exactly the paper's rule."""
-    cfg = InfLLMConfig(**{**MINMAX.to_dict(), "select_queries": 5})
+    cfg = InfLLMConfig(**{**MINMAX.to_dict(), "select_queries": 5, "chunking": "step"})
     Hq, Hkv, G, T = 6, 3, 2, 330
     q, k, v = rand_qkv(T, Hq, Hkv, 16, seed=12)
     cos, sin = rope_table(16, 512)

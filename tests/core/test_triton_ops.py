@@ -144,7 +144,9 @@ def test_seal_units(Hq, Hkv, D, unit_score, monkeypatch):
 @pytest.mark.parametrize("selection,unit_score,extra", [
     ("layer", "mean_topk", {}), ("kv_head", "mean_topk", {}), ("layer", "minmax", {}),
     ("kv_head", "minmax", {}), ("layer", "mean_topk", {"contiguity": 1}),
-    ("kv_head", "minmax", {"contiguity": 2, "select_queries": 5}), ("layer", "minmax", {"select_queries": 3})])
+    ("kv_head", "minmax", {"contiguity": 2, "select_queries": 5, "chunking": "step"}),
+    ("layer", "minmax", {"select_queries": 3, "chunking": "step"}),
+    ("layer", "mean_topk", {"chunking": "aligned"})])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_select_units(dtype, selection, unit_score, extra):
     """extra: contiguity (neighbours ranked in), select_queries (q̄ of the chunk's last queries)."""
@@ -266,7 +268,10 @@ def test_static_decode_plan_replays_like_eager(splits, monkeypatch):
     (4, 2, 32, 1, "layer", "fixed", {}), (3, 1, 64, 2, "layer", "fixed", {}),
     (6, 3, 32, 2, "kv_head", "fixed", {}), (4, 2, 32, 2, "kv_head", "ordered", {}),
     (6, 3, 32, 1, "layer", "fixed", {"unit_score": "minmax"}),
-    (4, 2, 32, 2, "layer", "ordered", {"unit_score": "minmax", "contiguity": 1, "select_queries": 4})])
+    (4, 2, 32, 2, "layer", "ordered", {"unit_score": "minmax", "contiguity": 1, "select_queries": 4,
+                                       "chunking": "step"}),
+    (4, 2, 32, 1, "layer", "fixed", {"chunking": "step"}),
+    (6, 3, 32, 2, "kv_head", "ordered", {"chunking": "aligned", "unit_score": "minmax"})])
 def test_runtime_matches_oracle(Hq, Hkv, D, splits, selection, positions, extra, monkeypatch):
     """The whole runtime (write, seal, select, attend; waves; recycled stale state) vs the oracle."""
     monkeypatch.setattr(triton_ops, "DECODE_SPLITS", splits)
@@ -317,7 +322,7 @@ def packed_pages(Hq, Hkv, D, seq_lens, dtype, cfg=CFG, seed=0):
     extra = SideStateLayout(Hq, D, cfg.block_size, dtype).num_extra_slots()
     pages = torch.randn(kv.shape[0], Hkv + extra, cfg.block_size, 2 * D, device=DEVICE).to(dtype)
     pages[:, :Hkv] = kv
-    scores, reprs, sealed = side_state_views(pages, Hkv, Hq, D)
+    scores, reprs, sealed, _ = side_state_views(pages, Hkv, Hq, D)
     scores.copy_(mem.scores)
     reprs.copy_(mem.reprs)
     sealed.copy_(mem.sealed)

@@ -63,7 +63,7 @@ def make_prompts() -> tuple[list[list[int]], list[list[int]]]:
 # ---------------------------------------------------------------- child process
 
 
-def _child(model_dir: str, backend: str, prefix_caching: bool) -> dict:
+def _child(model_dir: str, backend: str, prefix_caching: bool, unit_score: str = "mean_topk") -> dict:
     """Runs inside a fresh process: one engine, two generate rounds, JSON result."""
     import vllm_infllm
 
@@ -108,7 +108,7 @@ def _child(model_dir: str, backend: str, prefix_caching: bool) -> dict:
         enable_prefix_caching=prefix_caching,
         skip_tokenizer_init=True,
         seed=0,
-        additional_config={"infllm": {"topk": 4}},
+        additional_config={"infllm": {"topk": 4, "unit_score": unit_score}},
         disable_log_stats=False,
     )
     t_init = time.time() - t0
@@ -158,7 +158,7 @@ def _child(model_dir: str, backend: str, prefix_caching: bool) -> dict:
                     kv = mod.attn.kv_cache
                     entry["kv_cache_shape"] = list(kv.shape)
                     entry["kv_cache_stride"] = list(kv.stride())
-                    s, r, z = side_state_views(kv, impl.num_kv_heads, impl.num_heads, impl.head_size)
+                    s, r, z, _ = side_state_views(kv, impl.num_kv_heads, impl.num_heads, impl.head_size)
                     entry["side_views"] = [list(s.shape), list(r.shape), list(z.shape)]
                 info["layers"].append(entry)
         return info
@@ -181,7 +181,8 @@ def _child(model_dir: str, backend: str, prefix_caching: bool) -> dict:
     }
 
 
-def run_engine(model_dir: Path, backend: str, prefix_caching: bool, timeout: int = 900) -> dict:
+def run_engine(model_dir: Path, backend: str, prefix_caching: bool, unit_score: str = "mean_topk",
+               timeout: int = 900) -> dict:
     env = dict(os.environ)
     env.update(
         VLLM_ENABLE_V1_MULTIPROCESSING="0",
@@ -189,7 +190,7 @@ def run_engine(model_dir: Path, backend: str, prefix_caching: bool, timeout: int
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
     )
-    cmd = [sys.executable, __file__, "child", str(model_dir), backend, str(int(prefix_caching))]
+    cmd = [sys.executable, __file__, "child", str(model_dir), backend, str(int(prefix_caching)), unit_score]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     marker = "@@RESULT@@"
     for line in proc.stdout.splitlines():
@@ -210,10 +211,14 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.engine
-@pytest.mark.parametrize("prefix_caching", [False, True])
-def test_engine_matches_cpu_attn(tiny_model, prefix_caching):
+@pytest.mark.parametrize("prefix_caching,unit_score", [(False, "mean_topk"), (True, "mean_topk"), (True, "minmax")])
+def test_engine_matches_cpu_attn(tiny_model, prefix_caching, unit_score):
+    """With prefix caching, InfLLM's block manager (adapter/kv_cache.py) lets a block serve a hit
+    only once its representatives are settled: with the paper's representatives that takes
+    n_local (4096) more tokens of the writer, which these prompts never reach, so nothing hits;
+    with minmax representatives (the block's own keys) every prompt block can."""
     ref = run_engine(tiny_model, "CPU_ATTN", prefix_caching)
-    ours = run_engine(tiny_model, "infllm", prefix_caching)
+    ours = run_engine(tiny_model, "infllm", prefix_caching, unit_score)
     print(json.dumps({k: v for k, v in ours.items() if k not in ("round1", "round2")}, indent=1))
     print("timings: ref", ref["t_init"], ref["t_generate"], "infllm", ours["t_init"], ours["t_generate"])
 
@@ -232,13 +237,17 @@ def test_engine_matches_cpu_attn(tiny_model, prefix_caching):
     assert ours["block_size"] == 128 and ours["kv_cache_layout"] == "LBHNC"
     assert ours["chunked_prefill"]
     if prefix_caching:
-        assert ours["prefix_cache_hits"] and ours["prefix_cache_hits"] >= 256
+        assert ref["prefix_cache_hits"] >= 256  # what CPU_ATTN's engine reuses
+        if unit_score == "minmax":
+            assert ours["prefix_cache_hits"] and ours["prefix_cache_hits"] >= 256
+        else:
+            assert ours["prefix_cache_hits"] == 0
 
     assert ours["round1"] == ref["round1"]
     assert ours["round2"] == ref["round2"]
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "child":
-    res = _child(sys.argv[2], sys.argv[3], bool(int(sys.argv[4])))
+    res = _child(sys.argv[2], sys.argv[3], bool(int(sys.argv[4])), sys.argv[5])
     print("@@RESULT@@" + json.dumps(res), flush=True)
     os._exit(0)  # skip slow interpreter teardown of the engine

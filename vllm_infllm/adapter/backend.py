@@ -34,13 +34,15 @@ from vllm.v1.attention.backend import (
     MultipleOf,
 )
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
-from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, KVCacheLayout
 
 from ..core import ops as infllm_ops
 from ..core.config import InfLLMConfig
 from ..core.plan import LayerMemory, PlanBuffers, StepPlan, plan_decode_step, plan_step
 from ..core.runtime import infllm_forward
+from . import prompt_lengths
 from .cpu_tuning import tune_cpu_malloc
+from .kv_cache import InfLLMAttentionSpec
 from .model_support import layer_rejection_reasons, model_rope_for_layer
 from .side_state import num_side_state_slots, side_state_views
 from .vllm_config import INFLLM_BLOCK_SIZE, infllm_config_from_vllm
@@ -87,6 +89,8 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
                 f"{INFLLM_BLOCK_SIZE}"
             )
         self.infllm_config = infllm_config_from_vllm(vllm_config)
+        if self.infllm_config.chunking == "aligned":
+            prompt_lengths.install()  # the plan needs each request's prompt length
         if getattr(vllm_config, "speculative_config", None) is not None:  # also checked at start-up
             raise ValueError(
                 "infllm: speculative decoding is not supported (the plan needs exact host-side "
@@ -131,11 +135,16 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
             )
         qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist()
         seq_lens = seq_lens_cpu[: cm.num_reqs].tolist()
-        if self.decode_buffers is not None and cm.max_query_len <= 1:
+        prompt_lens = self._prompt_lens(seq_lens)
+        # A one-token query selects alone unless aligned chunking puts it inside a prompt chunk.
+        alone = prompt_lens is None or all(
+            qsl[r + 1] == qsl[r] or seq_lens[r] >= prompt_lens[r] for r in range(len(seq_lens))
+        )
+        if self.decode_buffers is not None and cm.max_query_len <= 1 and alone:
             # Pure decode (padding rows included): the static plan a captured graph replays.
             plan = plan_decode_step(qsl, seq_lens, self.infllm_config, self.decode_buffers, self.max_candidates)
         else:
-            plan = plan_step(qsl, seq_lens, self.infllm_config, device=self.device)
+            plan = plan_step(qsl, seq_lens, self.infllm_config, device=self.device, prompt_lens=prompt_lens)
         return InfLLMMetadata(
             num_actual_tokens=int(cm.query_start_loc_cpu[cm.num_reqs]),
             num_reqs=cm.num_reqs,
@@ -154,6 +163,22 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
             infllm_config=self.infllm_config,
             plan=plan,
         )
+
+
+    def _prompt_lens(self, seq_lens: list[int]) -> list[int] | None:
+        """Each row's prompt length for chunking="aligned" (None for "step", which needs none)."""
+        if self.infllm_config.chunking != "aligned":
+            return None
+        lens = prompt_lengths.current()
+        if lens is prompt_lengths.DUMMY:  # warm-up or capture: outputs are discarded
+            return seq_lens
+        if lens is prompt_lengths.UNSET:
+            raise RuntimeError(
+                "infllm: chunking='aligned' needs each request's prompt length, and no model "
+                "runner is building this step's metadata. Outside vLLM's runner, give them with "
+                "vllm_infllm.adapter.prompt_lengths.given([...])."
+            )
+        return [int(x) for x in lens[: len(seq_lens)]]
 
 
 class InfLLMAttentionBackend(AttentionBackend):
@@ -198,13 +223,28 @@ class InfLLMAttentionBackend(AttentionBackend):
         if spec.num_head_slots is not None or spec.state_content_bytes is not None:
             return spec  # already packed (ours, or another owner's: leave it)
         num_q_heads = _num_q_heads(spec)
+        infllm = _infllm_config()
+        chosen = infllm.chosen_shape(spec.num_kv_heads)  # room for either selection mode:
+        chosen_ints = spec.num_kv_heads * infllm.topk if chosen is not None else 0
         extra = num_side_state_slots(num_q_heads, spec.head_size, spec.dtype, spec.head_size_v,
-                                     spec.num_kv_heads)
+                                     spec.num_kv_heads, chosen_ints)
+        if type(spec) is FullAttentionSpec:  # our spec: prefix-cache hits only on settled blocks
+            return InfLLMAttentionSpec.from_spec(spec, infllm, num_head_slots=spec.num_kv_heads + extra)
         return dataclasses.replace(spec, num_head_slots=spec.num_kv_heads + extra)
 
     @classmethod
     def supports_sliding_window(cls) -> bool:
         return False
+
+
+def _infllm_config() -> InfLLMConfig:
+    """The InfLLM config for `customize_spec`: the current vLLM config's, else (vLLM's runner
+    builds the KV-cache specs with no config current) that of the InfLLM layers built last -
+    the model is built just before its specs - else the defaults (config-time page probes)."""
+    cfg = get_current_vllm_config_or_none()
+    if cfg is not None and cfg.model_config is not None:
+        return infllm_config_from_vllm(cfg)
+    return InfLLMAttentionImpl._last_config or InfLLMConfig()
 
 
 def _num_q_heads(spec: AttentionSpec) -> int:
@@ -225,6 +265,8 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
     #: Query-head counts seen per KV-head count (customize_spec's fallback when no vLLM config
     #: is current).
     _q_heads_by_kv_heads: ClassVar[dict[int, set[int]]] = {}
+    #: The InfLLM config of the layer built last (customize_spec's fallback, as above).
+    _last_config: ClassVar[InfLLMConfig | None] = None
 
     def __init__(
         self,
@@ -259,6 +301,8 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
             tune_cpu_malloc()
         # Fail while the model is built, not at the first step; keep it for the side state.
         self.infllm_config = infllm_config_from_vllm(cfg) if cfg is not None else None
+        if self.infllm_config is not None:
+            InfLLMAttentionImpl._last_config = self.infllm_config
         # The model's rotary module; the model built it just before this layer.
         self.rope = None
         if cfg is not None and cfg.model_config is not None:
@@ -284,10 +328,12 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
             if self.infllm_config is None:
                 raise RuntimeError("infllm: no InfLLM config (the impl was built outside a vLLM config)")
             rows = self.infllm_config.repr_rows(self.num_heads, self.num_kv_heads)
-            scores, reprs, sealed = side_state_views(
-                kv_cache, self.num_kv_heads, self.num_heads, self.head_size, rows
+            scores, reprs, sealed, chosen = side_state_views(
+                kv_cache, self.num_kv_heads, self.num_heads, self.head_size, rows,
+                self.infllm_config.chosen_shape(self.num_kv_heads),
             )
-            self._memory = LayerMemory(reprs=reprs, scores=scores, sealed=sealed.view(torch.bool))
+            self._memory = LayerMemory(reprs=reprs, scores=scores, sealed=sealed.view(torch.bool),
+                                       chosen=chosen)
             self._memory_key = key
         return self._memory
 

@@ -105,3 +105,35 @@ def patch_cpu_platform() -> bool:
     setattr(get_attn_backend_cls, _MARK, True)
     CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
     return True
+
+
+def patch_kv_cache_spec_registration() -> None:
+    """Register InfLLM's KV-cache spec and manager (adapter/kv_cache.py) with vLLM's registry.
+
+    vLLM fills its registry on first use (built-in specs, then the platform hook
+    ``register_custom_kv_cache_specs``), and only if it is still empty: registering before that
+    would leave the built-ins out. So: wrap the hook on the base ``Platform`` (no platform
+    overrides it in vLLM 0.32), or register at once if the registry is already filled.
+    """
+    from vllm.platforms.interface import Platform
+    from vllm.v1 import kv_cache_spec_registry
+
+    if kv_cache_spec_registry._REGISTRY_KVCACHESPEC_LIST:
+        from .kv_cache import register_kv_cache_spec
+
+        register_kv_cache_spec()
+        return
+    static = inspect.getattr_static(Platform, "register_custom_kv_cache_specs")
+    original = static.__func__
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def register_custom_kv_cache_specs(cls, vllm_config) -> None:
+        original(cls, vllm_config)
+        from .kv_cache import register_kv_cache_spec
+
+        register_kv_cache_spec()
+
+    setattr(register_custom_kv_cache_specs, _MARK, True)
+    Platform.register_custom_kv_cache_specs = classmethod(register_custom_kv_cache_specs)

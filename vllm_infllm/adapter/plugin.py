@@ -65,10 +65,11 @@ def register() -> None:
         register_backend(custom, BACKEND_CLASS)
 
     from .engine_args import patch_engine_args
-    from .platform import patch_cpu_platform
+    from .platform import patch_cpu_platform, patch_kv_cache_spec_registration
 
     patch_cpu_platform()
     patch_engine_args()
+    patch_kv_cache_spec_registration()
 
 
 def _backend_member(name: str):

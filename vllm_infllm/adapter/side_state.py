@@ -7,6 +7,9 @@ Each physical KV block (one memory unit) carries, per layer, the state InfLLM ne
                                    head, or R = 2*Hkv, min and max raw key per KV head
                                    (unit_score="minmax"); pages have room for max(Hq, 2*Hkv)
     sealed  [1]      uint8         representatives are final
+    chosen  [S, topk] int32        chunking="aligned": the selection of the chunk that starts
+                                   at this block (S = 1, or Hkv with selection="kv_head");
+                                   pages have room for Hkv * topk
 
 vLLM allocates a KV page per (layer, block). `InfLLMAttentionBackend.customize_spec` asks for
 `num_head_slots = Hkv + E` head slots instead of `Hkv`, so the page becomes
@@ -20,10 +23,13 @@ and the side state is one contiguous byte run at the start of the extra slots of
     byte reprs_offset        reprs   Hq*D*es bytes (es = cache element size), reprs_offset =
                              scores bytes rounded up to a multiple of es
     byte sealed_offset       sealed  1 byte, sealed_offset = reprs_offset + reprs bytes
+    byte chosen_offset       chosen  Hkv*topk*4 bytes (int32), chosen_offset = sealed_offset + 1
+                             rounded up to a multiple of 4; 0 bytes with chunking="step"
     (rest of the E slots)    padding
 
-`E = ceil(side-state bytes / slot bytes)`, e.g. SmolLM2 (Hq 9, D 64, fp32): 4608 + 2304 + 1 =
-6913 bytes of side state in one 65536-byte slot, so E = 1 next to its 3 KV heads. Because it
+`E = ceil(side-state bytes / slot bytes)`, e.g. SmolLM2 (Hq 9, D 64, fp32, topk 16): 4608 + 2304 +
+1 (+ 3 + 192 aligned) = 6913 (7108) bytes of side state in one 65536-byte slot, so E = 1 next to
+its 3 KV heads. Because it
 lives in the page, vLLM's memory budget counts it, and it follows the block through continuous
 batching, preemption and prefix caching (docs/design.md section 3.2). The layout needs each
 block's extra slots to be one contiguous run, which LBHNC (the layout the backend declares)
@@ -55,6 +61,7 @@ class SideStateLayout:
     block_size: int
     dtype: torch.dtype
     repr_rows: int | None = None  # rows of `reprs` (default num_q_heads)
+    chosen_ints: int = 0  # int32 entries of `chosen` (Hkv * topk with chunking="aligned")
 
     @property
     def scores_offset(self) -> int:
@@ -79,8 +86,14 @@ class SideStateLayout:
         return self.reprs_offset + self.reprs_bytes
 
     @property
+    def chosen_offset(self) -> int:
+        return -(-(self.sealed_offset + SEALED_BYTES) // 4) * 4
+
+    @property
     def total_bytes(self) -> int:
-        return self.sealed_offset + SEALED_BYTES
+        if self.chosen_ints == 0:
+            return self.sealed_offset + SEALED_BYTES
+        return self.chosen_offset + 4 * self.chosen_ints
 
     def slot_bytes(self, head_size_v: int | None = None) -> int:
         """Bytes of one head slot of a kernel block: ``B * (D + Dv)`` cache elements."""
@@ -98,9 +111,11 @@ def num_side_state_slots(
     dtype: torch.dtype,
     head_size_v: int | None = None,
     num_kv_heads: int | None = None,
+    chosen_ints: int = 0,
 ) -> int:
     """Extra head slots per page needed for one block's side state, with room for the
-    representatives of either unit score (max(Hq, 2*Hkv) rows; `num_kv_heads` None: Hq rows).
+    representatives of either unit score (max(Hq, 2*Hkv) rows; `num_kv_heads` None: Hq rows)
+    and `chosen_ints` stored selection entries (`SideStateLayout.chosen_ints`).
 
     Always computed for the 128-token *kernel* block, whatever ``spec.block_size`` is:
     ``customize_spec`` is also called with ``block_size=1`` (per-token page probes in
@@ -110,7 +125,7 @@ def num_side_state_slots(
     the right per-token ratio at N=1.
     """
     rows = num_q_heads if num_kv_heads is None else max(num_q_heads, 2 * num_kv_heads)
-    return SideStateLayout(num_q_heads, head_size, INFLLM_BLOCK_SIZE, dtype, rows).num_extra_slots(
+    return SideStateLayout(num_q_heads, head_size, INFLLM_BLOCK_SIZE, dtype, rows, chosen_ints).num_extra_slots(
         head_size_v
     )
 
@@ -121,9 +136,11 @@ def side_state_views(
     num_q_heads: int,
     head_size: int,
     repr_rows: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    chosen_shape: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Typed views ``scores[NB, Hq, B] f32``, ``reprs[NB, R, D] (cache dtype)``, ``sealed[NB] u8``
-    (R = repr_rows, default Hq; ``InfLLMConfig.repr_rows``).
+    and ``chosen[NB, S, topk] i32`` (None when `chosen_shape` is None) (R = repr_rows, default
+    Hq; ``InfLLMConfig.repr_rows``; `chosen_shape` = ``InfLLMConfig.chosen_shape(Hkv)``).
 
     kv_cache: [NB, Hkv + E, B, 2*D], the layer's bound cache tensor. The views alias its extra
     head slots ``kv_cache[:, num_kv_heads:]`` (no copy: writes go to the page). ``sealed`` is a
@@ -139,12 +156,20 @@ def side_state_views(
     # .view (not .flatten/.reshape) so a non-contiguous layout errors instead of copying.
     flat = extra.view(nb, -1).view(torch.uint8)  # [NB, E*N*C*es] bytes of each block
     rows = num_q_heads if repr_rows is None else repr_rows
-    lay = SideStateLayout(num_q_heads, head_size, n, kv_cache.dtype, rows)
+    chosen_ints = 0 if chosen_shape is None else chosen_shape[0] * chosen_shape[1]
+    lay = SideStateLayout(num_q_heads, head_size, n, kv_cache.dtype, rows, chosen_ints)
     if lay.total_bytes > flat.shape[1]:
-        raise ValueError(f"side state needs {lay.total_bytes} B/block, page has {flat.shape[1]}")
+        raise ValueError(
+            f"side state needs {lay.total_bytes} B/block, page has {flat.shape[1]} (the pages were "
+            "sized for another infllm config: start the engine with the config the layers use)"
+        )
     scores = flat[:, lay.scores_offset : lay.scores_offset + lay.scores_bytes]
     scores = scores.view(torch.float32).view(nb, num_q_heads, n)
     reprs = flat[:, lay.reprs_offset : lay.reprs_offset + lay.reprs_bytes]
     reprs = reprs.view(kv_cache.dtype).view(nb, rows, head_size)
     sealed = flat[:, lay.sealed_offset]
-    return scores, reprs, sealed
+    chosen = None
+    if chosen_shape is not None:
+        chosen = flat[:, lay.chosen_offset : lay.chosen_offset + 4 * chosen_ints]
+        chosen = chosen.view(torch.int32).view(nb, *chosen_shape)
+    return scores, reprs, sealed, chosen

@@ -18,7 +18,8 @@ class InfLLMConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class InfLLMConfig:
-    """InfLLM hyper-parameters (defaults are the paper's Mistral/Llama-3 settings).
+    """InfLLM hyper-parameters (defaults are the paper's Mistral/Llama-3 settings and selection
+    rules, except `chunking`: load-independent selection chunks, the rule a server needs).
 
     n_init:     tokens at the start of the sequence attended by every query ("init", attention sinks).
     n_local:    sliding window of ordinary attention ("local window").
@@ -55,6 +56,18 @@ class InfLLMConfig:
     select_queries: how many of a chunk's queries average into the selecting query q̄: 0 is the
                 paper's rule (all of them); m > 0 takes the chunk's last m (the question at the
                 end of a prompt, rather than the filler before it). Decoding is unaffected.
+                chunking="step" only.
+    chunking:   how prefill queries are cut into selection chunks (docs/design.md section 2.3):
+                "step"    - the paper's rule as it meets a scheduler: chunk-aligned spans, cut
+                            again at every step's start and before every step's last query,
+                            each selected by the mean of its queries. The answer depends on how
+                            the scheduler splits the prompt (server load, max_num_batched_tokens).
+                "aligned" - load-independent: chunk-aligned spans of absolute positions whatever
+                            the steps, each selected by its first query (the only one every
+                            schedule has computed when the chunk starts); a chunk split across
+                            steps keeps that selection (stored with its first block). The
+                            prompt's last query and every generated token select alone. Needs
+                            chunk to be a multiple of block_size.
     """
 
     n_init: int = 128
@@ -68,12 +81,15 @@ class InfLLMConfig:
     positions: str = "fixed"
     contiguity: int = 0
     select_queries: int = 0
+    chunking: str = "aligned"
 
-    #: The values each string-valued knob accepts (the first is the paper's rule).
+    #: The values each string-valued knob accepts (the first is the paper's rule; the default of
+    #: chunking is the second).
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "selection": ("layer", "kv_head"),
         "unit_score": ("mean_topk", "minmax"),
         "positions": ("fixed", "ordered"),
+        "chunking": ("step", "aligned"),
     }
 
     def __post_init__(self) -> None:
@@ -133,6 +149,21 @@ class InfLLMConfig:
             f"0 <= select_queries <= chunk={self.chunk} (the last m queries of a chunk)",
             "use 0 (the mean over the whole chunk, the paper's rule) or e.g. 32",
         )
+        if self.chunking == "aligned":
+            self._check(
+                self.select_queries == 0,
+                "select_queries",
+                "select_queries applies to chunking='step' only (an aligned chunk is selected "
+                "by its first query)",
+                "drop select_queries, or use chunking='step'",
+            )
+            self._check(
+                self.chunk % self.block_size == 0,
+                "chunk",
+                f"chunking='aligned' needs chunk to be a multiple of block_size={self.block_size} "
+                "(a chunk's selection is stored with its first block)",
+                f"use chunk={max(1, self.chunk // self.block_size) * self.block_size}",
+            )
 
     def _check(self, ok: bool, field: str, rule: str, fix: str) -> None:
         if not ok:
@@ -173,10 +204,25 @@ class InfLLMConfig:
         paper's representatives read them (no memory, or "minmax", need none)."""
         return self.topk > 0 and self.unit_score == "mean_topk"
 
+    def chosen_shape(self, num_kv_heads: int) -> tuple[int, int] | None:
+        """Shape per block of `LayerMemory.chosen`, the stored chunk selections: (S, topk) for
+        chunking="aligned" with memory, else None (nothing stored)."""
+        if self.chunking != "aligned" or self.topk == 0:
+            return None
+        return (self.selection_groups(num_kv_heads), self.topk)
+
     def repr_rows(self, num_q_heads: int, num_kv_heads: int) -> int:
         """Rows of D values per memory unit in `LayerMemory.reprs`: one representative key per
         query head ("mean_topk"), or a min row and a max row per KV head ("minmax")."""
         return 2 * num_kv_heads if self.unit_score == "minmax" else num_q_heads
+
+    def selection_start(self, p: int, prompt_len: int | None) -> int:
+        """chunking="aligned": first position of the selection chunk that holds position p:
+        the chunk-aligned start, or p itself from the prompt's last query on (those select
+        alone). prompt_len None: every position is prompt."""
+        if prompt_len is not None and p >= prompt_len - 1:
+            return p
+        return p - p % self.chunk
 
     @property
     def init_blocks(self) -> int:

@@ -25,6 +25,10 @@ class LayerMemory:
                                   head (R = 2*Hkv); R = InfLLMConfig.repr_rows(Hq, Hkv)
     scores: [num_blocks, Hq, B]   fp32 sum of softmax mass each token received inside local windows
     sealed: [num_blocks] bool     representatives computed (the unit became a candidate)
+    chosen: [num_blocks, S, topk] int32, chunking="aligned" only (else None): the selection of
+                                  the chunk that starts at this block (unit ids, -1 = none;
+                                  S = InfLLMConfig.selection_groups(Hkv)), read by the steps
+                                  that continue the chunk
 
     In vLLM these are views into extra head slots of each KV page (adapter/side_state.py);
     `allocate` makes standalone tensors for tests and benchmarks.
@@ -33,6 +37,7 @@ class LayerMemory:
     reprs: torch.Tensor
     scores: torch.Tensor
     sealed: torch.Tensor
+    chosen: torch.Tensor | None = None
 
     @classmethod
     def allocate(
@@ -44,26 +49,33 @@ class LayerMemory:
         dtype: torch.dtype,
         device: torch.device | str,
         repr_rows: int | None = None,
+        chosen: tuple[int, int] | None = None,
     ) -> LayerMemory:
-        """repr_rows: `config.repr_rows(Hq, Hkv)` (default Hq: the paper's representatives)."""
+        """repr_rows: `config.repr_rows(Hq, Hkv)` (default Hq: the paper's representatives);
+        chosen: `config.chosen_shape(Hkv)`, (S, topk) for chunking="aligned" (default none)."""
         rows = num_q_heads if repr_rows is None else repr_rows
         return cls(
             reprs=torch.zeros(num_blocks, rows, head_dim, dtype=dtype, device=device),
             scores=torch.zeros(num_blocks, num_q_heads, block_size, dtype=torch.float32, device=device),
             sealed=torch.zeros(num_blocks, dtype=torch.bool, device=device),
+            chosen=None if chosen is None else torch.full((num_blocks, *chosen), -1, dtype=torch.int32,
+                                                          device=device),
         )
 
     def clone(self) -> LayerMemory:
-        return LayerMemory(self.reprs.clone(), self.scores.clone(), self.sealed.clone())
+        chosen = None if self.chosen is None else self.chosen.clone()
+        return LayerMemory(self.reprs.clone(), self.scores.clone(), self.sealed.clone(), chosen)
 
 
 @dataclasses.dataclass
 class ChunkBatch:
     """The selection chunks of one wave (at most one per request).
 
-    Device tensors (int32, [n]; rows of one [5, chunks] table per step): req (block-table row),
+    Device tensors (int32, [n]; rows of one [6, chunks] table per step): req (block-table row),
     c0 (absolute position of the first query), length (queries), q0 (row of the first query in
-    the packed query tensor), num_cand (candidate units K). int32 keeps the kernels' position
+    the packed query tensor), num_cand (candidate units K), a0 (where the chunk's selection was
+    made: c0, or with chunking="aligned" an earlier position when this step continues a chunk
+    an earlier step started; K is counted from a0). int32 keeps the kernels' position
     maths in 32 bits (positions and rows are < 2^31; offsets into the cache are widened).
     The same values as Python lists in `host` let the torch path tile work without reading
     device memory; `max_len`/`max_cand` size padded buffers.
@@ -74,6 +86,7 @@ class ChunkBatch:
     length: torch.Tensor
     q0: torch.Tensor
     num_cand: torch.Tensor
+    a0: torch.Tensor
     host: dict[str, list[int]]
     max_len: int
     max_cand: int
@@ -97,16 +110,26 @@ def plan_step(
     seq_lens: Sequence[int],
     config: InfLLMConfig,
     device: torch.device | str | None = None,
+    prompt_lens: Sequence[int] | None = None,
 ) -> StepPlan:
     """Cut a step into selection chunks and group them in waves. Host-side, once per step.
 
     Request r owns query rows [query_start_loc[r], query_start_loc[r+1]) at positions
-    seq_lens[r] - query_len + i. Prefill spans are cut at absolute multiples of `chunk`;
-    a one-token query (decode) is a chunk of its own, and so is the last query of every
-    step. That query produces the next token when the step ends the prompt; a selection by
-    the mean of up to `chunk` filler queries would hide from it what it is asked about (the
-    original InfLLM likewise feeds the last prompt token alone). Selection chunks are thus
-    cut at step starts, at multiples of `chunk`, and before each step's last query.
+    seq_lens[r] - query_len + i. Prefill spans are cut at absolute multiples of `chunk`.
+
+    chunking="step": a one-token query (decode) is a chunk of its own, and so is the last query
+    of every step. That query produces the next token when the step ends the prompt; a
+    selection by the mean of up to `chunk` filler queries would hide from it what it is asked
+    about (the original InfLLM likewise feeds the last prompt token alone). Selection chunks
+    are thus cut at step starts, at multiples of `chunk`, and before each step's last query.
+
+    chunking="aligned" (docs/design.md section 2.3): the chunks do not depend on the steps.
+    `prompt_lens[r]` is request r's prompt length L (None: `seq_lens`, as if every prompt ended
+    with this step; the vLLM builder always passes the real ones): positions from L-1 on (the
+    prompt's last query, generated tokens, also when a preempted request recomputes them) are
+    chunks of one; earlier ones belong to the aligned chunk [a0, a0 + chunk). A step that
+    starts inside such a chunk continues it: its row has a0 < c0, the candidates of a0, and
+    the selection the step holding a0 stored (`LayerMemory.chosen`).
 
     Chunks of one request depend on each other (a later chunk may seal a unit an earlier chunk
     scored), chunks of different requests do not, so wave i holds the i-th chunk of every
@@ -114,7 +137,12 @@ def plan_step(
     """
     qsl = [int(x) for x in query_start_loc]
     lens = [int(x) for x in seq_lens]
-    per_req: list[list[tuple[int, int, int, int, int]]] = []
+    aligned = config.chunking == "aligned"
+    # prompt_lens None: each request's prompt is what it has so far (its last query selects alone).
+    prompts = lens if prompt_lens is None else [int(x) for x in prompt_lens]
+    if len(prompts) < len(lens):
+        raise ValueError(f"plan_step: {len(prompts)} prompt_lens for {len(lens)} requests")
+    per_req: list[list[tuple[int, int, int, int, int, int]]] = []
     for r in range(len(lens)):
         n_q = qsl[r + 1] - qsl[r]
         start = lens[r] - n_q
@@ -126,14 +154,19 @@ def plan_step(
         chunks = []
         c0, end = start, start + n_q
         while c0 < end:
-            c1 = min(end, (c0 // config.chunk + 1) * config.chunk)
-            if c1 == end and c0 < end - 1:
-                c1 = end - 1  # the step's last query selects alone (see plan_step's doc)
-            chunks.append((r, c0, c1 - c0, qsl[r] + (c0 - start), config.num_candidates(c0)))
+            if aligned:
+                a0 = config.selection_start(c0, prompts[r])
+                c1 = min(end, a0 + config.chunk, max(prompts[r] - 1, c0 + 1))
+            else:
+                a0 = c0
+                c1 = min(end, (c0 // config.chunk + 1) * config.chunk)
+                if c1 == end and c0 < end - 1:
+                    c1 = end - 1  # the step's last query selects alone (see plan_step's doc)
+            chunks.append((r, c0, c1 - c0, qsl[r] + (c0 - start), config.num_candidates(a0), a0))
             c0 = c1
         per_req.append(chunks)
 
-    # All waves' chunk tables go to the device in one copy: [5, columns] int32 on the host
+    # All waves' chunk tables go to the device in one copy: [6, columns] int32 on the host
     # (pinned for CUDA, so the copy is asynchronous), each wave a column range of it. One tensor
     # per field per wave would be a blocking copy each (dozens per step with long prefills).
     # Every wave's columns start at a multiple of 4 (16 bytes), and so does every field's row:
@@ -158,12 +191,12 @@ def plan_step(
     return StepPlan(waves=waves, num_tokens=qsl[-1] if qsl else 0)
 
 
-_FIELDS = ("req", "c0", "length", "q0", "num_cand")
+_FIELDS = ("req", "c0", "length", "q0", "num_cand", "a0")
 _ALIGN = 4  # int32 columns per 16 bytes
 
 
 def _chunk_batch(rows: list[tuple[int, ...]], cols: torch.Tensor, static: int | None = None) -> ChunkBatch:
-    """A wave from its rows (`_FIELDS` order) and their device columns [5, len(rows)]. Sizes are
+    """A wave from its rows (`_FIELDS` order) and their device columns [6, len(rows)]. Sizes are
     the wave's own, or for a static decode plan (`static` = its candidate bound) fixed: one
     query per chunk and the bound, whatever the rows hold."""
     host = {k: [row[j] for row in rows] for j, k in enumerate(_FIELDS)}
@@ -196,7 +229,7 @@ class PlanBuffers:
         self._copied: list[torch.cuda.Event | None] = [None, None]
         self._turn = 0
 
-    def upload(self, rows: list[tuple[int, int, int, int, int]]) -> torch.Tensor:
+    def upload(self, rows: list[tuple[int, int, int, int, int, int]]) -> torch.Tensor:
         """Write `rows` (one per chunk, `_FIELDS` order) into `table[:, :len(rows)]`; returns it."""
         n = len(rows)
         if n > self.capacity:
@@ -241,7 +274,7 @@ def plan_decode_step(
         if n_q not in (0, 1):
             raise ValueError(f"plan_decode_step: request {r} has {n_q} queries; decode steps have 0 or 1")
         if n_q == 0:
-            rows.append((r, 0, 0, qsl[r], 0))  # padding
+            rows.append((r, 0, 0, qsl[r], 0, 0))  # padding
             continue
         c0 = lens[r] - 1
         if c0 < 0:
@@ -252,7 +285,7 @@ def plan_decode_step(
                 f"plan_decode_step: request {r} at seq_len {lens[r]} has {num_cand} candidates, "
                 f"above the bound {max_candidates} (raise it to config.num_candidates(max_model_len - 1))"
             )
-        rows.append((r, c0, 1, qsl[r], num_cand))
+        rows.append((r, c0, 1, qsl[r], num_cand, c0))
     if not rows:
         return StepPlan(waves=[], num_tokens=qsl[-1] if qsl else 0)
     return StepPlan(waves=[_chunk_batch(rows, buffers.upload(rows), max_candidates)], num_tokens=qsl[-1])

@@ -7,6 +7,7 @@ It loops over selection chunks and queries in position order, exactly as the spe
       seal every memory unit that just became a candidate (ends at or before w(c0))
       select the topk candidates by  sum_h <mean_{p in C} R(n_local-1) q_raw_h(p), r_{U,h}>
           (select_queries=m: the mean over the chunk's last m queries only)
+          (chunking="aligned": by the chunk's first query alone; chunks are schedule-free)
           (contiguity=c: ranked by the best score within c units, then their own score)
           (unit_score="minmax": sum_h sum_d max(q̄_hd min_{U,d}, q̄_hd max_{U,d}), Quest's bound)
           (selection="layer": h over all query heads, one set shared by all heads;
@@ -57,10 +58,16 @@ def selection_chunks(
 ) -> list[tuple[int, int]]:
     """Selection chunks of a sequence of `total` tokens, in position order.
 
-    Prefill tokens [0, prefill_len) form spans aligned to multiples of `config.chunk`, cut again
-    at every scheduler-step boundary in `step_bounds`; later tokens are decoded one at a time.
+    chunking="step": prefill tokens [0, prefill_len) form spans aligned to multiples of
+    `config.chunk`, cut again at every scheduler-step boundary in `step_bounds`; later tokens
+    are decoded one at a time. chunking="aligned": the spans stop before the prompt's last query,
+    which selects alone like every later token, and `step_bounds` change nothing.
     """
     prefill_len = total if prefill_len is None else prefill_len
+    if config.chunking == "aligned":
+        last = max(0, prefill_len - 1)
+        cuts = set(range(0, last, config.chunk)) | set(range(last, total + 1)) | {0, total}
+        return [(a, b) for a, b in itertools.pairwise(sorted(c for c in cuts if c <= total)) if b > a]
     cuts = set(range(0, prefill_len, config.chunk)) | {b for b in step_bounds if 0 < b < prefill_len}
     cuts |= set(range(prefill_len, total + 1))
     cuts |= {0, prefill_len, total}
@@ -82,7 +89,8 @@ def infllm_reference_trace(
     """Like `infllm_attention_reference`, also returning selections, representatives and scores.
 
     `step_bounds`: positions where the scheduler started a new step during prefill (selection
-    chunks are cut there too, docs/design.md section 2.3); the plain contract has none.
+    chunks are cut there too with chunking="step", docs/design.md section 2.3; "aligned" ignores
+    them); the plain contract has none.
     """
     T, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -154,7 +162,10 @@ def infllm_reference_trace(
             per_group = [list(range(K))] * groups
         else:
             m = config.select_queries
-            q_bar = q_global[max(c0, c1 - m) if m else c0 : c1].mean(0)  # [Hq, D]
+            if config.chunking == "aligned":  # the chunk's first query (every schedule has it)
+                q_bar = q_global[c0]
+            else:
+                q_bar = q_global[max(c0, c1 - m) if m else c0 : c1].mean(0)  # [Hq, D]
             per_group = []
             for g in range(groups):
                 heads = slice(g * Hq // groups, (g + 1) * Hq // groups)

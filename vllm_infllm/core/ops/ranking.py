@@ -1,6 +1,6 @@
-"""Top-k of the candidate units from their scores: the last step of `select_units`, shared by the
-torch ops and the Triton path (whose kernels compute the scores; the ranking is a few torch ops on
-a small [n, S, K] tensor on either device)."""
+"""Top-k of the candidate units from their scores, and the chunk selections a later step reads
+back: the last steps of `select_units`, shared by the torch ops and the Triton path (whose kernels
+compute the scores; these are a few torch ops on small [n, S, K] tensors on either device)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import InfLLMConfig
+from ..plan import ChunkBatch, LayerMemory
 
 
 def top_units(score: torch.Tensor, num_cand: torch.Tensor, config: InfLLMConfig) -> torch.Tensor:
@@ -35,3 +36,45 @@ def top_units(score: torch.Tensor, num_cand: torch.Tensor, config: InfLLMConfig)
     ok = torch.arange(topk, device=score.device) < num_cand[:, None, None]
     top = torch.where(ok, top, K).sort(dim=-1).values  # ascending: slot k is the unit's rank
     return top.masked_fill_(top == K, -1)
+
+
+def hold_selections(
+    selected: torch.Tensor,
+    memory: LayerMemory,
+    block_table: torch.Tensor,
+    chunks: ChunkBatch,
+    config: InfLLMConfig,
+) -> torch.Tensor:
+    """chunking="aligned": keep one selection per chunk across scheduler steps.
+
+    A chunk that an earlier step started (a0 < c0) takes the selection stored in
+    `memory.chosen` at the block of its first query a0, not its own, so every query of the chunk
+    reads the same units however the scheduler split it (docs/design.md section 2.3). Every
+    fresh chunk at a multiple of `chunk` stores its selection there: an aligned chunk (a later
+    step may continue it), and a token that selects alone at such a position (what an aligned
+    chunk there would store), so a block carries a valid selection whoever computed it (prefix
+    caching may hand it to another request). Branch-free device ops: no host synchronisation,
+    and a CUDA graph of a decode step can replay them.
+
+    selected: [n, S, topk] int64 from `select_units`; returns it with continuations replaced.
+    """
+    if config.chunking != "aligned" or config.topk == 0:
+        return selected
+    if memory.chosen is None:
+        raise ValueError(
+            "infllm: chunking='aligned' stores each chunk's selection in LayerMemory.chosen, "
+            "which is None: allocate it with chosen=config.chosen_shape(Hkv)"
+        )
+    a0 = chunks.a0.long()
+    # Padding rows of a static decode plan (no query, a0 = 0) may name rows past the table's
+    # end outside vLLM (which pads the table too): clamp; they neither store nor load.
+    req = chunks.req.long().clamp(max=block_table.shape[0] - 1)
+    phys = block_table[req, a0 // config.block_size].long()  # [n]
+    held = memory.chosen[phys].long()  # [n, S, topk]
+    load = (a0 < chunks.c0)[:, None, None]
+    store = ((a0 == chunks.c0) & (a0 % config.chunk == 0) & (chunks.length > 0))[:, None, None]
+    # Added, not assigned: a padding row may name a storing row's block, and an integer sum of
+    # (new - old) and 0 is the same whatever order the scatter takes.
+    delta = torch.where(store, selected - held, 0).to(memory.chosen.dtype)
+    memory.chosen.index_put_((phys,), delta, accumulate=True)
+    return torch.where(load, held, selected)

@@ -101,8 +101,8 @@ def seal_units(
 
 
 def _chunk_mean_query(query, chunks: ChunkBatch, cos, sin, config: InfLLMConfig):
-    """q̄ = mean over the chunk (select_queries=m: its last m queries) of R(n_local-1)·q_raw
-    = R(n_local-1-p)·q(p); [n, Hq*D] fp32."""
+    """q̄ = mean over the chunk (select_queries=m: its last m queries; chunking="aligned": its
+    first query) of R(n_local-1)·q_raw = R(n_local-1-p)·q(p); [n, Hq*D] fp32."""
     key = ("qbar", cos.data_ptr())
     geo = chunks.scratch.get(key)
     if geo is None:  # layer-independent: rows, RoPE rows and weights, once per step
@@ -110,7 +110,10 @@ def _chunk_mean_query(query, chunks: ChunkBatch, cos, sin, config: InfLLMConfig)
         i = torch.arange(L, device=query.device)
         valid = i[None, :] < chunks.length[:, None]
         used = chunks.length
-        if config.select_queries:  # only the chunk's last m queries select
+        if config.chunking == "aligned":  # the first query alone (every schedule has it)
+            used = used.clamp(max=1)
+            valid &= i[None, :] < 1
+        elif config.select_queries:  # only the chunk's last m queries select
             used = used.clamp(max=config.select_queries)
             valid &= i[None, :] >= (chunks.length - used)[:, None]
         rows = torch.where(valid, chunks.q0[:, None] + i, chunks.q0[:, None])

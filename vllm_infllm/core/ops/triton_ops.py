@@ -308,17 +308,20 @@ def _qbar_kernel(
     cos_ptr, sin_ptr,  # [rows, D/2] rotary table, row strides s_cos, s_sin
     s_qt, s_qh, s_qd, s_cos, s_sin,
     SELECT_QUERIES,  # 0: every query of the chunk; m > 0: its last m
+    FIRST_ONLY,  # 1: the chunk's first query alone (chunking="aligned"); 0: as SELECT_QUERIES
     D2: tl.constexpr, X: tl.constexpr, N_LOCAL: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
     """One program per (chunk, query head): q̄[c, h] = mean over the chunk (or its last
-    SELECT_QUERIES queries) of R(n_local-1-p)·q(p), fp32, stored at [c, h*D : (h+1)*D]."""
+    SELECT_QUERIES queries, or its first query) of R(n_local-1-p)·q(p), fp32, stored at
+    [c, h*D : (h+1)*D]."""
     c = tl.program_id(0)
     h = tl.program_id(1)
     length = tl.load(len_ptr + c)
     c0 = tl.load(c0_ptr + c)
     q0 = tl.load(q0_ptr + c)
     first = tl.where(SELECT_QUERIES > 0, tl.maximum(length - SELECT_QUERIES, 0), 0)
+    length = tl.where(FIRST_ONLY > 0, tl.minimum(length, 1), length)
     d = tl.arange(0, BLOCK_D2)[None, :]
     acc_a = tl.zeros([BLOCK_D2], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_D2], dtype=tl.float32)
@@ -455,7 +458,8 @@ def select_units(
         q_ptr=query, qbar_ptr=qbar, c0_ptr=chunks.c0, len_ptr=chunks.length, q0_ptr=chunks.q0,
         cos_ptr=cos, sin_ptr=sin,
         s_qt=s_qt, s_qh=s_qh, s_qd=s_qd, s_cos=cos.stride(0), s_sin=sin.stride(0),
-        SELECT_QUERIES=config.select_queries, D2=D // 2, X=Hq * D, N_LOCAL=config.n_local,
+        SELECT_QUERIES=config.select_queries, FIRST_ONLY=int(config.chunking == "aligned"),
+        D2=D // 2, X=Hq * D, N_LOCAL=config.n_local,
         # Two builds only (decode, prefill): a block sized by each step's longest chunk would
         # compile anew for every power of two it meets.
         BLOCK_Q=1 if chunks.max_len == 1 else (128 if _INTERPRET else 32), BLOCK_D2=_p2(D // 2),
