@@ -164,7 +164,6 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
             plan=plan,
         )
 
-
     def _prompt_lens(self, seq_lens: list[int]) -> list[int] | None:
         """Each row's prompt length for chunking="aligned" (None for "step", which needs none)."""
         if self.infllm_config.chunking != "aligned":
