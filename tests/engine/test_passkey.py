@@ -15,6 +15,7 @@ import textwrap
 
 import pytest
 
+from vllm_infllm.core.config import InfLLMConfig
 from vllm_infllm.tools.assets import default_model_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
@@ -45,12 +46,19 @@ RUNNER = textwrap.dedent(
     tok = AutoTokenizer.from_pretrained(spec["model"])
     prompts = [make_passkey_prompt(tok, n, d) for n, d in spec["prompts"]]
     sp = SamplingParams(max_tokens=spec["max_tokens"], temperature=0, ignore_eos=spec["ignore_eos"])
+    def infllm_counters():  # this process runs the engine: its Prometheus registry has ours
+        from prometheus_client import REGISTRY
+        return {m.name: sum(x.value for x in m.samples if x.name.endswith("_total"))
+                for m in REGISTRY.collect() if m.name.startswith("vllm:infllm_")}
+
     result = {}
     for name, kw in spec["engines"].items():
+        before = infllm_counters()
+        modes = kw.pop("modes", spec["modes"])  # this engine's own rounds
         llm = LLM(**{"model": spec["model"], "enforce_eager": True, "dtype": "float32",
                      "max_model_len": 8192, "attention_backend": "infllm", **kw})
         rounds = []
-        for mode in spec["modes"]:
+        for mode in modes:
             if mode == "batch":
                 outs = llm.generate([p.text for p in prompts], sp, use_tqdm=False)
             else:  # one by one
@@ -58,10 +66,11 @@ RUNNER = textwrap.dedent(
             rounds.append([
                 {"key": p.key, "text": o.outputs[0].text, "ids": list(o.outputs[0].token_ids),
                  "ok": p.is_correct(o.outputs[0].text), "tokens": p.num_tokens,
-                 "needle": p.needle_token}
+                 "needle": p.needle_token, "cached": o.num_cached_tokens or 0}
                 for p, o in zip(prompts, outs)
             ])
         result[name] = rounds
+        result[name + ":counters"] = {k: v - before.get(k, 0) for k, v in infllm_counters().items()}
         if not kw.get("disable_log_stats", True):  # stats on: say whether vLLM preempted
             result[name + ":preemptions"] = sum(
                 m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
@@ -99,6 +108,33 @@ def test_passkey_beyond_window_and_control_fails():
     outside = [r for r in control if r["tokens"] - r["needle"] > SMALL_WINDOW["n_local"] + 100]
     assert len(outside) == 2 and not any(r["ok"] for r in outside), control
 
+    # The engine's InfLLM counters (adapter/metrics.py) count the queries it ran, once each:
+    # every prompt token past the prefix-cache hit (the prompts share their filler) and every
+    # generated token but the last (it is never fed back).
+    def computed(r):
+        return range(r["cached"], r["tokens"] + len(r["ids"]) - 1)
+
+    for name, rows in (("infllm", infllm), ("control", control)):
+        c = result[name + ":counters"]
+        positions = [p for r in rows for p in computed(r)]
+        assert c["vllm:infllm_query_tokens"] == len(positions), (name, c)
+        assert c["vllm:infllm_dense_keys"] == sum(p + 1 for p in positions), (name, c)
+        assert len(positions) < c["vllm:infllm_attended_keys"] < c["vllm:infllm_dense_keys"], (name, c)
+    # Which queries read memory (docs/design.md 2.3, chunking="aligned"): those whose chunk was
+    # selected at a position a0 whose window starts a whole memory unit past init.
+    cfg = InfLLMConfig(**SMALL_WINDOW)
+    memory = units = 0
+    for r in infllm:
+        for p in computed(r):
+            a0 = p if p >= r["tokens"] - 1 else p - p % cfg.chunk
+            candidates = max(0, (a0 - cfg.n_local + 1 - cfg.n_init) // cfg.block_size)
+            memory += candidates > 0
+            units += min(cfg.topk, candidates)
+    c, ctl = result["infllm:counters"], result["control:counters"]
+    assert c["vllm:infllm_memory_query_tokens"] == memory > 0, c
+    assert c["vllm:infllm_selected_units"] == units > memory, c
+    assert ctl["vllm:infllm_memory_query_tokens"] == ctl["vllm:infllm_selected_units"] == 0, ctl
+
 
 def test_prefix_caching_and_batching_do_not_change_answers():
     # Different lengths in one generate call == one by one (prefix caching off: every request
@@ -124,24 +160,21 @@ def test_prefix_caching_and_batching_do_not_change_answers():
 
 def test_aligned_chunking_answers_do_not_depend_on_the_schedule():
     """chunking="aligned" (docs/design.md 2.3): the same prompts give the same tokens prefilled
-    in one step and under chunked prefill with a small odd token budget (steps end inside
-    selection chunks and mix with other requests' decodes), in a batch or one by one. (With
+    alone in one step each and in a batch under chunked prefill with a small odd token budget
+    (steps end inside selection chunks and mix with other requests' prefills and decodes). (With
     chunking="step" the chunked-prefill engine changes the 3000-token prompt's answer:
     benchmarks/RESULTS.md section 8.)"""
     cfg = {"additional_config": {"infllm": {**SMALL_WINDOW, "chunking": "aligned"}},
            "enable_prefix_caching": False}
     prompts = [(3000, 0.3), (LENGTH, 0.5), (3500, 0.7)]
     result = run_engines(
-        {"one_step": {**cfg, "max_num_batched_tokens": 8192},
-         "chunked": {**cfg, "max_num_batched_tokens": 300}},
+        {"one_step": {**cfg, "max_num_batched_tokens": 8192, "modes": ["single"]},
+         "chunked": {**cfg, "max_num_batched_tokens": 300, "modes": ["batch"]}},
         prompts,
-        modes=("batch", "single"),
     )
-    reference = [r["ids"] for r in result["one_step"][0]]
-    assert sum(r["ok"] for r in result["one_step"][0]) >= 2, result["one_step"][0]
-    for name, rounds in result.items():
-        for mode, round_ in zip(("batch", "single"), rounds, strict=True):
-            assert [r["ids"] for r in round_] == reference, (name, mode, round_)
+    (alone,), (chunked,) = result["one_step"], result["chunked"]
+    assert sum(r["ok"] for r in alone) >= 2, alone
+    assert [r["ids"] for r in chunked] == [r["ids"] for r in alone], (alone, chunked)
 
 
 def test_aligned_chunking_answers_survive_preemption():
@@ -152,18 +185,16 @@ def test_aligned_chunking_answers_survive_preemption():
            "enable_prefix_caching": False, "max_model_len": 2048, "disable_log_stats": False}
     prompts = [(1500, 0.3), (1500, 0.5), (1500, 0.7)]
     result = run_engines(
-        {"roomy": cfg, "preempted": {**cfg, "num_gpu_blocks_override": 37}},
+        {"roomy": {**cfg, "modes": ["single"]},
+         "preempted": {**cfg, "num_gpu_blocks_override": 37, "modes": ["batch"]}},
         prompts,
-        modes=("single", "batch"),
         max_tokens=100,
         ignore_eos=True,  # every answer grows by 100 tokens: the pool runs out
     )
     assert result["roomy:preemptions"] == 0 and result["preempted:preemptions"] > 0, result
-    reference = [r["ids"] for r in result["roomy"][0]]
-    assert all(len(ids) == 100 for ids in reference)
-    for name in ("roomy", "preempted"):
-        for mode, round_ in zip(("single", "batch"), result[name], strict=True):
-            assert [r["ids"] for r in round_] == reference, (name, mode, round_)
+    (alone,), (preempted,) = result["roomy"], result["preempted"]
+    assert all(len(r["ids"]) == 100 for r in alone)
+    assert [r["ids"] for r in preempted] == [r["ids"] for r in alone], (alone, preempted)
 
 
 PREFIX_RUNNER = textwrap.dedent(
@@ -201,13 +232,13 @@ PREFIX_RUNNER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("unit_score", ["mean_topk", "minmax"])
-def test_prefix_cache_hits_do_not_change_answers(unit_score):
+def test_prefix_cache_hits_do_not_change_answers():
     """A prompt that hits blocks another request left in the prefix cache (the same prompt again,
     the same document with another question, the next turn that holds the first answer) gives the
     tokens it gives with prefix caching off; the hits are real but stop where a block's side
-    state would depend on the other request (docs/design.md 3.2)."""
-    infllm = {**SMALL_WINDOW, "chunking": "aligned", "unit_score": unit_score}
+    state would depend on the other request (docs/design.md 3.2). (unit_score="minmax", whose
+    every prompt block is settled, is tested in tests/engine/test_tiny_llama.py.)"""
+    infllm = {**SMALL_WINDOW, "chunking": "aligned"}
     spec = {"model": str(MODEL), "infllm": infllm}
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="2",
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -220,7 +251,7 @@ def test_prefix_cache_hits_do_not_change_answers(unit_score):
     for key in ("first", "other", "turn"):
         assert cached[key]["ids"] == fresh[key]["ids"], (key, cached[key], fresh[key])
         assert fresh[key]["cached"] == 0
-        # A hit, short of the prompt's end by the unsettled tail (n_local + chunk at most) when
-        # the representatives depend on attention mass.
-        tail = 0 if unit_score == "minmax" else SMALL_WINDOW["n_local"] + 512 + 128
+        # A hit, short of the prompt's end by the unsettled tail (n_local + chunk at most): the
+        # representatives depend on attention mass.
+        tail = SMALL_WINDOW["n_local"] + 512 + 128
         assert 0 < cached[key]["cached"] and cached[key]["cached"] >= cached[key]["tokens"] - tail - 256, cached[key]
