@@ -40,9 +40,11 @@ from ..core import ops as infllm_ops
 from ..core.config import InfLLMConfig
 from ..core.plan import LayerMemory, PlanBuffers, StepPlan, plan_decode_step, plan_step
 from ..core.runtime import infllm_forward
+from ..core.stats import step_stats
 from . import prompt_lengths
 from .cpu_tuning import tune_cpu_malloc
 from .kv_cache import InfLLMAttentionSpec
+from .metrics import InfLLMMetrics
 from .model_support import layer_rejection_reasons, model_rope_for_layer
 from .side_state import num_side_state_slots, side_state_views
 from .vllm_config import INFLLM_BLOCK_SIZE, infllm_config_from_vllm
@@ -89,8 +91,11 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
                 f"{INFLLM_BLOCK_SIZE}"
             )
         self.infllm_config = infllm_config_from_vllm(vllm_config)
-        if self.infllm_config.chunking == "aligned":
-            prompt_lengths.install()  # the plan needs each request's prompt length
+        # The runner's prompt lengths: the aligned plan needs them, and the statistics skip
+        # the dummy runs they mark.
+        prompt_lengths.install()
+        name = getattr(getattr(vllm_config, "model_config", None), "served_model_name", None)
+        self.metrics = InfLLMMetrics(str(name[0] if isinstance(name, (list, tuple)) else name))
         if getattr(vllm_config, "speculative_config", None) is not None:  # also checked at start-up
             raise ValueError(
                 "infllm: speculative decoding is not supported (the plan needs exact host-side "
@@ -145,6 +150,8 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
             plan = plan_decode_step(qsl, seq_lens, self.infllm_config, self.decode_buffers, self.max_candidates)
         else:
             plan = plan_step(qsl, seq_lens, self.infllm_config, device=self.device, prompt_lens=prompt_lens)
+        if prompt_lengths.current() is not prompt_lengths.DUMMY:
+            self.metrics.record(step_stats(plan, self.infllm_config))
         return InfLLMMetadata(
             num_actual_tokens=int(cm.query_start_loc_cpu[cm.num_reqs]),
             num_reqs=cm.num_reqs,

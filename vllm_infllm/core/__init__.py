@@ -7,6 +7,7 @@
     plan.py       the step plan: a varlen batch cut into selection chunks and waves, and the
                   per-block side state (LayerMemory) the ops read and write
     runtime.py    one layer's InfLLM attention over a paged KV cache: seal -> select -> attend
+    stats.py      what a step attended (queries, memory units, keys), counted from its plan
     ops/          the paged ops, same signatures: torch_ops (CPU, and the reference for the
                   kernels) and triton_ops (CUDA)
 
