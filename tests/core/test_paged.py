@@ -153,6 +153,27 @@ def test_recycled_blocks_start_afresh():
     assert_matches_oracle(second, run2, SMALL, cos, sin, layers=1)
 
 
+@pytest.mark.parametrize("modes", [{}, {"unit_score": "minmax", "selection": "kv_head"}])
+def test_a_request_with_nan_keys_leaves_the_others_exact(modes):
+    """A broken input (a NaN key, as a broken model or an fp16 overflow gives) in one request:
+    the step runs (no error, no out-of-range index from a NaN score), the other requests of
+    every mixed batch still equal the oracle, and the broken request's later queries are NaN
+    (propagated, as dense attention would, never hidden)."""
+    cfg = InfLLMConfig(**{**SMALL.to_dict(), **modes})
+    reqs = batch(6, 2, 64, seed=5)
+    bad = reqs[2]  # one 260-token prefill, then decodes: the NaN is in its memory units later
+    bad.k[70, 1, 5] = float("nan")
+    cos, sin = rope_table(64, 1024)
+    run = run_paged(reqs, cfg, cos, sin)
+    good = [r for r in reqs if r is not bad]
+    outs = [o for r, o in zip(reqs, run.outs[0], strict=True) if r is not bad]
+    for out, tr in zip(outs, run_oracle(good, cfg, cos, sin), strict=True):
+        torch.testing.assert_close(out, tr.out, rtol=1e-4, atol=1e-4)
+    broken = run.outs[0][2]
+    assert not broken[:70].isnan().any() and broken[70:].isnan().any()
+    assert broken[-1].isnan().any()  # a decode query long past the window still reads it
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 6e-2)])
 def test_half_precision_cache(dtype, tol):
     reqs = batch(6, 2, 64, seed=4)[:3]

@@ -1,6 +1,6 @@
 """A real ``vllm serve`` (OpenAI-compatible HTTP server) with the InfLLM backend, on loopback.
 
-One shared server (module fixture, ~40 s to start on 2 cores) serves tests 1-4:
+One shared server (module fixture, ~40 s to start on 2 cores) serves tests 1-5:
 
 1. ``/health`` and ``/v1/models``;
 2. a short completion;
@@ -8,13 +8,16 @@ One shared server (module fixture, ~40 s to start on 2 cores) serves tests 1-4:
    so beyond the 512-token local window the needle is only reachable through InfLLM's memory
    units, plus a short prompt) -- all batched together by vLLM, with chunked prefill and prefix
    caching (the passkey prompts share their filler prefix);
-4. a prompt longer than ``max_model_len`` is rejected with a 4xx and a message, and the server
+4. InfLLM's step statistics on ``/metrics`` (the server runs in prometheus_client's
+   multi-process mode) and in the log;
+5. a prompt longer than ``max_model_len`` is rejected with a 4xx and a message, and the server
    keeps serving.
 
 Then, without the shared server:
 
-5. a typo in the InfLLM config makes ``vllm serve`` exit non-zero quickly, with our message;
-6. ``--attention-backend CUSTOM``, the alias registered to the same class, serves too.
+6. a typo in the InfLLM config makes ``vllm serve`` exit non-zero quickly, with our message;
+7. ``--attention-backend CUSTOM``, the alias registered to the same class, serves too;
+8. a fault injected into a step fails the request and stops the server loudly, with our message.
 
 vLLM's CPU platform forces the ``spawn`` start method, so ``vllm serve``'s engine-core process
 unpickles the config -- including ``AttentionBackendEnum.INFLLM`` -- before it loads plugins;
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -105,7 +109,7 @@ class ServerDied(AssertionError):
 class Server:
     """A ``vllm serve`` child process with its own PID (and its own process group)."""
 
-    def __init__(self, model_dir: Path, log: Path, backend: str, infllm: dict):
+    def __init__(self, model_dir: Path, log: Path, backend: str, infllm: dict, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.log = log
@@ -113,7 +117,7 @@ class Server:
         self.proc = subprocess.Popen(
             serve_cmd(model_dir, self.port, backend, infllm),
             cwd=REPO,
-            env=server_env(),
+            env={**server_env(), **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
@@ -188,7 +192,10 @@ def tokenizer(model_dir):
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "vllm-serve.log"
-    srv = Server(model_dir, log, "infllm", INFLLM)
+    # prometheus_client's multi-process mode (an empty directory, as vLLM's docs ask): /metrics
+    # then also shows the counters of the engine-core process, where InfLLM counts its steps.
+    metrics_dir = tmp_path_factory.mktemp("prometheus")
+    srv = Server(model_dir, log, "infllm", INFLLM, env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
     try:
         try:
             took = srv.wait_healthy()
@@ -275,6 +282,31 @@ def test_concurrent_mixed_lengths(server, model_id, tokenizer):
     assert not failures, failures
 
 
+def test_infllm_statistics_on_metrics_and_in_the_log(server, model_id):
+    """After the requests above, /metrics carries InfLLM's counters (adapter/metrics.py) beside
+    vLLM's own, and the engine logged its periodic InfLLM line. The ~6000-token prompt read memory
+    units (the window is 512 tokens), so some queries attended fewer keys than dense attention."""
+    text = requests.get(server.url + "/metrics", timeout=30).text
+
+    def total(name: str, labels: str = "[^}]*") -> float:
+        values = re.findall(rf"^{name}_total{{{labels}}} ([0-9.e+]+)$", text, re.M)
+        assert values, f"{name} missing from /metrics"
+        return sum(float(v) for v in values)
+
+    # InfLLM's query tokens are what vLLM's own counters say the engine computed: the prompt
+    # tokens prefilled (not those served from the prefix cache) and every generated token but
+    # each finished request's last (never fed back). Nothing was preempted on this roomy pool.
+    assert total("vllm:num_preemptions") == 0
+    computed = total("vllm:prompt_tokens_by_source", labels='[^}]*source="local_compute"[^}]*')
+    fed = total("vllm:generation_tokens") - total("vllm:request_success")
+    queries, memory = total("vllm:infllm_query_tokens"), total("vllm:infllm_memory_query_tokens")
+    assert queries == computed + fed and 0 < memory < queries, (queries, computed, fed)
+    assert total("vllm:infllm_selected_units") >= memory
+    assert queries < total("vllm:infllm_attended_keys") < total("vllm:infllm_dense_keys")
+    assert re.search(r"InfLLM: \d+ query tokens in [\d.]+ s, [\d.]+% read memory", server.log.read_text()), (
+        tail(server.log))
+
+
 def test_prompt_too_long_is_rejected_then_server_still_serves(server, model_id, tokenizer):
     from vllm_infllm.tools.passkey import FILLER
 
@@ -334,5 +366,60 @@ def test_custom_alias_serves(model_dir, tmp_path):
         assert "Using CUSTOM attention backend on CPU." in srv.log.read_text(errors="replace")
         model = requests.get(srv.url + "/v1/models", timeout=30).json()["data"][0]["id"]
         assert "Paris" in completion_text(post_completion(srv.url, model, SHORT_PROMPT, 5))
+    finally:
+        srv.stop()
+
+
+# A fault inside the backend, injected from outside the package: every Python process of the
+# server (the CLI, the API server, the spawned engine core) runs this sitecustomize, which wraps
+# the core's per-layer entry point to raise once the test creates the flag file.
+FAULT_HOOK = """
+import os
+_flag = os.environ["INFLLM_TEST_FAULT_FILE"]
+import vllm_infllm.core.runtime as _runtime
+_forward = _runtime.infllm_forward
+def _faulty(*args, **kwargs):
+    if os.path.exists(_flag):
+        raise FloatingPointError("injected fault: a NaN in the layer's input")
+    return _forward(*args, **kwargs)
+_runtime.infllm_forward = _faulty
+"""
+
+
+def test_a_fault_in_a_step_fails_loudly_not_silently(model_dir, tmp_path):
+    """A step that raises inside the backend: the request in flight fails (HTTP 5xx or a closed
+    connection, never a hang), the log carries our message naming the layer and the cause, and
+    the server exits: vLLM treats any error in a model step as fatal to its engine (the engine
+    core reports itself dead and the API server shuts down), so an orchestrator can restart it."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAULT_HOOK)
+    flag = tmp_path / "fault-now"
+    env = {"PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "INFLLM_TEST_FAULT_FILE": str(flag)}
+    srv = Server(model_dir, tmp_path / "vllm-serve-fault.log", "infllm", INFLLM, env=env)
+    try:
+        try:
+            srv.wait_healthy()
+        except ServerDied as e:
+            pytest.fail(str(e), pytrace=False)
+        model = str(model_dir)
+        assert "Paris" in completion_text(post_completion(srv.url, model, SHORT_PROMPT, 5))
+        flag.touch()
+        t0 = time.monotonic()
+        try:
+            resp = post_completion(srv.url, model, SHORT_PROMPT, 5)
+            assert resp.status_code >= 500, (resp.status_code, resp.text[:2000])
+        except requests.ConnectionError:
+            pass  # the server closed the connection as it went down: a failed request too
+        try:
+            srv.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"vllm serve still running 120 s after a fatal step:\n{tail(srv.log)}")
+        print(f"\n[serve] fault: request failed, server exited {srv.proc.returncode} after "
+              f"{time.monotonic() - t0:.1f} s")
+        log = srv.log.read_text(errors="replace")
+        assert "infllm: the attention step failed in layer model.layers.0." in log, tail(srv.log)
+        assert "injected fault: a NaN in the layer's input" in log, tail(srv.log)
     finally:
         srv.stop()

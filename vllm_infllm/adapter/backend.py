@@ -140,6 +140,15 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
             )
         qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist()
         seq_lens = seq_lens_cpu[: cm.num_reqs].tolist()
+        # The ops read K/V and side state through the table without bounds checks: a table
+        # narrower than a sequence would read other requests' blocks (or past the cache).
+        width = cm.block_table_tensor.shape[1] * INFLLM_BLOCK_SIZE
+        if seq_lens and max(seq_lens) > width:
+            raise RuntimeError(
+                f"infllm: the block table holds {width} tokens per request, but a request in this "
+                f"step has {max(seq_lens)}; the step was not run. This is a bug in how the block "
+                "table was built (vLLM sizes it for max_model_len): report it with this message."
+            )
         prompt_lens = self._prompt_lens(seq_lens)
         # A one-token query selects alone unless aligned chunking puts it inside a prompt chunk.
         alone = prompt_lens is None or all(
@@ -376,16 +385,26 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
         if attn_metadata is None:  # profiling / dummy run (same as FLASH_ATTN in 0.32)
             return output.fill_(0)
         cos, sin = self._rope_table(query)
-        infllm_forward(
-            query,
-            kv_cache[:, : self.num_kv_heads],
-            attn_metadata.block_table,
-            attn_metadata.plan,
-            self._layer_memory(kv_cache),
-            cos,
-            sin,
-            attn_metadata.infllm_config,
-            self.scale,
-            output,
-        )
+        try:
+            infllm_forward(
+                query,
+                kv_cache[:, : self.num_kv_heads],
+                attn_metadata.block_table,
+                attn_metadata.plan,
+                self._layer_memory(kv_cache),
+                cos,
+                sin,
+                attn_metadata.infllm_config,
+                self.scale,
+                output,
+            )
+        except Exception as e:
+            # vLLM stops its engine on any error in a model step (every request in flight fails
+            # and the server exits); say where it happened and what the step held.
+            m = attn_metadata
+            raise RuntimeError(
+                f"infllm: the attention step failed in layer {getattr(layer, 'layer_name', '?')} "
+                f"({m.num_reqs} requests, {m.num_actual_tokens} query tokens, longest sequence "
+                f"{m.max_seq_len} tokens; {m.infllm_config.to_dict()}): {type(e).__name__}: {e}"
+            ) from e
         return output
