@@ -84,10 +84,16 @@ def test_customize_spec_probe_consistent(q_heads_4):
     real = InfLLMAttentionBackend.customize_spec(_spec())
     probe = InfLLMAttentionBackend.customize_spec(_spec(block_size=1))
     big = InfLLMAttentionBackend.customize_spec(_spec(block_size=256))
-    assert real.num_head_slots == probe.num_head_slots == big.num_head_slots == 3
-    assert probe.page_size_bytes * 128 == real.page_size_bytes
-    assert big.page_size_bytes == 2 * real.page_size_bytes
+    # 128-token blocks: K/V plus exactly the side state (Hq 4, D 64, fp32, 2 KV heads, room for
+    # max(Hq, 2 Hkv) representative rows and Hkv * topk stored selections), 64-byte aligned.
+    kv, side = 2 * 128 * 128 * 4, 4 * 128 * 4 + 4 * 64 * 4 + 1 + 3 + 2 * 16 * 4
+    assert real.num_head_slots is None and real.infllm_side_state_bytes == side
+    assert real.page_size_bytes == -(-(kv + side) // 64) * 64
+    # Other block sizes cannot be padded (vLLM splits 256 into kernel blocks): one extra slot.
+    assert probe.num_head_slots == big.num_head_slots == 3
+    assert big.page_size_bytes == 2 * 128 * probe.page_size_bytes == 2 * 3 * 128 * 128 * 4
     assert InfLLMAttentionBackend.customize_spec(real) is real  # idempotent
+    assert InfLLMAttentionBackend.customize_spec(big) is big
     # Our spec subclass, so that vLLM gives its groups InfLLM's block manager (adapter/kv_cache.py).
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
@@ -100,20 +106,25 @@ def test_customize_spec_probe_consistent(q_heads_4):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_side_state_views_alias_page_without_corrupting_kv(dtype, q_heads_4):
+@pytest.mark.parametrize("block_size", [128, 256])  # padded pages / extra head slots
+def test_side_state_views_alias_page_without_corrupting_kv(dtype, block_size, q_heads_4):
     from vllm.v1.kv_cache_interface import KVCacheLayout, KVCacheTensor, create_kv_cache_views
 
     from vllm_infllm.adapter.backend import InfLLMAttentionBackend
     from vllm_infllm.adapter.side_state import side_state_views
     from vllm_infllm.core.ops import torch_ops
 
-    spec = InfLLMAttentionBackend.customize_spec(_spec(dtype))
+    spec = InfLLMAttentionBackend.customize_spec(_spec(dtype, block_size=block_size))
+    split = block_size // 128  # vLLM splits a 256-token manager block into two kernel blocks
     nb, page = 6, spec.page_size_bytes
-    raw = torch.zeros(2 * nb * page, dtype=torch.int8)
-    t = KVCacheTensor(size=raw.numel(), layers=["l0", "l1"], layer_stride=nb * page, block_stride=page)
-    views = create_kv_cache_views(raw, spec, nb, KVCacheLayout.LBHNC, t)  # vLLM's own view code
+    raw = torch.zeros(2 * nb * page // split, dtype=torch.int8)
+    t = KVCacheTensor(size=raw.numel(), layers=["l0", "l1"], layer_stride=nb * page // split,
+                      block_stride=page)
+    # vLLM's own view code, as its runner calls it
+    views = create_kv_cache_views(raw, spec, nb // split, KVCacheLayout.LBHNC, t, kernel_block_size=128)
     kv = views[1]
-    assert kv.shape == (nb, 3, 128, 128) and kv.dtype == dtype
+    assert kv.shape == (nb, 2 if split == 1 else 3, 128, 128) and kv.dtype == dtype
+    assert kv.stride(0) * kv.element_size() == page // split
 
     g = torch.Generator().manual_seed(0)
     n = 300
@@ -136,7 +147,7 @@ def test_side_state_views_alias_page_without_corrupting_kv(dtype, q_heads_4):
     assert reprs.shape == (nb, 4, 64) and reprs.dtype == dtype
     assert sealed.shape == (nb,) and sealed.dtype == torch.uint8
     assert chosen.shape == (nb, 2, 16) and chosen.dtype == torch.int32
-    base, end = kv.data_ptr(), kv.data_ptr() + nb * page
+    base, end = kv.data_ptr(), kv.data_ptr() + nb * page // split
     for v in (scores, reprs, sealed, chosen):
         assert base <= v.data_ptr() < end  # aliases the page, not a copy
     scores.fill_(float("nan"))
@@ -147,7 +158,7 @@ def test_side_state_views_alias_page_without_corrupting_kv(dtype, q_heads_4):
     chosen[4, 1, 15] = 11
     # K/V slots bit-identical, the other layer untouched, values readable through fresh views
     assert torch.equal(kv[:, :2].view(torch.uint8), before.view(torch.uint8))
-    assert bool((views[0].view(torch.uint8) == 0).all())
+    assert bool((raw[: nb * page // split] == 0).all())  # layer 0's pages, side state included
     s2, r2, z2, c2 = side_state_views(kv, 2, 4, 64, chosen_shape=(2, 16))
     assert s2[3, 1, 5] == 2.5 and bool((r2 == 7).all()) and bool((z2 == 1).all())
     assert bool(torch.isnan(s2[0]).all())

@@ -134,8 +134,9 @@ class Backend:
         tensor = KVCacheTensor(size=raw.numel(), layers=[f"layer.{i}" for i in range(LAYERS)],
                                layer_stride=num_blocks * page, block_stride=page)
         self.kv_caches = create_kv_cache_views(raw, spec, num_blocks, KVCacheLayout.LBHNC, tensor)
-        assert self.kv_caches[0].shape == (num_blocks, spec.num_head_slots, 128, 2 * D)
-        assert spec.num_head_slots > HKV  # the side state has its own head slots
+        # Padded pages: the K/V view, each block's side state after its K/V in the page.
+        assert self.kv_caches[0].shape == (num_blocks, HKV, 128, 2 * D)
+        assert self.kv_caches[0].stride(0) * 4 == page > HKV * 128 * 2 * D * 4
         assert all(impl.rope is self.rope for impl in self.impls)  # found the model's own table
 
     def rotate(self, positions, q, k):

@@ -174,6 +174,7 @@ def _child(model_dir: str, backend: str, prefix_caching: bool, unit_score: str =
         "t_init": round(t_init, 1),
         "t_generate": round(t_gen, 1),
         "block_size": cfg.cache_config.block_size,
+        "num_gpu_blocks": cfg.cache_config.num_gpu_blocks,
         "kv_cache_layout": cfg.cache_config.kv_cache_layout,
         "chunked_prefill": cfg.scheduler_config.enable_chunked_prefill,
         "probe": probe_info,
@@ -232,9 +233,15 @@ def test_engine_matches_cpu_attn(tiny_model, prefix_caching, unit_score):
         assert lay["impl_rope_is_model_rope"] and lay["rope_is_cached_instance"]
         assert lay["cos_first_sin_second"] and lay["is_neox_style"]
         assert lay["shape"] == [TINY["max_position_embeddings"], TINY["head_dim"]]
-        assert lay["kv_cache_shape"][1:] == [3, 128, 128]  # Hkv=2 + E=1 slots
+        # Padded pages: the K/V view (Hkv = 2 slots of [128, 2D] fp32), each block's side state
+        # after its K/V: scores 4*128*4 + reprs 4*64*4 + sealed 1, aligned to 3076, + chosen
+        # Hkv*topk*4 = 32 -> 3108 bytes; the block stride rounded up to 64 bytes.
+        assert lay["kv_cache_shape"][1:] == [2, 128, 128]
+        assert lay["kv_cache_stride"][0] * 4 == -(-(2 * 128 * 128 * 4 + 3108) // 64) * 64
     assert all(lay["impl"] == "CPUAttentionBackendImpl" for lay in ref["probe"]["layers"])
     assert ours["block_size"] == 128 and ours["kv_cache_layout"] == "LBHNC"
+    # The same VLLM_CPU_KVCACHE_SPACE holds 131072 / 134208 = 0.977 of CPU_ATTN's blocks.
+    assert 0.95 * ref["num_gpu_blocks"] <= ours["num_gpu_blocks"] < ref["num_gpu_blocks"], (ours, ref)
     assert ours["chunked_prefill"]
     if prefix_caching:
         assert ref["prefix_cache_hits"] >= 256  # what CPU_ATTN's engine reuses

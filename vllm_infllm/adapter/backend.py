@@ -7,8 +7,8 @@ compute comes from the vLLM-free core (`core/plan.py`, `core/runtime.py`, `core/
 * InfLLMMetadataBuilder: once per step, turns `CommonAttentionMetadata` into the `StepPlan`
   (selection chunks grouped in waves), shared by all layers.
 * InfLLMAttentionBackend: registry name, kernel block size 128 (one KV block == one memory
-  unit), LBHNC layout, `customize_spec` adding the head slots that hold the per-block side
-  state (`side_state.py`), so vLLM's memory budget counts it.
+  unit), LBHNC layout, `customize_spec` padding each page by the per-block side state
+  (`side_state.py`), so vLLM's memory budget counts it.
 * InfLLMAttentionImpl (one per layer): writes K/V and resets the side state of blocks started
   afresh (`do_kv_cache_update`), then runs `infllm_forward` with typed views of that side
   state and the model's own rotary table (`model_support.py`).
@@ -46,7 +46,7 @@ from .cpu_tuning import tune_cpu_malloc
 from .kv_cache import InfLLMAttentionSpec
 from .metrics import InfLLMMetrics
 from .model_support import layer_rejection_reasons, model_rope_for_layer
-from .side_state import num_side_state_slots, side_state_views
+from .side_state import num_side_state_slots, padded_page_bytes, side_state_bytes, side_state_views
 from .vllm_config import INFLLM_BLOCK_SIZE, infllm_config_from_vllm
 
 
@@ -235,15 +235,25 @@ class InfLLMAttentionBackend(AttentionBackend):
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
-        if spec.num_head_slots is not None or spec.state_content_bytes is not None:
+        """Room for the side state in every page (`side_state.py`): a 128-token block's page is
+        padded by exactly its side-state bytes; other block sizes (vLLM's per-token probes,
+        256+-token blocks split into kernel blocks, which vLLM cannot pad) get extra head
+        slots. A plain FullAttentionSpec becomes our `InfLLMAttentionSpec`, so its groups get
+        InfLLM's block manager (prefix-cache hits only on settled blocks)."""
+        packed = spec.num_head_slots is not None or spec.state_content_bytes is not None
+        if isinstance(spec, InfLLMAttentionSpec) or packed:
             return spec  # already packed (ours, or another owner's: leave it)
         num_q_heads = _num_q_heads(spec)
         infllm = _infllm_config()
         chosen = infllm.chosen_shape(spec.num_kv_heads)  # room for either selection mode:
         chosen_ints = spec.num_kv_heads * infllm.topk if chosen is not None else 0
+        side = side_state_bytes(num_q_heads, spec.head_size, spec.dtype, spec.num_kv_heads, chosen_ints)
+        if type(spec) is FullAttentionSpec and spec.block_size == INFLLM_BLOCK_SIZE and spec.page_size_padded is None:
+            page = padded_page_bytes(spec.num_kv_heads, spec.head_size, spec.dtype, side, spec.head_size_v)
+            return InfLLMAttentionSpec.from_spec(spec, infllm, page_size_padded=page, infllm_side_state_bytes=side)
         extra = num_side_state_slots(num_q_heads, spec.head_size, spec.dtype, spec.head_size_v,
                                      spec.num_kv_heads, chosen_ints)
-        if type(spec) is FullAttentionSpec:  # our spec: prefix-cache hits only on settled blocks
+        if type(spec) is FullAttentionSpec:
             return InfLLMAttentionSpec.from_spec(spec, infllm, num_head_slots=spec.num_kv_heads + extra)
         return dataclasses.replace(spec, num_head_slots=spec.num_kv_heads + extra)
 
@@ -337,8 +347,8 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
         return cache[:, :half], cache[:, half:]
 
     def _layer_memory(self, kv_cache: torch.Tensor) -> LayerMemory:
-        """Typed views of this layer's side state inside the extra head slots (cached)."""
-        key = (kv_cache.data_ptr(), tuple(kv_cache.shape), kv_cache.dtype)
+        """Typed views of this layer's side state inside its pages (cached per tensor)."""
+        key = (kv_cache.data_ptr(), tuple(kv_cache.shape), kv_cache.stride(), kv_cache.dtype)
         if self._memory_key != key:
             if self.infllm_config is None:
                 raise RuntimeError("infllm: no InfLLM config (the impl was built outside a vLLM config)")

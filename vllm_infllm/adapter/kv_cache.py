@@ -40,13 +40,31 @@ from ..core.config import InfLLMConfig
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class InfLLMAttentionSpec(FullAttentionSpec):
-    """FullAttentionSpec of an InfLLM layer (pages with side-state slots, `num_head_slots`),
-    with what the block manager needs to know which cached blocks are settled."""
+    """FullAttentionSpec of an InfLLM layer, with what the block manager needs to know which
+    cached blocks are settled. Its pages hold the side state (adapter/side_state.py): padded by
+    `infllm_side_state_bytes` (128-token blocks; `page_size_padded`), or extra head slots
+    (`num_head_slots`, other block sizes; `infllm_side_state_bytes` 0)."""
 
     infllm_n_local: int = 0
     infllm_chunk: int = 1
     # False when the representatives need no attention mass (minmax, or no memory at all).
     infllm_scores_matter: bool = True
+    infllm_side_state_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.infllm_side_state_bytes:
+            return
+        # A padded page fits one 128-token kernel block; vLLM cannot split it, so a spec copied
+        # to another block size (hybrid page unification, --block-size) would lose the room.
+        if self.block_size != 128:
+            raise ValueError(
+                f"infllm: KV blocks of {self.block_size} tokens with padded side-state pages; InfLLM's "
+                "padded pages need 128-token blocks: use --block-size 128 (the default)"
+            )
+        need = self.unpadded_page_size_bytes + self.infllm_side_state_bytes
+        if self.page_size_padded is None or self.page_size_padded < need:
+            raise ValueError(f"infllm: page_size_padded {self.page_size_padded} < K/V + side state = {need} bytes")
 
     @classmethod
     def from_spec(cls, spec: FullAttentionSpec, config: InfLLMConfig, **changes: Any) -> InfLLMAttentionSpec:
@@ -59,13 +77,15 @@ class InfLLMAttentionSpec(FullAttentionSpec):
     def merge(cls, specs: list[InfLLMAttentionSpec]) -> InfLLMAttentionSpec:
         if not all(isinstance(s, InfLLMAttentionSpec) for s in specs):
             raise ValueError("infllm: a KV cache group mixes InfLLM and other attention layers")
-        infllm = {(s.infllm_n_local, s.infllm_chunk, s.infllm_scores_matter) for s in specs}
+        infllm = {(s.infllm_n_local, s.infllm_chunk, s.infllm_scores_matter, s.infllm_side_state_bytes)
+                  for s in specs}
         if len(infllm) != 1:
             raise ValueError(f"infllm: the layers of one KV cache group disagree on the InfLLM config: {infllm}")
         base = FullAttentionSpec.merge(specs)  # checks every common field
-        n_local, chunk, scores_matter = infllm.pop()
+        n_local, chunk, scores_matter, side = infllm.pop()
         values = {f.name: getattr(base, f.name) for f in dataclasses.fields(FullAttentionSpec)}
-        return cls(**values, infllm_n_local=n_local, infllm_chunk=chunk, infllm_scores_matter=scores_matter)
+        return cls(**values, infllm_n_local=n_local, infllm_chunk=chunk, infllm_scores_matter=scores_matter,
+                   infllm_side_state_bytes=side)
 
     def settling(self, block_end: int, prompt_len: int) -> tuple[int, int] | None:
         """For the block ending at `block_end` (exclusive) of a request with a prompt of

@@ -11,29 +11,37 @@ Each physical KV block (one memory unit) carries, per layer, the state InfLLM ne
                                    at this block (S = 1, or Hkv with selection="kv_head");
                                    pages have room for Hkv * topk
 
-vLLM allocates a KV page per (layer, block). `InfLLMAttentionBackend.customize_spec` asks for
-`num_head_slots = Hkv + E` head slots instead of `Hkv`, so the page becomes
-
-    kv_cache[block] = [ K/V slot 0 | ... | K/V slot Hkv-1 | extra slot 0 | ... | extra slot E-1 ]
-                      each slot: [B, 2*D] cache elements (K in [:, :D], V in [:, D:])
-
-and the side state is one contiguous byte run at the start of the extra slots of its block:
+vLLM allocates a KV page per (layer, block). The side state is one contiguous byte run per
+block, laid out as
 
     byte 0                   scores  Hq*B*4 bytes (float32)
-    byte reprs_offset        reprs   Hq*D*es bytes (es = cache element size), reprs_offset =
+    byte reprs_offset        reprs   R*D*es bytes (es = cache element size), reprs_offset =
                              scores bytes rounded up to a multiple of es
     byte sealed_offset       sealed  1 byte, sealed_offset = reprs_offset + reprs bytes
     byte chosen_offset       chosen  Hkv*topk*4 bytes (int32), chosen_offset = sealed_offset + 1
                              rounded up to a multiple of 4; 0 bytes with chunking="step"
-    (rest of the E slots)    padding
 
-`E = ceil(side-state bytes / slot bytes)`, e.g. SmolLM2 (Hq 9, D 64, fp32, topk 16): 4608 + 2304 +
-1 (+ 3 + 192 aligned) = 6913 (7108) bytes of side state in one 65536-byte slot, so E = 1 next to
-its 3 KV heads. Because it
-lives in the page, vLLM's memory budget counts it, and it follows the block through continuous
-batching, preemption and prefix caching (docs/design.md section 3.2). The layout needs each
-block's extra slots to be one contiguous run, which LBHNC (the layout the backend declares)
-gives.
+e.g. SmolLM2 (Hq 9, D 64, fp32, topk 16): 4608 + 2304 + 1 (+ 3 + 192 aligned) = 7108 bytes. The
+run lives in the page, in one of two places:
+
+* **Padded pages** (128-token blocks, what `InfLLMAttentionBackend.customize_spec` asks for): the
+  spec's `page_size_padded` is the K/V bytes plus the side-state bytes, rounded up to
+  `PAGE_ALIGN`, and vLLM spaces the blocks that far apart (`create_kv_cache_views` honours it in
+  the block stride). The layer's tensor is the plain K/V view `[NB, Hkv, B, 2*D]` whose block
+  stride is longer than its contents; block b's side state is the run right after its K/V:
+
+      page b = [ K/V slot 0 | ... | K/V slot Hkv-1 | side state | padding to PAGE_ALIGN ]
+               each slot: [B, 2*D] cache elements (K in [:, :D], V in [:, D:])
+
+  SmolLM2: 196608 + 7108 -> 203776 bytes, KV capacity 196608 / 203776 = 0.965 of dense pages.
+* **Extra head slots** (the spec's `num_head_slots = Hkv + E`, `E = ceil(side-state bytes / slot
+  bytes)`): for manager blocks of 256+ tokens, which vLLM splits into 128-token kernel blocks and
+  so cannot pad, and for vLLM's per-token page probes. The tensor is `[NB, Hkv + E, B, 2*D]` and
+  the side state starts at the first extra slot (SmolLM2: one 65536-byte slot, capacity 0.75).
+
+Either way vLLM's memory budget counts the side state, and it follows the block through
+continuous batching, preemption and prefix caching (docs/design.md section 3.2). Both need each
+block's page to be one contiguous run, which LBHNC (the layout the backend declares) gives.
 """
 
 from __future__ import annotations
@@ -105,6 +113,27 @@ class SideStateLayout:
         return -(-self.total_bytes // self.slot_bytes(head_size_v))
 
 
+#: Padded pages are rounded up to this many bytes (every element size divides it).
+PAGE_ALIGN = 64
+
+
+def side_state_bytes(
+    num_q_heads: int, head_size: int, dtype: torch.dtype, num_kv_heads: int | None = None, chosen_ints: int = 0
+) -> int:
+    """Bytes of one 128-token block's side state, with room for the representatives of either
+    unit score (max(Hq, 2*Hkv) rows; `num_kv_heads` None: Hq rows) and `chosen_ints` stored
+    selection entries."""
+    rows = num_q_heads if num_kv_heads is None else max(num_q_heads, 2 * num_kv_heads)
+    return SideStateLayout(num_q_heads, head_size, INFLLM_BLOCK_SIZE, dtype, rows, chosen_ints).total_bytes
+
+
+def padded_page_bytes(num_kv_heads: int, head_size: int, dtype: torch.dtype, side_bytes: int,
+                      head_size_v: int | None = None) -> int:
+    """A 128-token block's page: its K/V slots, then `side_bytes`, rounded up to PAGE_ALIGN."""
+    kv = num_kv_heads * SideStateLayout(1, head_size, INFLLM_BLOCK_SIZE, dtype).slot_bytes(head_size_v)
+    return -(-(kv + side_bytes) // PAGE_ALIGN) * PAGE_ALIGN
+
+
 def num_side_state_slots(
     num_q_heads: int,
     head_size: int,
@@ -142,19 +171,13 @@ def side_state_views(
     and ``chosen[NB, S, topk] i32`` (None when `chosen_shape` is None) (R = repr_rows, default
     Hq; ``InfLLMConfig.repr_rows``; `chosen_shape` = ``InfLLMConfig.chosen_shape(Hkv)``).
 
-    kv_cache: [NB, Hkv + E, B, 2*D], the layer's bound cache tensor. The views alias its extra
-    head slots ``kv_cache[:, num_kv_heads:]`` (no copy: writes go to the page). ``sealed`` is a
-    strided view (one byte per page).
+    kv_cache: the layer's bound cache tensor, either a padded-page K/V view [NB, Hkv, B, 2*D]
+    whose block stride leaves room for the side state after each block's K/V, or
+    [NB, Hkv + E, B, 2*D] with extra head slots (module docstring). The views alias the page
+    (no copy: writes go to it); they are strided by the block stride.
     """
     nb, nslots, n, c = kv_cache.shape
-    extra = kv_cache[:, num_kv_heads:]
-    if nslots <= num_kv_heads:
-        raise ValueError(
-            f"kv_cache has {nslots} head slots, no extra slots beyond the {num_kv_heads} KV heads "
-            "(customize_spec did not run?)"
-        )
-    # .view (not .flatten/.reshape) so a non-contiguous layout errors instead of copying.
-    flat = extra.view(nb, -1).view(torch.uint8)  # [NB, E*N*C*es] bytes of each block
+    flat = _side_state_bytes_view(kv_cache, num_kv_heads)  # [NB, room] bytes of each block
     rows = num_q_heads if repr_rows is None else repr_rows
     chosen_ints = 0 if chosen_shape is None else chosen_shape[0] * chosen_shape[1]
     lay = SideStateLayout(num_q_heads, head_size, n, kv_cache.dtype, rows, chosen_ints)
@@ -173,3 +196,26 @@ def side_state_views(
         chosen = flat[:, lay.chosen_offset : lay.chosen_offset + 4 * chosen_ints]
         chosen = chosen.view(torch.int32).view(nb, *chosen_shape)
     return scores, reprs, sealed, chosen
+
+
+def _side_state_bytes_view(kv_cache: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[NB, room] uint8: each block's bytes after its K/V slots, up to the next block's page."""
+    nb, nslots, n, c = kv_cache.shape
+    es = kv_cache.element_size()
+    slot = n * c  # elements of one head slot
+    if kv_cache.stride()[1:] != (slot, c, 1):
+        raise ValueError(
+            f"kv_cache strides {kv_cache.stride()} are not dense within a block: the backend declares "
+            "the LBHNC layout (VLLM_KV_CACHE_LAYOUT must not override it)"
+        )
+    if nslots > num_kv_heads:  # extra head slots: the side state starts at the first one
+        room = (nslots - num_kv_heads) * slot * es
+    else:  # padded pages: the side state sits between this block's K/V and the next page
+        room = (kv_cache.stride(0) - num_kv_heads * slot) * es
+        if nslots < num_kv_heads or room <= 0:
+            raise ValueError(
+                f"kv_cache {tuple(kv_cache.shape)} with block stride {kv_cache.stride(0)} has no room for the "
+                "side state after the K/V slots (customize_spec did not run?)"
+            )
+    u = kv_cache.view(torch.uint8)  # same strides in bytes; the side state lies outside its extent
+    return torch.as_strided(u, (nb, room), (kv_cache.stride(0) * es, 1), u.storage_offset() + num_kv_heads * slot * es)
