@@ -59,12 +59,10 @@ from pathlib import Path
 import psutil
 import requests
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+from vllm_infllm.tools.assets import default_model_dir
+from vllm_infllm.tools.passkey import make_passkey_prompt
 
-from vllm_infllm.tools.assets import default_model_dir  # noqa: E402
-from vllm_infllm.tools.passkey import make_passkey_prompt  # noqa: E402
-
+REPO = Path(__file__).resolve().parents[2]  # the servers run from the repository root
 HOST = "127.0.0.1"
 VLLM = Path(sys.executable).parent / "vllm"
 CHATS = [
