@@ -57,13 +57,10 @@ def worker(args) -> dict:
     llm = LLM(**kw)
     cfg = llm.llm_engine.vllm_config
     blocks = cfg.cache_config.num_gpu_blocks
-    spec_bytes = None
-    try:  # the in-process engine core's KV cache config: page bytes of the first group
-        core = llm.llm_engine.engine_core.engine_core
-        kcc = core.model_executor.driver_worker.worker.model_runner.kv_cache_config
-        spec_bytes = kcc.kv_cache_groups[0].kv_cache_spec.page_size_bytes
-    except AttributeError:
-        pass
+    # The in-process engine core's KV cache config: page bytes of the first group's layers.
+    core = llm.llm_engine.engine_core.engine_core
+    kcc = core.model_executor.driver_worker.worker.model_runner.kv_cache_config
+    spec_bytes = kcc.kv_cache_groups[0].kv_cache_spec.page_size_bytes
     return {"config": args._worker, "block_size": c["block_size"], "num_blocks": blocks,
             "tokens": blocks * c["block_size"], "page_bytes_per_layer": spec_bytes}
 

@@ -153,10 +153,8 @@ def num_side_state_slots(
     ``num_head_slots = Hkv + E`` gives the right page at every N that is a multiple of 128 and
     the right per-token ratio at N=1.
     """
-    rows = num_q_heads if num_kv_heads is None else max(num_q_heads, 2 * num_kv_heads)
-    return SideStateLayout(num_q_heads, head_size, INFLLM_BLOCK_SIZE, dtype, rows, chosen_ints).num_extra_slots(
-        head_size_v
-    )
+    slot = SideStateLayout(1, head_size, INFLLM_BLOCK_SIZE, dtype).slot_bytes(head_size_v)
+    return -(-side_state_bytes(num_q_heads, head_size, dtype, num_kv_heads, chosen_ints) // slot)
 
 
 def side_state_views(
