@@ -5,8 +5,9 @@
 
 For each backend (``--backends``, default ``infllm cpu_attn``), one after the other, this script
 starts its own ``vllm serve`` child on 127.0.0.1 (own process group, stopped by its PID) with a
-small KV pool (``--kv-blocks`` blocks of 128 tokens, the same for both backends, so vLLM must
-preempt) and then:
+small KV pool (``--kv-blocks`` blocks of 128 tokens, the same for both backends) and
+``--no-scheduler-reserve-full-isl`` (requests admitted on their first chunk, not their whole prompt),
+so vLLM must preempt, and then:
 
 1. **Storm.** Every request below is sent at once, each from its own thread:
    * good requests (``--good``, default 64), a fixed, seeded mix: half short chats
@@ -96,6 +97,12 @@ class Server:
         cmd = [str(VLLM), "serve", str(args.model), "--host", HOST, "--port", str(self.port),
                "--max-model-len", str(args.max_model_len), "--enforce-eager", "--dtype", "float32",
                "--num-gpu-blocks-override", str(args.kv_blocks)]
+        if not args.reserve_full_isl:
+            # vLLM admits a request only when its whole prompt fits in the free blocks (its
+            # default), so a storm of prompts queues and a short decode never runs out of blocks:
+            # no preemption even at a 97% full pool (measured). Admitting on the first chunk lets
+            # running prefills grow into a full pool, which is what makes vLLM preempt.
+            cmd += ["--no-scheduler-reserve-full-isl"]
         if backend == "infllm":
             cmd += ["--attention-backend", "infllm",
                     "--additional-config", json.dumps({"infllm": json.loads(args.infllm_config)})]
@@ -524,6 +531,8 @@ def main() -> int:
     ap.add_argument("--aborts", type=int, default=8)
     ap.add_argument("--max-model-len", type=int, default=20480)
     ap.add_argument("--kv-blocks", type=int, default=200, help="KV pool in 128-token blocks (small: vLLM preempts)")
+    ap.add_argument("--reserve-full-isl", action="store_true",
+                    help="keep vLLM's whole-prompt admission check (then it queues rather than preempts)")
     ap.add_argument("--kv-space-gib", type=float, default=4)
     ap.add_argument("--soak-s", type=float, default=600)
     ap.add_argument("--soak-concurrency", type=int, default=8)
