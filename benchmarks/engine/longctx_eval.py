@@ -26,9 +26,10 @@ Configurations (one engine each; all its prompts in one `generate` call)
   infllm-step   as infllm with the paper's chunking="step" (the package default before
                 2026-12-03: every figure in benchmarks/RESULTS.md §1-§2g ran with it).
   infllm-kvhead, infllm-ordered, infllm-kvhead-ordered, infllm-minmax, infllm-contig,
-  infllm-last, infllm-minmax-contig, infllm-minmax-last, infllm-minmax-ordered
+  infllm-last, infllm-minmax-contig, infllm-minmax-last, infllm-minmax-ordered, infllm-max,
+  infllm-max-ordered
                 as infllm with selection="kv_head" and/or positions="ordered", or
-                unit_score="minmax", contiguity=1, select_queries=16 (docs/design.md section
+                unit_score="minmax" or "max_topk", contiguity=1, select_queries=16 (docs/design.md section
                 2.7): the same 1664-key budget. The "-last" ones use chunking="step" (the
                 selecting queries are the chunk's last ones).
   --extra NAME=JSON adds a configuration of your own (an infllm config over the defaults).
@@ -73,6 +74,8 @@ CONFIGS = {
     "infllm-minmax-last": {"n_local": 1024, "topk": 4, "unit_score": "minmax", "select_queries": 16,
                            "chunking": "step"},
     "infllm-minmax-ordered": {"n_local": 1024, "topk": 4, "unit_score": "minmax", "positions": "ordered"},
+    "infllm-max": {"n_local": 1024, "topk": 4, "unit_score": "max_topk"},
+    "infllm-max-ordered": {"n_local": 1024, "topk": 4, "unit_score": "max_topk", "positions": "ordered"},
     "full": None,  # vLLM's CPU_ATTN
 }
 

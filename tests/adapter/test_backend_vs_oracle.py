@@ -62,6 +62,8 @@ def make_request(prefill_pieces, decode_steps, gen) -> Request:
 # The modes beyond the paper (docs/design.md section 2.7), all at once.
 MODES = {**INFLLM, "unit_score": "minmax", "selection": "kv_head", "positions": "ordered",
          "contiguity": 1, "select_queries": 32, "chunking": "step"}
+# The paper's representatives kept apart (repr_topk keys per query head: the largest side state).
+MAX_TOPK = {**INFLLM, "unit_score": "max_topk", "selection": "kv_head", "chunking": "step"}
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +74,11 @@ def vllm_config(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vllm_config_modes(tmp_path_factory):
     return _vllm_config(tmp_path_factory, MODES)
+
+
+@pytest.fixture(scope="module")
+def vllm_config_max_topk(tmp_path_factory):
+    return _vllm_config(tmp_path_factory, MAX_TOPK)
 
 
 # Load-independent chunking (docs/design.md 2.3; the default, as in INFLLM) with per-KV-head
@@ -263,8 +270,18 @@ def test_backend_matches_oracle_in_the_modes_beyond_the_paper(vllm_config_modes)
     """minmax unit scores, per-KV-head selection, ordered positions, contiguity and the chunk's
     last queries selecting, through the real Builder and Impl: side-state pages sized for either
     representative layout, the views the config's."""
+    _check_modes(vllm_config_modes, InfLLMConfig(**MODES), rows=2 * HKV)  # min and max per KV head
+
+
+def test_backend_matches_oracle_with_the_representatives_kept_apart(vllm_config_max_topk):
+    """unit_score="max_topk": repr_topk keys per query head, in pages padded for them."""
+    cfg = InfLLMConfig(**MAX_TOPK)
+    _check_modes(vllm_config_max_topk, cfg, rows=HQ * cfg.repr_topk)
+
+
+def _check_modes(vllm_config, cfg, rows):
     g = torch.Generator().manual_seed(1)
-    backend = Backend(vllm_config_modes, num_blocks=24)
+    backend = Backend(vllm_config, num_blocks=24)
     schedule = [
         Scheduled(make_request([300, 417, 300], 6, g), arrival=0),
         Scheduled(make_request([129, 1], 20, g), arrival=0),
@@ -273,8 +290,8 @@ def test_backend_matches_oracle_in_the_modes_beyond_the_paper(vllm_config_modes)
     table = block_table_for(schedule, torch.randperm(24, generator=g))
     outs = run_schedule(backend, schedule, table, pad_steps={1})
     memory = backend.impls[0]._layer_memory(backend.kv_caches[0])
-    assert memory.reprs.shape[1] == 2 * HKV  # min and max per KV head
-    check_against_oracle(backend, schedule, table, outs, InfLLMConfig(**MODES))
+    assert memory.reprs.shape[1] == rows
+    check_against_oracle(backend, schedule, table, outs, cfg)
 
 
 def test_backend_with_aligned_chunking_matches_the_step_free_oracle(vllm_config_aligned):

@@ -54,10 +54,10 @@ def test_variants_are_bounded_over_batch_sizes(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("infllm", ["{}", '{"selection": "kv_head", "positions": "ordered"}',
+@pytest.mark.parametrize("infllm", ["{}", '{"selection": "kv_head", "positions": "ordered", "unit_score": "max_topk"}',
                                     '{"unit_score": "minmax", "contiguity": 1, "select_queries": 16, '
                                     '"chunking": "step"}'],
-                         ids=["paper", "kv_head-ordered", "minmax-contiguity-last"])
+                         ids=["paper", "kv_head-ordered-max_topk", "minmax-contiguity-last"])
 def test_kernels_compile_for_sm90_without_spills(tmp_path, infllm):
     # bf16 at head sizes 64, 128 and 256 (the --quick set), decode batches up to 40 so that both
     # the split and the one-program decode kernels are built; the paper's rule and the modes

@@ -60,6 +60,9 @@ def test_selection_groups():
     assert InfLLMConfig(selection="kv_head").selection_groups(8) == 8
     assert InfLLMConfig().repr_rows(32, 8) == 32
     assert InfLLMConfig(unit_score="minmax").repr_rows(32, 8) == 16
+    assert InfLLMConfig(unit_score="max_topk", repr_topk=3).repr_rows(32, 8) == 96
+    assert InfLLMConfig(unit_score="max_topk").accumulates_scores
+    assert not InfLLMConfig(unit_score="minmax").accumulates_scores
 
 
 def test_unknown_key_suggests_closest():

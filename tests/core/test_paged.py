@@ -62,11 +62,15 @@ def test_ordered_positions_match_oracle(Hq, Hkv, selection):
     assert_matches_oracle(reqs, run, cfg, cos, sin, layers=2)
 
 
-@pytest.mark.parametrize("Hq,Hkv,selection,positions", [(4, 4, "layer", "fixed"), (6, 2, "layer", "fixed"),
-                                                       (6, 2, "kv_head", "ordered"), (8, 1, "layer", "fixed")])
-def test_minmax_unit_score_matches_oracle(Hq, Hkv, selection, positions):
-    """unit_score="minmax": Quest's per-channel bound (docs/design.md section 2.7)."""
-    cfg = dataclasses.replace(SMALL, unit_score="minmax", selection=selection, positions=positions)
+@pytest.mark.parametrize("Hq,Hkv,selection,positions,unit_score", [
+    (4, 4, "layer", "fixed", "minmax"), (6, 2, "layer", "fixed", "minmax"),
+    (6, 2, "kv_head", "ordered", "minmax"), (8, 1, "layer", "fixed", "minmax"),
+    (6, 2, "layer", "fixed", "max_topk"), (6, 2, "kv_head", "ordered", "max_topk"),
+    (8, 1, "layer", "fixed", "max_topk")])
+def test_unit_scores_match_oracle(Hq, Hkv, selection, positions, unit_score):
+    """unit_score="minmax": Quest's per-channel bound; "max_topk": the representatives kept
+    apart (docs/design.md section 2.7). Outputs and every sealed unit's representatives."""
+    cfg = dataclasses.replace(SMALL, unit_score=unit_score, selection=selection, positions=positions)
     reqs = batch(Hq, Hkv, 64, seed=6)
     cos, sin = rope_table(64, 1024)
     run = run_paged(reqs, cfg, cos, sin, layers=2)

@@ -1,6 +1,8 @@
 """The oracle against independent facts: dense attention where InfLLM must equal it, a planted
 needle it must find, and the sliding-window control that must miss it."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -134,8 +136,9 @@ def planted_needle(topk, T=700, D=32, needle_unit=7, seed=0, **modes):
 
 
 @pytest.mark.parametrize("modes", [{}, {"positions": "ordered"}, {"unit_score": "minmax"},
+                                   {"unit_score": "max_topk"},
                                    {"contiguity": 1}, {"select_queries": 4, "chunking": "step"}],
-                         ids=["paper", "ordered", "minmax", "contiguity", "select_queries"])
+                         ids=["paper", "ordered", "minmax", "max_topk", "contiguity", "select_queries"])
 def test_planted_needle_is_selected_and_dominates(modes):
     """ordered: the needle's keys sit at distances 64..~95 instead of 63, still read."""
     trace, unit, marker, prefill = planted_needle(topk=1, **modes)
@@ -165,6 +168,48 @@ def test_representatives_are_mean_raw_keys_of_top_scored_tokens():
     # every key's score is the total local softmax mass it received: a token inside the
     # windows of many queries has a positive score; all scores are below the number of queries.
     assert (tr.scores > 0).all() and (tr.scores <= 200).all()
+
+
+# --- unit_score="max_topk": the paper's representatives kept apart ----------------------------
+
+
+@pytest.mark.parametrize("selection", ["layer", "kv_head"])
+def test_max_topk_keeps_the_top_scored_keys_and_selects_by_their_max(selection):
+    """Representatives: head h's repr_topk top-scored raw keys, most-attended first, at rows
+    h*r .. (from the trace's final scores: a unit has left every local window when it seals).
+    Selection: per chunk, the topk by sum_h max_i <q̄_h, k_i> over the group's heads (q̄ = the
+    chunk's first query, chunking="aligned"); the mean of the kept keys is the paper's
+    representative whenever both rules attended alike (no selection yet)."""
+    cfg = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32,
+                       unit_score="max_topk", selection=selection)
+    Hq, Hkv, G, D, T = 6, 3, 2, 16, 300
+    q, k, v = rand_qkv(T, Hq, Hkv, D, seed=11)
+    cos, sin = rope_table(D, 512)
+    tr = infllm_reference_trace(q, k, v, cos, sin, cfg, prefill_len=260)
+    for u, r in tr.reprs.items():
+        toks = torch.arange(32 + 16 * u, 32 + 16 * (u + 1))
+        for h in range(Hq):
+            best = tr.scores[h, toks].argsort(descending=True)[:3]
+            torch.testing.assert_close(r.view(Hq, 3, D)[h], k[toks[best], h // G])
+    q_global = rotate(q, cos, sin, torch.full((T,), cfg.n_local - 1))
+    checked = 0
+    for c in tr.chunks:
+        if c.num_candidates <= cfg.topk:
+            continue
+        best = torch.stack([torch.einsum("hd,hrd->hr", q_global[c.c0], tr.reprs[u].view(Hq, 3, D)).amax(1)
+                            for u in range(c.num_candidates)])  # [K, Hq]
+        groups = best.view(-1, Hkv, G).sum(-1) if selection == "kv_head" else best.sum(-1, keepdim=True)
+        for g, sel in enumerate(c.per_kv_head if selection == "kv_head" else [c.selected]):
+            assert sel == sorted(groups[:, g].topk(cfg.topk).indices.tolist())
+            checked += 1
+    assert checked > 10
+    # Before any selection both scores attend the same keys, so they seal the same tokens.
+    early = infllm_reference_trace(q[:140], k[:140], v[:140], cos, sin, cfg)  # 2 units sealed
+    paper = infllm_reference_trace(q[:140], k[:140], v[:140], cos, sin,
+                                   dataclasses.replace(cfg, unit_score="mean_topk"))
+    assert early.reprs and all(c.num_candidates <= cfg.topk for c in early.chunks)
+    for u, r in early.reprs.items():
+        torch.testing.assert_close(r.view(Hq, 3, D).mean(1), paper.reprs[u])
 
 
 # --- selection="kv_head": each KV head chooses its own units ---------------------------------

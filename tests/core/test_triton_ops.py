@@ -125,7 +125,8 @@ def _plan(device=DEVICE):
 
 @in_process
 @pytest.mark.parametrize("Hq,Hkv,D,unit_score", [(4, 2, 32, "mean_topk"), (3, 1, 64, "mean_topk"),
-                                                (4, 2, 32, "minmax"), (3, 1, 64, "minmax")])
+                                                (4, 2, 32, "minmax"), (3, 1, 64, "minmax"),
+                                                (4, 2, 32, "max_topk"), (3, 1, 64, "max_topk")])
 def test_seal_units(Hq, Hkv, D, unit_score, monkeypatch):
     monkeypatch.setattr(triton_ops, "SEAL_TOKENS", 8)  # minmax: two tiles per 16-token unit
     cfg = dataclasses.replace(CFG, unit_score=unit_score)
@@ -146,7 +147,8 @@ def test_seal_units(Hq, Hkv, D, unit_score, monkeypatch):
     ("kv_head", "minmax", {}), ("layer", "mean_topk", {"contiguity": 1}),
     ("kv_head", "minmax", {"contiguity": 2, "select_queries": 5, "chunking": "step"}),
     ("layer", "minmax", {"select_queries": 3, "chunking": "step"}),
-    ("layer", "mean_topk", {"chunking": "aligned"})])
+    ("layer", "mean_topk", {"chunking": "aligned"}), ("layer", "max_topk", {}),
+    ("kv_head", "max_topk", {"contiguity": 1})])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_select_units(dtype, selection, unit_score, extra):
     """extra: contiguity (neighbours ranked in), select_queries (q̄ of the chunk's last queries)."""
@@ -271,7 +273,9 @@ def test_static_decode_plan_replays_like_eager(splits, monkeypatch):
     (4, 2, 32, 2, "layer", "ordered", {"unit_score": "minmax", "contiguity": 1, "select_queries": 4,
                                        "chunking": "step"}),
     (4, 2, 32, 1, "layer", "fixed", {"chunking": "step"}),
-    (6, 3, 32, 2, "kv_head", "ordered", {"chunking": "aligned", "unit_score": "minmax"})])
+    (6, 3, 32, 2, "kv_head", "ordered", {"chunking": "aligned", "unit_score": "minmax"}),
+    (6, 3, 32, 2, "kv_head", "fixed", {"unit_score": "max_topk"}),
+    (4, 2, 32, 1, "layer", "ordered", {"unit_score": "max_topk", "chunking": "step"})])
 def test_runtime_matches_oracle(Hq, Hkv, D, splits, selection, positions, extra, monkeypatch):
     """The whole runtime (write, seal, select, attend; waves; recycled stale state) vs the oracle."""
     monkeypatch.setattr(triton_ops, "DECODE_SPLITS", splits)

@@ -247,12 +247,13 @@ class InfLLMAttentionBackend(AttentionBackend):
         infllm = _infllm_config()
         chosen = infllm.chosen_shape(spec.num_kv_heads)  # room for either selection mode:
         chosen_ints = spec.num_kv_heads * infllm.topk if chosen is not None else 0
-        side = side_state_bytes(num_q_heads, spec.head_size, spec.dtype, spec.num_kv_heads, chosen_ints)
+        rows = infllm.repr_rows(num_q_heads, spec.num_kv_heads)
+        side = side_state_bytes(num_q_heads, spec.head_size, spec.dtype, spec.num_kv_heads, chosen_ints, rows)
         if type(spec) is FullAttentionSpec and spec.block_size == INFLLM_BLOCK_SIZE and spec.page_size_padded is None:
             page = padded_page_bytes(spec.num_kv_heads, spec.head_size, spec.dtype, side, spec.head_size_v)
             return InfLLMAttentionSpec.from_spec(spec, infllm, page_size_padded=page, infllm_side_state_bytes=side)
         extra = num_side_state_slots(num_q_heads, spec.head_size, spec.dtype, spec.head_size_v,
-                                     spec.num_kv_heads, chosen_ints)
+                                     spec.num_kv_heads, chosen_ints, rows)
         if type(spec) is FullAttentionSpec:
             return InfLLMAttentionSpec.from_spec(spec, infllm, num_head_slots=spec.num_kv_heads + extra)
         return dataclasses.replace(spec, num_head_slots=spec.num_kv_heads + extra)

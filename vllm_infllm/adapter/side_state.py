@@ -5,7 +5,9 @@ Each physical KV block (one memory unit) carries, per layer, the state InfLLM ne
     scores  [Hq, B]  float32       softmax mass each token received inside local windows
     reprs   [R, D]   cache dtype   representative keys (raw, un-rotated): R = Hq, one per query
                                    head, or R = 2*Hkv, min and max raw key per KV head
-                                   (unit_score="minmax"); pages have room for max(Hq, 2*Hkv)
+                                   (unit_score="minmax"), or R = Hq*repr_topk keys kept apart
+                                   (unit_score="max_topk"); pages have room for max(Hq, 2*Hkv,
+                                   the config's R)
     sealed  [1]      uint8         representatives are final
     chosen  [S, topk] int32        chunking="aligned": the selection of the chunk that starts
                                    at this block (S = 1, or Hkv with selection="kv_head");
@@ -118,12 +120,15 @@ PAGE_ALIGN = 64
 
 
 def side_state_bytes(
-    num_q_heads: int, head_size: int, dtype: torch.dtype, num_kv_heads: int | None = None, chosen_ints: int = 0
+    num_q_heads: int, head_size: int, dtype: torch.dtype, num_kv_heads: int | None = None, chosen_ints: int = 0,
+    repr_rows: int = 0,
 ) -> int:
-    """Bytes of one 128-token block's side state, with room for the representatives of either
-    unit score (max(Hq, 2*Hkv) rows; `num_kv_heads` None: Hq rows) and `chosen_ints` stored
-    selection entries."""
+    """Bytes of one 128-token block's side state, with room for the representatives of the
+    paper's and the minmax unit score (max(Hq, 2*Hkv) rows; `num_kv_heads` None: Hq rows), or
+    `repr_rows` if more (``InfLLMConfig.repr_rows``: max_topk keeps repr_topk keys per head), and
+    `chosen_ints` stored selection entries."""
     rows = num_q_heads if num_kv_heads is None else max(num_q_heads, 2 * num_kv_heads)
+    rows = max(rows, repr_rows)
     return SideStateLayout(num_q_heads, head_size, INFLLM_BLOCK_SIZE, dtype, rows, chosen_ints).total_bytes
 
 
@@ -141,10 +146,11 @@ def num_side_state_slots(
     head_size_v: int | None = None,
     num_kv_heads: int | None = None,
     chosen_ints: int = 0,
+    repr_rows: int = 0,
 ) -> int:
-    """Extra head slots per page needed for one block's side state, with room for the
-    representatives of either unit score (max(Hq, 2*Hkv) rows; `num_kv_heads` None: Hq rows)
-    and `chosen_ints` stored selection entries (`SideStateLayout.chosen_ints`).
+    """Extra head slots per page needed for one block's side state (`side_state_bytes`: room
+    for max(Hq, 2*Hkv, `repr_rows`) representative rows and `chosen_ints` stored selection
+    entries, `SideStateLayout.chosen_ints`).
 
     Always computed for the 128-token *kernel* block, whatever ``spec.block_size`` is:
     ``customize_spec`` is also called with ``block_size=1`` (per-token page probes in
@@ -154,7 +160,7 @@ def num_side_state_slots(
     the right per-token ratio at N=1.
     """
     slot = SideStateLayout(1, head_size, INFLLM_BLOCK_SIZE, dtype).slot_bytes(head_size_v)
-    return -(-side_state_bytes(num_q_heads, head_size, dtype, num_kv_heads, chosen_ints) // slot)
+    return -(-side_state_bytes(num_q_heads, head_size, dtype, num_kv_heads, chosen_ints, repr_rows) // slot)
 
 
 def side_state_views(

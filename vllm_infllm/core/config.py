@@ -40,7 +40,11 @@ class InfLLMConfig:
                 "minmax"    - Quest's bound: sum_d max(q̄_hd min_d, q̄_hd max_d) over the
                               per-channel min / max of the unit's raw keys (of h's KV head), an
                               upper bound of q̄_h·k over the unit that needs no attention
-                              statistics (repr_topk is unused).
+                              statistics (repr_topk is unused);
+                "max_topk"  - the paper's representatives kept apart: max_i <q̄_h, k_{U,h,i}>
+                              over the unit's repr_topk most-attended raw keys of head h, so one
+                              key that matches is not averaged away by the others (repr_topk
+                              rows per query head: repr_topk x the representative bytes).
     positions:  where global keys sit (docs/design.md section 2.7):
                 "fixed"   - the paper's rule: every global key at relative distance n_local-1;
                 "ordered" - the global keys (init, selected units, remainder) in their original
@@ -87,7 +91,7 @@ class InfLLMConfig:
     #: chunking is the second).
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "selection": ("layer", "kv_head"),
-        "unit_score": ("mean_topk", "minmax"),
+        "unit_score": ("mean_topk", "minmax", "max_topk"),
         "positions": ("fixed", "ordered"),
         "chunking": ("step", "aligned"),
     }
@@ -201,8 +205,9 @@ class InfLLMConfig:
     @property
     def accumulates_scores(self) -> bool:
         """Whether the ops add the local softmax mass into the representative scores: only the
-        paper's representatives read them (no memory, or "minmax", need none)."""
-        return self.topk > 0 and self.unit_score == "mean_topk"
+        paper's representatives read them, kept apart or not (no memory, or "minmax", need
+        none)."""
+        return self.topk > 0 and self.unit_score != "minmax"
 
     def chosen_shape(self, num_kv_heads: int) -> tuple[int, int] | None:
         """Shape per block of `LayerMemory.chosen`, the stored chunk selections: (S, topk) for
@@ -213,8 +218,13 @@ class InfLLMConfig:
 
     def repr_rows(self, num_q_heads: int, num_kv_heads: int) -> int:
         """Rows of D values per memory unit in `LayerMemory.reprs`: one representative key per
-        query head ("mean_topk"), or a min row and a max row per KV head ("minmax")."""
-        return 2 * num_kv_heads if self.unit_score == "minmax" else num_q_heads
+        query head ("mean_topk"), a min row and a max row per KV head ("minmax"), or repr_topk
+        keys per query head, head-major: row h * repr_topk + i ("max_topk")."""
+        if self.unit_score == "minmax":
+            return 2 * num_kv_heads
+        if self.unit_score == "max_topk":
+            return num_q_heads * self.repr_topk
+        return num_q_heads
 
     def selection_start(self, p: int, prompt_len: int | None) -> int:
         """chunking="aligned": first position of the selection chunk that holds position p:

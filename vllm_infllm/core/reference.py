@@ -10,6 +10,7 @@ It loops over selection chunks and queries in position order, exactly as the spe
           (chunking="aligned": by the chunk's first query alone; chunks are schedule-free)
           (contiguity=c: ranked by the best score within c units, then their own score)
           (unit_score="minmax": sum_h sum_d max(q̄_hd min_{U,d}, q̄_hd max_{U,d}), Quest's bound)
+          (unit_score="max_topk": sum_h max_i <q̄_h, k_{U,h,i}>, the repr_topk keys kept apart)
           (selection="layer": h over all query heads, one set shared by all heads;
            selection="kv_head": h over the G query heads of each KV head, one set per KV head)
       for each query p in C:
@@ -50,6 +51,8 @@ class ReferenceTrace:
     chunks: list[ChunkTrace]
     reprs: dict[int, torch.Tensor]  # unit -> [Hq, D] fp32 representative keys (raw, un-rotated);
     #                                 unit_score="minmax": [2*Hkv, D], min and max raw key per KV head
+    #                                 unit_score="max_topk": [Hq*repr_topk, D], head h's keys at
+    #                                 rows h*repr_topk .. (most-attended first)
     scores: torch.Tensor  # [Hq, T] fp32 accumulated representative scores
 
 
@@ -125,6 +128,9 @@ def infllm_reference_trace(
         if config.unit_score == "minmax":  # Quest: max of q·k over the box [min, max]
             lo, hi = r.view(Hkv, 2, D)[kv_head[heads]].unbind(1)  # [h, D] each
             return torch.maximum(q_bar[heads] * lo, q_bar[heads] * hi).sum()
+        if config.unit_score == "max_topk":  # each head's best-matching representative key
+            keys = r.view(Hq, config.repr_topk, D)[heads]  # [h, r, D]
+            return torch.einsum("hd,hrd->hr", q_bar[heads], keys).amax(1).sum()
         return (q_bar[heads] * r[heads]).sum()
 
     def top_units(score: list[float]) -> list[int]:
@@ -150,11 +156,13 @@ def infllm_reference_trace(
                     raw = k_global[toks]  # [B, Hkv, D]
                     reprs[u] = torch.stack([raw.amin(0), raw.amax(0)], dim=1).reshape(2 * Hkv, D)
                     continue
-                r = torch.empty(Hq, D)
+                apart = config.unit_score == "max_topk"
+                r = torch.empty(Hq, config.repr_topk if apart else 1, D)
                 for h in range(Hq):
                     top = torch.topk(scores[h, toks], config.repr_topk).indices
-                    r[h] = k_global[toks[top], kv_head[h]].mean(0)
-                reprs[u] = r
+                    keys = k_global[toks[top], kv_head[h]]  # [repr_topk, D], most-attended first
+                    r[h] = keys if apart else keys.mean(0)
+                reprs[u] = r.view(-1, D)
 
         # Selection: one set per group of query heads (all of them, or the G of a KV head).
         groups = config.selection_groups(Hkv)

@@ -64,7 +64,8 @@ def seal_units(
 ) -> None:
     """Seal every not-yet-sealed unit among each chunk's candidates: its representative keys
     become the mean raw key of its `repr_topk` top-scored tokens, per query head
-    (unit_score="minmax": the per-channel min and max of its raw keys, per KV head).
+    (unit_score="minmax": the per-channel min and max of its raw keys, per KV head;
+    unit_score="max_topk": those repr_topk raw keys themselves, most-attended first).
 
     kv_cache:     [num_blocks, Hkv, B, 2*D]
     memory:       reads `scores` [num_blocks, Hq, B], writes `reprs` [num_blocks, Hq, D], `sealed`
@@ -75,7 +76,7 @@ def seal_units(
     (this step or an earlier one) sealed all units that were candidates at its start, at most
     `chunk` positions earlier.
     """
-    B, Hq = config.block_size, memory.reprs.shape[1]
+    B, Hq = config.block_size, memory.scores.shape[1]
     Hkv, D = kv_cache.shape[1], kv_cache.shape[3] // 2
     window = config.chunk // B + 2
     units = chunks.num_cand[:, None] - window + torch.arange(window, device=chunks.req.device)
@@ -96,7 +97,10 @@ def seal_units(
     keys = kv_cache[phys[:, None, None], kv_head, top, :D]  # [m, Hq, r, D]
     pos = config.n_init + units[:, None, None] * B + top
     raw = rotate(keys, cos, sin, -pos)  # undo the model's RoPE: representatives are raw keys
-    memory.reprs[phys] = raw.mean(dim=2).to(memory.reprs.dtype)
+    if config.unit_score == "max_topk":  # kept apart: rows h*r .. h*r + r-1 of the unit
+        memory.reprs[phys] = raw.flatten(1, 2).to(memory.reprs.dtype)
+    else:
+        memory.reprs[phys] = raw.mean(dim=2).to(memory.reprs.dtype)
     memory.sealed[phys] = True
 
 
@@ -144,7 +148,8 @@ def select_units(
     num_kv_heads: int,
 ) -> torch.Tensor:
     """The topk candidates of each chunk and selection group by sum_h <q̄_h, r_{U,h}>
-    (unit_score="minmax": by sum_h sum_d max(q̄_hd lo_d, q̄_hd hi_d), lo/hi of h's KV head).
+    (unit_score="minmax": by sum_h sum_d max(q̄_hd lo_d, q̄_hd hi_d), lo/hi of h's KV head;
+    unit_score="max_topk": by sum_h max_i <q̄_h, r_{U,h,i}> over h's repr_topk keys).
 
     query:        [T, Hq, D] post-RoPE
     memory:       reads `reprs` [num_blocks, R, D] (R = config.repr_rows(Hq, Hkv))
@@ -166,7 +171,7 @@ def select_units(
         return selected
     q_bar = _chunk_mean_query(query, chunks, cos, sin, config).view(n, S, -1, 1)  # [n, S, X/S, 1]
     ragged = min(chunks.host["num_cand"]) < max_k
-    step = max(1, _LOGITS_BUDGET // (max_k * Hq * D))
+    step = max(1, _LOGITS_BUDGET // (max_k * max(Hq, memory.reprs.shape[1]) * D))  # gathered reprs
     for s in range(0, n, step):
         e = min(n, s + step)
         phys = block_table[chunks.req[s:e], config.init_blocks : config.init_blocks + max_k]
@@ -176,6 +181,11 @@ def select_units(
             box = reprs.view(e - s, max_k, Hkv, 1, 2, D)
             qb = q_bar[s:e].view(e - s, 1, Hkv, Hq // Hkv, D)
             per_head = torch.maximum(qb * box[..., 0, :], qb * box[..., 1, :]).sum(-1)  # [m, K, Hkv, G]
+            score = per_head.view(e - s, max_k, S, -1).sum(-1).transpose(1, 2)  # [m, S, K]
+        elif config.unit_score == "max_topk":  # per query head: its best key of the unit
+            keys = reprs.view(e - s, max_k, Hq, config.repr_topk, D)
+            qh = q_bar[s:e].view(e - s, 1, Hq, D, 1)
+            per_head = torch.matmul(keys, qh).squeeze(-1).amax(-1)  # [m, K, Hq]
             score = per_head.view(e - s, max_k, S, -1).sum(-1).transpose(1, 2)  # [m, S, K]
         else:
             # [m, K, S, X/S] -> [m, S, K, X/S]: group g's heads are the contiguous run g*Hq/S ...

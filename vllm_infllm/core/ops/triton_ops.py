@@ -138,7 +138,7 @@ def _seal_kernel(
     req_ptr,  # [n] int32 block-table row of each chunk
     ncand_ptr,  # [n] int32 candidate units of each chunk
     scores_ptr,  # [num_blocks, Hq, B] fp32, strides s_sb, s_sh, s_so
-    reprs_ptr,  # [num_blocks, Hq, D] out, strides s_rb, s_rh, s_rd
+    reprs_ptr,  # [num_blocks, Hq, D] out (APART: [num_blocks, Hq*R, D]), strides s_rb, s_rh, s_rd
     sealed_ptr,  # [num_blocks] uint8, stride s_z; in/out
     cos_ptr, sin_ptr,  # [rows, D/2] rotary table, row strides s_cos, s_sin
     s_cb, s_ch, s_co, s_cd, s_bt, s_sb, s_sh, s_so, s_rb, s_rh, s_rd, s_z, s_cos, s_sin,
@@ -147,6 +147,7 @@ def _seal_kernel(
     G: tl.constexpr,  # query heads per KV head
     WINDOW: tl.constexpr,  # candidates scanned per chunk (the last WINDOW ones)
     R: tl.constexpr,  # repr_topk
+    APART: tl.constexpr,  # unit_score="max_topk": store the R keys (row h*R + i), not their mean
     BLOCK_HQ: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
     """One program per (chunk, scanned candidate); all query heads of the unit at once."""
@@ -169,7 +170,7 @@ def _seal_kernel(
     kbase = kv_ptr + phys * s_cb + (h // G)[:, None] * s_ch
     acc_a = tl.zeros([BLOCK_HQ, BLOCK_D2], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_HQ, BLOCK_D2], dtype=tl.float32)
-    for _ in range(R):
+    for i in range(R):
         # Per head: the best remaining token (lowest index among ties), then mask it out.
         mx = tl.max(sc, 1)
         idx = tl.min(tl.where(sc == mx[:, None], b[None, :], BLOCK_B), 1)
@@ -181,11 +182,19 @@ def _seal_kernel(
         pos = (N_INIT + unit * B + idx)[:, None]
         cs = tl.load(cos_ptr + pos * s_cos + d, mask=km, other=1.0).to(tl.float32)
         sn = tl.load(sin_ptr + pos * s_sin + d, mask=km, other=0.0).to(tl.float32)
-        acc_a += ka * cs + kb * sn
-        acc_b += kb * cs - ka * sn
-    dst = reprs_ptr + phys * s_rb + h[:, None] * s_rh
-    tl.store(dst + d * s_rd, (acc_a / R).to(reprs_ptr.dtype.element_ty), mask=km)
-    tl.store(dst + (d + D2) * s_rd, (acc_b / R).to(reprs_ptr.dtype.element_ty), mask=km)
+        ra = ka * cs + kb * sn
+        rb = kb * cs - ka * sn
+        if APART:  # head h's i-th most-attended key goes to row h*R + i
+            dst = reprs_ptr + phys * s_rb + (h * R + i)[:, None] * s_rh
+            tl.store(dst + d * s_rd, ra.to(reprs_ptr.dtype.element_ty), mask=km)
+            tl.store(dst + (d + D2) * s_rd, rb.to(reprs_ptr.dtype.element_ty), mask=km)
+        else:
+            acc_a += ra
+            acc_b += rb
+    if not APART:
+        dst = reprs_ptr + phys * s_rb + h[:, None] * s_rh
+        tl.store(dst + d * s_rd, (acc_a / R).to(reprs_ptr.dtype.element_ty), mask=km)
+        tl.store(dst + (d + D2) * s_rd, (acc_b / R).to(reprs_ptr.dtype.element_ty), mask=km)
     tl.store(sealed_ptr + phys * s_z, tl.full([], 1, tl.uint8))
 
 
@@ -265,7 +274,7 @@ def seal_units(
     """
     if chunks.n == 0 or chunks.max_cand == 0:
         return
-    B, Hq = config.block_size, memory.reprs.shape[1]
+    B, Hq = config.block_size, memory.scores.shape[1]
     Hkv, D = kv_cache.shape[1], kv_cache.shape[3] // 2
     window = config.chunk // B + 2
     cos, sin = _table(cos), _table(sin)
@@ -293,7 +302,7 @@ def seal_units(
         s_sb=s_sb, s_sh=s_sh, s_so=s_so, s_rb=s_rb, s_rh=s_rh, s_rd=s_rd, s_z=sealed.stride(0),
         s_cos=cos.stride(0), s_sin=sin.stride(0),
         HQ=Hq, D2=D // 2, B=B, N_INIT=config.n_init, INIT_BLOCKS=config.init_blocks,
-        G=Hq // Hkv, WINDOW=window, R=config.repr_topk,
+        G=Hq // Hkv, WINDOW=window, R=config.repr_topk, APART=config.unit_score == "max_topk",
         BLOCK_HQ=_p2(Hq), BLOCK_B=_p2(B), BLOCK_D2=_p2(D // 2),
         num_warps=4 if D <= 128 else 8,  # [Hq, D/2] tiles: 4 warps spilled at D 256 (compile_check)
     )
@@ -420,6 +429,44 @@ def _score_minmax_kernel(
     tl.store(dst, acc, mask=u < MAX_CAND)
 
 
+@triton.jit(do_not_specialize=["MAX_CAND"])
+def _score_max_kernel(
+    qbar_ptr,  # [n, Hq*D] fp32
+    reprs_ptr,  # [num_blocks, Hq*R, D], each block's rows contiguous, block stride s_rb
+    bt_ptr, req_ptr, ncand_ptr,  # as _score_kernel
+    score_ptr,  # [n, S, MAX_CAND] fp32 out
+    s_bt, s_rb, MAX_CAND, HQ: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
+    HEADS: tl.constexpr,  # query heads per selection group (Hq or G)
+    INIT_BLOCKS: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """unit_score="max_topk": score[c, g, u] = sum over the group's query heads h of
+    max_i <q̄_h, r_{u, h*R + i}>, the best of head h's R representative keys."""
+    c = tl.program_id(0)
+    u = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
+    grp = tl.program_id(2)
+    dst = score_ptr + (c * tl.num_programs(2) + grp) * MAX_CAND + u
+    ncand = tl.load(ncand_ptr + c)
+    if tl.program_id(1) * BLOCK_U >= ncand:
+        tl.store(dst, tl.full([BLOCK_U], float("-inf"), tl.float32), mask=u < MAX_CAND)
+        return
+    req = tl.load(req_ptr + c).to(tl.int64)
+    um = u < ncand
+    phys = tl.load(bt_ptr + req * s_bt + INIT_BLOCKS + u, mask=um, other=0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    rm = um[:, None] & (d[None, :] < D)
+    acc = tl.zeros([BLOCK_U], dtype=tl.float32)
+    for j in range(HEADS):
+        h = grp * HEADS + j
+        qb = tl.load(qbar_ptr + c * HQ * D + h * D + d, mask=d < D, other=0.0)[None, :]
+        best = tl.full([BLOCK_U], float("-inf"), tl.float32)
+        for i in range(R):
+            r = tl.load(reprs_ptr + phys[:, None] * s_rb + (h * R + i) * D + d[None, :], mask=rm, other=0.0)
+            best = tl.maximum(best, tl.sum(r.to(tl.float32) * qb, 1))
+        acc += best
+    acc = tl.where(um, acc, float("-inf"))
+    tl.store(dst, acc, mask=u < MAX_CAND)
+
+
 def select_units(
     query: torch.Tensor,
     memory: LayerMemory,
@@ -430,10 +477,12 @@ def select_units(
     config: InfLLMConfig,
     num_kv_heads: int,
 ) -> torch.Tensor:
-    """The topk candidates of each chunk and selection group by sum_h <q̄_h, r_{U,h}>.
+    """The topk candidates of each chunk and selection group by sum_h <q̄_h, r_{U,h}>
+    (unit_score "minmax" and "max_topk": as torch_ops.select_units).
 
     query:        [T, Hq, D] post-RoPE
-    memory:       reads `reprs` [num_blocks, Hq, D] (each block's [Hq, D] contiguous)
+    memory:       reads `reprs` [num_blocks, R, D] (each block's [R, D] contiguous; R =
+                  config.repr_rows(Hq, Hkv))
     num_kv_heads: Hkv of the layer
     returns:      [n, S, topk] int64 memory-unit ids (not block ids), ascending, then -1 = none;
                   S = config.selection_groups(Hkv) (as torch_ops.select_units)
@@ -473,6 +522,14 @@ def select_units(
             ncand_ptr=chunks.num_cand, score_ptr=score,
             s_bt=block_table.stride(0), s_rb=reprs.stride(0), MAX_CAND=max_k, HQ=Hq, D=D,
             G=Hq // num_kv_heads, HEADS=Hq // S, INIT_BLOCKS=config.init_blocks,
+            BLOCK_U=block_u, BLOCK_D=_p2(D),
+        )
+    elif config.unit_score == "max_topk":
+        _score_max_kernel[(n, triton.cdiv(max_k, block_u), S)](
+            qbar_ptr=qbar, reprs_ptr=reprs, bt_ptr=block_table, req_ptr=chunks.req,
+            ncand_ptr=chunks.num_cand, score_ptr=score,
+            s_bt=block_table.stride(0), s_rb=reprs.stride(0), MAX_CAND=max_k, HQ=Hq, D=D,
+            R=config.repr_topk, HEADS=Hq // S, INIT_BLOCKS=config.init_blocks,
             BLOCK_U=block_u, BLOCK_D=_p2(D),
         )
     else:
