@@ -469,19 +469,28 @@ def soak(args, srv: Server, model: str, tok) -> dict:
     t0 = time.monotonic()
     for t in clients:
         t.start()
-    while any(t.is_alive() for t in clients):
+    while time.monotonic() < stop_at:  # every rss_every_s of the soak, none while it drains
         samples.append((round(time.monotonic() - t0, 1), srv.rss_bytes()))
-        time.sleep(min(args.rss_every_s, max(0.1, stop_at - time.monotonic() + 0.5)))
+        time.sleep(max(0.0, min(args.rss_every_s, stop_at - time.monotonic())))
+    for t in clients:
+        t.join()
     wall = time.monotonic() - t0
-    third = max(1, len(samples) // 3)
-    first = statistics.mean(b for _, b in samples[:third]) if samples else None
-    last = statistics.mean(b for _, b in samples[-third:]) if samples else None
+    first, last = rss_thirds([(t, b / 2**20) for t, b in samples], args.soak_s)
     return {"seconds": round(wall, 1), "concurrency": args.soak_concurrency, "served": served[0],
             "failed": failed[0], "failures": failures[:20], "requests_per_s": round(served[0] / wall, 3),
-            "rss_first_third_mib": round(first / 2**20) if first else None,
-            "rss_last_third_mib": round(last / 2**20) if last else None,
-            "rss_growth_mib": round((last - first) / 2**20, 1) if samples else None,
+            "rss_first_third_mib": None if first is None else round(first),
+            "rss_last_third_mib": None if last is None else round(last),
+            "rss_growth_mib": None if first is None or last is None else round(last - first, 1),
             "rss_samples_mib": [(t, round(b / 2**20)) for t, b in samples]}
+
+
+def rss_thirds(samples: list[tuple[float, float]], soak_s: float) -> tuple[float | None, float | None]:
+    """Mean RSS of the samples in the first and in the last third of the soak's *time* (samples:
+    (seconds since the start, MiB)). By time, not by count: a run of samples bunched at one end
+    (as an earlier version took while the last requests drained) would weigh as a third."""
+    early = [b for t, b in samples if t < soak_s / 3]
+    late = [b for t, b in samples if 2 * soak_s / 3 <= t <= soak_s]
+    return (statistics.mean(early) if early else None, statistics.mean(late) if late else None)
 
 
 def markdown(report: dict) -> str:
