@@ -12,6 +12,7 @@ from .core.reference import (
     infllm_attention_reference,
     infllm_reference_trace,
     selection_chunks,
+    sliding_window_reference,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "infllm_attention_reference",
     "infllm_reference_trace",
     "selection_chunks",
+    "sliding_window_reference",
 ]

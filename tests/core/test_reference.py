@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from vllm_infllm.core.config import InfLLMConfig
-from vllm_infllm.core.reference import infllm_attention_reference, infllm_reference_trace, selection_chunks
+from vllm_infllm.core.reference import (
+    infllm_attention_reference,
+    infllm_reference_trace,
+    selection_chunks,
+    sliding_window_reference,
+)
 from vllm_infllm.core.rope import rope_table, rotate
 
 
@@ -20,6 +25,21 @@ def dense_causal(q, k, v, cos, sin):
     kl, vv = kl.repeat_interleave(G, 1), v.float().repeat_interleave(G, 1)
     o = torch.nn.functional.scaled_dot_product_attention(
         ql.transpose(0, 1), kl.transpose(0, 1), vv.transpose(0, 1), is_causal=True
+    )
+    return o.transpose(0, 1)
+
+
+def banded_causal(q, k, v, cos, sin, window):
+    """Causal attention restricted to the `window` latest keys: torch SDPA with a boolean band."""
+    T, Hq, _ = q.shape
+    G = Hq // k.shape[1]
+    pos = torch.arange(T)
+    ql, kl = rotate(q, cos, sin, pos), rotate(k, cos, sin, pos)
+    kl, vv = kl.repeat_interleave(G, 1), v.float().repeat_interleave(G, 1)
+    delta = pos[:, None] - pos[None, :]
+    band = (delta >= 0) & (delta < window)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        ql.transpose(0, 1), kl.transpose(0, 1), vv.transpose(0, 1), attn_mask=band
     )
     return o.transpose(0, 1)
 
@@ -40,6 +60,27 @@ def test_short_context_is_dense(prefill_len):
     cos, sin = rope_table(16, 256)
     out = infllm_attention_reference(q, k, v, cos, sin, SMALL, prefill_len)
     torch.testing.assert_close(out, dense_causal(q, k, v, cos, sin), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 7, 64, 500])
+def test_sliding_window_oracle_is_banded_causal_attention(window):
+    """The oracle's sliding-window mode (hybrid models' sliding layers) against SDPA with a band
+    mask; a window as long as the sequence is dense causal attention, a window of 1 is V itself."""
+    q, k, v = rand_qkv(200, 6, 2, 16, seed=3)
+    cos, sin = rope_table(16, 256)
+    out = sliding_window_reference(q, k, v, cos, sin, window)
+    torch.testing.assert_close(out, banded_causal(q, k, v, cos, sin, window), rtol=1e-5, atol=1e-5)
+    if window >= 200:
+        torch.testing.assert_close(out, dense_causal(q, k, v, cos, sin), rtol=1e-5, atol=1e-5)
+    if window == 1:
+        torch.testing.assert_close(out, v.repeat_interleave(3, 1), rtol=1e-6, atol=1e-6)
+    else:  # the band really cuts: keys older than the window change nothing
+        k2 = k.clone()
+        k2[:1] += 100.0
+        far = sliding_window_reference(q, k2, v, cos, sin, window)
+        torch.testing.assert_close(far[window:], out[window:], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="window"):
+        sliding_window_reference(q, k, v, cos, sin, 0)
 
 
 def test_init_plus_local_is_dense_without_positions():

@@ -13,6 +13,9 @@ compute comes from the vLLM-free core (`core/plan.py`, `core/runtime.py`, `core/
   afresh (`do_kv_cache_update`), then runs `infllm_forward` with typed views of that side
   state and the model's own rotary table (`model_support.py`).
 
+Sliding-window layers of hybrid models (Gemma 3, ...) run vLLM's own exact sliding-window
+kernel for the device, wrapped by the same four classes (`window.py`).
+
 docs/design.md section 3 describes the mapping.
 """
 
@@ -34,7 +37,7 @@ from vllm.v1.attention.backend import (
     MultipleOf,
 )
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
-from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, KVCacheLayout
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, KVCacheLayout, SlidingWindowSpec
 
 from ..core import ops as infllm_ops
 from ..core.config import InfLLMConfig
@@ -48,6 +51,7 @@ from .metrics import InfLLMMetrics
 from .model_support import layer_rejection_reasons, model_rope_for_layer
 from .side_state import num_side_state_slots, padded_page_bytes, side_state_bytes, side_state_views
 from .vllm_config import INFLLM_BLOCK_SIZE, infllm_config_from_vllm
+from .window import make_window_builder, make_window_impl
 
 
 @dataclasses.dataclass
@@ -85,6 +89,14 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
         device: torch.device,
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # A group of sliding-window layers (hybrid models) gets vLLM's own builder for them:
+        # vLLM groups layers by spec, and sliding layers keep vLLM's SlidingWindowSpec
+        # (customize_spec), so a group is all sliding or all InfLLM (window.py).
+        self.window_builder = None
+        if isinstance(kv_cache_spec, SlidingWindowSpec):
+            self.window_builder = make_window_builder(kv_cache_spec, layer_names, vllm_config,
+                                                      torch.device(device))
+            return
         if kv_cache_spec.block_size != INFLLM_BLOCK_SIZE:
             raise ValueError(
                 f"infllm: kernel block size is {kv_cache_spec.block_size}, expected "
@@ -120,12 +132,19 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
             return cls._cudagraph_support
         return AttentionCGSupport.NEVER
 
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> Any:
+        if self.window_builder is not None:
+            return self.window_builder.build_for_cudagraph_capture(common_attn_metadata)
+        return super().build_for_cudagraph_capture(common_attn_metadata)
+
     def build(
         self,
         common_prefix_len: int,
         common_attn_metadata: CommonAttentionMetadata,
         fast_build: bool = False,
     ) -> InfLLMMetadata:
+        if self.window_builder is not None:  # sliding-window layers: vLLM's own metadata
+            return self.window_builder.build(common_prefix_len, common_attn_metadata, fast_build)
         cm = common_attn_metadata
         nd, npf, ndt, npt = split_decodes_and_prefills(cm, decode_threshold=1)
         # The plan is cut on the host from exact sequence lengths. vLLM's host copy is exact
@@ -239,9 +258,10 @@ class InfLLMAttentionBackend(AttentionBackend):
         padded by exactly its side-state bytes; other block sizes (vLLM's per-token probes,
         256+-token blocks split into kernel blocks, which vLLM cannot pad) get extra head
         slots. A plain FullAttentionSpec becomes our `InfLLMAttentionSpec`, so its groups get
-        InfLLM's block manager (prefix-cache hits only on settled blocks)."""
+        InfLLM's block manager (prefix-cache hits only on settled blocks). A sliding-window
+        layer's spec is left as it is: vLLM's kernel runs it, with no side state (window.py)."""
         packed = spec.num_head_slots is not None or spec.state_content_bytes is not None
-        if isinstance(spec, InfLLMAttentionSpec) or packed:
+        if isinstance(spec, (InfLLMAttentionSpec, SlidingWindowSpec)) or packed:
             return spec  # already packed (ours, or another owner's: leave it)
         num_q_heads = _num_q_heads(spec)
         infllm = _infllm_config()
@@ -260,7 +280,7 @@ class InfLLMAttentionBackend(AttentionBackend):
 
     @classmethod
     def supports_sliding_window(cls) -> bool:
-        return False
+        return True  # sliding-window layers run vLLM's own kernel (window.py)
 
 
 def _infllm_config() -> InfLLMConfig:
@@ -315,14 +335,23 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
-        reasons = layer_rejection_reasons(
-            attn_type, sliding_window, alibi_slopes, logits_soft_cap, extra_impl_args.get("sinks")
-        )
+        self.sliding_window = sliding_window
+        self.extra_impl_args = extra_impl_args
+        cfg = get_current_vllm_config_or_none()
+        # A sliding-window layer (hybrid models): vLLM's exact kernel for it, nothing of InfLLM.
+        self.window_impl = None
+        if sliding_window is not None:
+            if attn_type != AttentionType.DECODER:
+                raise ValueError(f"infllm does not support: sliding-window attn_type={attn_type}")
+            self.window_impl = make_window_impl(
+                cfg, num_heads, head_size, scale, self.num_kv_heads, alibi_slopes, sliding_window,
+                kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, extra_impl_args,
+            )
+            return
+        reasons = layer_rejection_reasons(attn_type, alibi_slopes, logits_soft_cap, extra_impl_args.get("sinks"))
         if reasons:
             raise ValueError("infllm does not support: " + ", ".join(reasons))
         InfLLMAttentionImpl._q_heads_by_kv_heads.setdefault(self.num_kv_heads, set()).add(num_heads)
-        self.extra_impl_args = extra_impl_args
-        cfg = get_current_vllm_config_or_none()
         if cfg is not None and cfg.device_config is not None and cfg.device_config.device_type == "cpu":
             tune_cpu_malloc()
         # Fail while the model is built, not at the first step; keep it for the side state.
@@ -371,6 +400,9 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
         kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
+        if self.window_impl is not None:
+            self.window_impl.do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+            return
         if self.kv_sharing_target_layer_name is not None or kv_cache.numel() == 0:
             return
         n = min(slot_mapping.shape[0], key.shape[0])
@@ -391,6 +423,9 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
         output_scale: torch.Tensor | None = None,
         output_block_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.window_impl is not None:
+            return self.window_impl.forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                            output_scale, output_block_scale)
         if output_scale is not None or output_block_scale is not None:
             raise ValueError("infllm: fused output quantization is not supported")
         if attn_metadata is None:  # profiling / dummy run (same as FLASH_ATTN in 0.32)

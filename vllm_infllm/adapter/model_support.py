@@ -4,6 +4,11 @@ InfLLM re-rotates keys and queries to its fixed global distance with the model's
 table (docs/design.md section 3.3), so the backend must find the exact `RotaryEmbedding` the
 model applies before attention, and must refuse what its re-rotation cannot invert. Every
 rejection is raised while vLLM builds the model, before any request, with the reason and a fix.
+
+Sliding-window layers of hybrid models are not InfLLM layers: the backend runs them with vLLM's
+own exact sliding-window kernel (`window.py`), so nothing here applies to them. The RoPE of an
+InfLLM layer is the table of its layer type ("full_attention"), which hybrids such as Gemma 3
+configure apart from that of their sliding layers.
 """
 
 from __future__ import annotations
@@ -13,20 +18,20 @@ from typing import Any
 from vllm.config import VllmConfig
 from vllm.v1.attention.backend import AttentionType
 
+#: The layer type of the layers InfLLM runs, in transformers' `layer_types` vocabulary.
+FULL_ATTENTION = "full_attention"
+
 
 def layer_rejection_reasons(
     attn_type: str,
-    sliding_window: int | None,
     alibi_slopes: list[float] | None,
     logits_soft_cap: float | None,
     sinks: Any,
 ) -> list[str]:
-    """Features of an attention layer the InfLLM semantics do not cover (empty = supported)."""
+    """Features of a full-attention layer the InfLLM semantics do not cover (empty = supported)."""
     reasons = []
     if attn_type != AttentionType.DECODER:
         reasons.append(f"attn_type={attn_type}")
-    if sliding_window is not None:
-        reasons.append(f"sliding-window layer (window={sliding_window})")
     if alibi_slopes is not None:
         reasons.append("ALiBi")
     if logits_soft_cap:
@@ -36,8 +41,21 @@ def layer_rejection_reasons(
     return reasons
 
 
+def rope_parameters_of_layer_type(hf_config: Any, layer_type: str = FULL_ATTENTION) -> dict | None:
+    """The RoPE parameters the model gives layers of `layer_type`.
+
+    transformers keeps one dict for the whole model (Llama, Qwen, ...), or one per layer type
+    (Gemma 3: ``{"sliding_attention": {theta 1e4}, "full_attention": {theta 1e6}}``), and vLLM's
+    model code passes a layer the entry of its type.
+    """
+    params = getattr(hf_config, "rope_parameters", None)
+    if isinstance(params, dict) and isinstance(params.get(layer_type), dict):
+        return params[layer_type]
+    return params
+
+
 def lookup_model_rope(vllm_config: VllmConfig, head_size: int):
-    """The model's own ``RotaryEmbedding`` instance (shared by all its layers), or raise.
+    """The model's own ``RotaryEmbedding`` instance of its full-attention layers, or raise.
 
     ``get_rope`` caches instances in ``_ROPE_DICT`` by (head_size, rotary_dim, max_position,
     is_neox, rope params, dca, dtype, mrope factor). Calling it with the arguments the model
@@ -56,7 +74,7 @@ def lookup_model_rope(vllm_config: VllmConfig, head_size: int):
     candidate = re_mod.get_rope(
         head_size,
         max_position=getattr(hf, "max_position_embeddings", 8192),
-        rope_parameters=getattr(hf, "rope_parameters", None),
+        rope_parameters=rope_parameters_of_layer_type(hf, FULL_ATTENTION),
         is_neox_style=True,
         dtype=mc.dtype,
     )
@@ -70,8 +88,11 @@ def lookup_model_rope(vllm_config: VllmConfig, head_size: int):
     if len(matches) == 1:
         return matches[0]
     raise RuntimeError(
-        f"infllm: cannot identify the model's rotary embedding (head_size={head_size}, "
-        f"{len(matches)} candidates in get_rope's cache)"
+        f"infllm: cannot identify the rotary embedding of the model's full-attention layers "
+        f"(head_size={head_size}; get_rope's cache holds {len(matches)} tables of that head size, "
+        "and none was built with the model config's rope_parameters). InfLLM re-rotates keys "
+        "with that exact table; report the model with this message, or use another "
+        "--attention-backend for it."
     )
 
 

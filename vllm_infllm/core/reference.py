@@ -230,3 +230,37 @@ def infllm_attention_reference(
     decoded one at a time (prefill_len=None: all prefill). scale defaults to D ** -0.5.
     """
     return infllm_reference_trace(q, k, v, cos, sin, config, prefill_len, scale).out
+
+
+def sliding_window_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    window: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Exact sliding-window attention of one sequence (the sliding layers of hybrid models, which
+    the backend runs with vLLM's own kernel: no init, no memory units, no remainder); `[T, Hq, D]`
+    fp32.
+
+    Query p attends keys [max(0, p - window + 1), p], the `window` latest positions (vLLM's and
+    transformers' meaning of `sliding_window`), all at ordinary RoPE positions. Same inputs as
+    `infllm_attention_reference` (before RoPE).
+    """
+    if window < 1:
+        raise ValueError(f"sliding window must be >= 1, got {window}")
+    T, hq, d = q.shape
+    g = hq // k.shape[1]
+    scale = d**-0.5 if scale is None else scale
+    pos = torch.arange(T)
+    qr = rotate(q.float(), cos, sin, pos)
+    kr = rotate(k.float(), cos, sin, pos).repeat_interleave(g, dim=1)
+    vf = v.float().repeat_interleave(g, dim=1)
+    out = torch.empty(T, hq, d)
+    for p in range(T):
+        lo = max(0, p - window + 1)
+        logits = torch.einsum("hd,jhd->hj", qr[p], kr[lo : p + 1]) * scale
+        out[p] = torch.einsum("hj,jhd->hd", logits.softmax(-1), vf[lo : p + 1])
+    return out
