@@ -22,7 +22,7 @@ from .core import ops as ops_pkg
 from .core.config import InfLLMConfig
 from .core.plan import LayerMemory, plan_step
 from .core.reference import ReferenceTrace, infllm_reference_trace
-from .core.rope import rotate
+from .core.rope import RopeLayout
 from .core.runtime import infllm_forward
 
 # ------------------------------------------------------------------------------ error metrics
@@ -37,6 +37,30 @@ def rel_l2_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||, in fp32: the scale-free error to compare across dtypes and sizes."""
     a, b = a.float(), b.float()
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def oracle_rope(rope) -> tuple[RopeLayout, torch.Tensor, torch.Tensor, float]:
+    """A model's rotary module (vLLM's `RotaryEmbedding` family, duck-typed: no vLLM import) as
+    the oracle takes it: its layout, cos and sin of its rotation angles, and the attention factor
+    its table multiplies the rotated channels of q and k by (YaRN's mscale; 1 elsewhere). Read
+    off the module's table by geometry, apart from how the adapter reads it: the factor is each
+    entry's length sqrt(cos² + sin²), the same everywhere in a scaled rotation (asserted), and
+    the angles are atan2(sin, cos), in float64."""
+    layout = RopeLayout(rope.head_size, rope.rotary_dim, bool(rope.is_neox_style))
+    cache = rope.cos_sin_cache.detach().double().cpu()
+    c, s = cache[:, : layout.rotary_dim // 2], cache[:, layout.rotary_dim // 2 :]
+    length = (c * c + s * s).sqrt()
+    factor = length.mean().item()
+    assert torch.allclose(length, torch.full_like(length, factor), rtol=1e-3), "not a scaled rotation"
+    angles = torch.atan2(s, c)
+    return layout, angles.cos().float(), angles.sin().float(), factor
+
+
+def scale_rotated(x: torch.Tensor, layout: RopeLayout, factor: float) -> torch.Tensor:
+    """q or k as the model's scaled table leaves it: the rotated channels times `factor`."""
+    if factor == 1.0:
+        return x
+    return torch.cat((x[..., : layout.rotary_dim] * factor, x[..., layout.rotary_dim :]), dim=-1)
 
 
 # ------------------------------------------------------------------------- paged-state builders
@@ -155,16 +179,25 @@ def run_paged(
     gen: torch.Generator | None = None,
     num_blocks: int | None = None,
     reuse: PagedRun | None = None,
+    rope: RopeLayout | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> PagedRun:
     """Run all requests through the paged runtime, step by step like vLLM's scheduler would.
 
     Layer l sees a scaled variant of (q, k, v) so layers hold different state. Blocks start
     with random K/V and stale side state (scores, sealed=True), or with what `reuse` left in
     them (recycling): the runtime must reset blocks it writes from offset 0.
+
+    `rope`: the model's RoPE layout (`cos, sin` are then its `[rows, rotary_dim/2]` table): q and
+    k are rotated as the model does, then permuted to full-width NeoX as the adapter does.
+    `softcap`, `sinks`: the model's softmax variants, passed to the runtime.
     """
     B = config.block_size
     Hq, D = requests[0].q.shape[1:]
     Hkv = requests[0].k.shape[1]
+    rope = rope or RopeLayout(D, D)
+    table = rope.canonical_table(cos, sin)  # what the ops read
     need = sum(-(-r.total // B) for r in requests)
     num_blocks = reuse.caches[0].shape[0] if reuse else (num_blocks or need + 3)
     gen = gen or torch.Generator().manual_seed(1234)
@@ -217,14 +250,15 @@ def run_paged(
             q = torch.cat([x[0][a:b] for x, (_, a, b) in zip(qkv, rows, strict=True)])
             k = torch.cat([x[1][a:b] for x, (_, a, b) in zip(qkv, rows, strict=True)])
             v = torch.cat([x[2][a:b] for x, (_, a, b) in zip(qkv, rows, strict=True)])
-            q = rotate(q, cos, sin, positions).to(dtype=dtype, device=device)
-            k = rotate(k, cos, sin, positions).to(dtype=dtype, device=device)
+            q = rope.rotate(q, cos, sin, positions)[..., rope.perm].to(dtype=dtype, device=device)
+            k = rope.rotate(k, cos, sin, positions)[..., rope.perm].to(dtype=dtype, device=device)
             v = v.to(dtype=dtype, device=device)
             o = ops_mod or ops_pkg.for_device(device)
             o.write_kv(caches[layer], k, v, slots.to(device), memories[layer])
             out = torch.zeros(T, Hq, D, dtype=dtype, device=device)
-            infllm_forward(q, caches[layer], bt, plan, memories[layer], cos.to(device), sin.to(device),
-                           config, D**-0.5, out, ops=ops_mod)
+            infllm_forward(q, caches[layer], bt, plan, memories[layer], table[0].to(device),
+                           table[1].to(device), config, D**-0.5, out, ops=ops_mod, softcap=softcap,
+                           sinks=None if sinks is None else sinks.to(device))
             for s, (i, a, b) in enumerate(rows):
                 outs[layer][i][a:b] = out[qsl[s] : qsl[s + 1]].float().cpu()
         for i, _, b in rows:
@@ -239,10 +273,13 @@ def layer_qkv(request: Request, layer: int) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def run_oracle(
-    requests: Sequence[Request], config: InfLLMConfig, cos: torch.Tensor, sin: torch.Tensor, layer: int = 0
+    requests: Sequence[Request], config: InfLLMConfig, cos: torch.Tensor, sin: torch.Tensor, layer: int = 0,
+    **model,
 ) -> list[ReferenceTrace]:
-    """The oracle on each request's (layer-scaled) inputs, with the runtime's chunk cuts."""
+    """The oracle on each request's (layer-scaled) inputs, with the runtime's chunk cuts;
+    `model`: rope, softcap, sinks as in `run_paged`."""
     return [
-        infllm_reference_trace(*layer_qkv(r, layer), cos, sin, config, r.prompt_len, step_bounds=r.step_bounds())
+        infllm_reference_trace(*layer_qkv(r, layer), cos, sin, config, r.prompt_len, step_bounds=r.step_bounds(),
+                               **model)
         for r in requests
     ]

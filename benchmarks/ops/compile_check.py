@@ -7,6 +7,7 @@ without a GPU: registers, spills, shared memory and compile time per variant.
     python -m benchmarks.ops.compile_check --json r.json   # also write the report as JSON
     python -m benchmarks.ops.compile_check --no-compile    # only count the variants
     python -m benchmarks.ops.compile_check --quick --infllm '{"selection": "kv_head", "positions": "ordered"}'
+    python -m benchmarks.ops.compile_check --quick --softcap 50 --sinks   # Gemma 2 / GPT-OSS softmax
 
 How. The runtime (`core/runtime.py`, `core/ops/triton_ops.py`) is driven as the adapter drives
 it: one plan per scheduler step (`plan_decode_step` for pure decode, as the builder does on CUDA,
@@ -158,9 +159,12 @@ def scheduler_steps(cfg: InfLLMConfig, max_batch: int) -> list[tuple[str, list[i
     return steps
 
 
-def record_variants(layout, dtype: torch.dtype, cfg: InfLLMConfig, max_batch: int) -> dict[str, Variant]:
-    """Drive write_kv + infllm_forward over `scheduler_steps` and record their launches."""
+def record_variants(layout, dtype: torch.dtype, cfg: InfLLMConfig, max_batch: int, softcap: float = 0.0,
+                    sinks: bool = False) -> dict[str, Variant]:
+    """Drive write_kv + infllm_forward over `scheduler_steps` and record their launches (with the
+    model's logit soft-capping and sink logits when given)."""
     _, Hq, Hkv, D = layout
+    sink_logits = torch.zeros(Hq) if sinks else None
     B = cfg.block_size
     # A KV cache packed as vLLM's pages are: Hkv K/V head slots plus the side-state slots. The
     # kernels do not run, so a few blocks and an all-zero block table suffice.
@@ -196,7 +200,7 @@ def record_variants(layout, dtype: torch.dtype, cfg: InfLLMConfig, max_batch: in
                 plan = plan_step(qsl, s_lens, cfg, device="cpu")
             triton_ops.write_kv(kv_cache, k, k, slots, memory)
             infllm_forward(q, kv_cache, table, plan, memory, cos, sin, cfg, D**-0.5, torch.empty_like(q),
-                           ops=triton_ops)
+                           ops=triton_ops, softcap=softcap, sinks=sink_logits)
     return variants
 
 
@@ -232,7 +236,8 @@ def compile_variant(v: Variant) -> dict:
     return res
 
 
-_SHOWN = ("PHASE", "SPLITS", "BLOCK_M", "QT", "G", "TOPK", "SCORES", "BLOCK_Q", "BLOCK_U", "RESET", "BLOCK_D")
+_SHOWN = ("PHASE", "SPLITS", "BLOCK_M", "QT", "G", "TOPK", "SCORES", "SOFTCAP", "SINKS", "BLOCK_Q", "BLOCK_U",
+          "RESET", "BLOCK_D")
 
 
 def describe(v: Variant) -> str:
@@ -251,17 +256,20 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the report here")
     ap.add_argument("--infllm", default="{}",
                     help='InfLLM config over the package defaults (JSON), e.g. \'{"positions": "ordered"}\'')
+    ap.add_argument("--softcap", type=float, default=0.0, help="the model's logit soft-capping (Gemma 2: 50)")
+    ap.add_argument("--sinks", action="store_true", help="the model has learned sink logits (GPT-OSS)")
     args = ap.parse_args(argv)
 
     cfg = InfLLMConfig.from_dict(json.loads(args.infllm))  # default: the package defaults
     layouts = QUICK_LAYOUTS if args.quick else LAYOUTS
     dtypes = {"bf16": DTYPES["bf16"]} if args.quick else DTYPES
     print(f"# Triton kernels for sm_90 (triton {triton.__version__}, torch {torch.__version__})")
-    print(f"config: {cfg}; steps: long/unaligned/mixed prefills and decode batches 1..{args.max_batch}\n")
+    print(f"config: {cfg}; softcap {args.softcap}, sinks {args.sinks}; steps: long/unaligned/mixed prefills "
+          f"and decode batches 1..{args.max_batch}\n")
     report, ok = [], True
     for layout in layouts:
         for dname, dtype in dtypes.items():
-            variants = record_variants(layout, dtype, cfg, args.max_batch)
+            variants = record_variants(layout, dtype, cfg, args.max_batch, args.softcap, args.sinks)
             total = len(variants)
             head = f"## {layout[0]} (Hq {layout[1]}, Hkv {layout[2]}, D {layout[3]}), {dname}: {total} variants"
             if total > args.max_variants:

@@ -54,15 +54,19 @@ def test_variants_are_bounded_over_batch_sizes(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("infllm", ["{}", '{"selection": "kv_head", "positions": "ordered", "unit_score": "max_topk"}',
-                                    '{"unit_score": "minmax", "contiguity": 1, "select_queries": 16, '
-                                    '"chunking": "step"}'],
-                         ids=["paper", "kv_head-ordered-max_topk", "minmax-contiguity-last"])
-def test_kernels_compile_for_sm90_without_spills(tmp_path, infllm):
+@pytest.mark.parametrize("args", [("--infllm", "{}"),
+                                  ("--infllm", '{"selection": "kv_head", "positions": "ordered", '
+                                               '"unit_score": "max_topk"}'),
+                                  ("--infllm", '{"unit_score": "minmax", "contiguity": 1, "select_queries": 16, '
+                                               '"chunking": "step"}'),
+                                  ("--softcap", "50", "--sinks")],
+                         ids=["paper", "kv_head-ordered-max_topk", "minmax-contiguity-last", "softcap-sinks"])
+def test_kernels_compile_for_sm90_without_spills(tmp_path, args):
     # bf16 at head sizes 64, 128 and 256 (the --quick set), decode batches up to 40 so that both
-    # the split and the one-program decode kernels are built; the paper's rule and the modes
-    # beyond it (their own attend variants).
-    rep = _compile_check(tmp_path, "--quick", "--max-batch", "40", "--infllm", infllm)
+    # the split and the one-program decode kernels are built; the paper's rule, the modes beyond
+    # it and the models' softmax variants (Gemma 2's soft-capping, GPT-OSS's sinks): their own
+    # attend variants.
+    rep = _compile_check(tmp_path, "--quick", "--max-batch", "40", *args)
     assert rep["rc"] == 0 and rep["ok"], rep["log"]
     built = [v for v in rep["variants"] if "regs" in v]
     assert {v["layout"] for v in built} == {"SmolLM2-135M", "Llama-3-8B", "Gemma-2-9B (D 256)"}

@@ -9,7 +9,7 @@ import torch
 
 from vllm_infllm.core.config import InfLLMConfig
 from vllm_infllm.core.plan import LayerMemory, plan_step
-from vllm_infllm.core.rope import rope_table
+from vllm_infllm.core.rope import RopeLayout, rope_table
 from vllm_infllm.core.runtime import infllm_forward
 from vllm_infllm.testing import make_request, max_abs_err, run_oracle, run_paged
 
@@ -39,6 +39,57 @@ def test_paged_matches_oracle(Hq, Hkv, D):
     cos, sin = rope_table(D, 1024)
     run = run_paged(reqs, SMALL, cos, sin, layers=2)
     assert_matches_oracle(reqs, run, SMALL, cos, sin, layers=2)
+
+
+@pytest.mark.parametrize("modes", [{}, {"unit_score": "minmax", "positions": "ordered", "selection": "kv_head"}])
+def test_head_size_256_matches_oracle(modes):
+    """Head size 256 (Gemma 2/3): the paper's rule and the modes beyond it."""
+    cfg = dataclasses.replace(SMALL, **modes)
+    reqs = batch(4, 2, 256, seed=9)
+    cos, sin = rope_table(256, 1024)
+    run = run_paged(reqs, cfg, cos, sin, layers=1)
+    assert_matches_oracle(reqs, run, cfg, cos, sin, layers=1)
+
+
+# The models' variants (docs/design.md section 3.3): RoPE layouts, soft-capping, sinks.
+MODEL_VARIANTS = {
+    "partial-neox": dict(rope=RopeLayout(64, 16)),
+    "gptj": dict(rope=RopeLayout(64, 64, neox=False)),
+    "gptj-partial": dict(rope=RopeLayout(64, 32, neox=False)),
+    "softcap": dict(softcap=2.0),
+    "sinks": dict(sinks="random"),
+    "softcap-sinks-partial": dict(rope=RopeLayout(64, 48), softcap=3.0, sinks="random"),
+}
+
+
+def model_variant(name, Hq, seed=0):
+    v = dict(MODEL_VARIANTS[name])
+    if v.get("sinks") == "random":
+        v["sinks"] = torch.randn(Hq, generator=torch.Generator().manual_seed(seed)) * 2
+    return v
+
+
+@pytest.mark.parametrize("variant", list(MODEL_VARIANTS))
+@pytest.mark.parametrize("Hq,Hkv,modes", [(6, 2, {}), (8, 1, {"unit_score": "minmax", "positions": "ordered"})])
+def test_model_variants_match_oracle(variant, Hq, Hkv, modes):
+    """Partial and GPT-J RoPE (q, k permuted to full-width NeoX, as the adapter does), logit
+    soft-capping and sinks, against the oracle that applies them as the model defines them.
+    Logits are scaled up so the cap bites and the sinks take real mass."""
+    cfg = dataclasses.replace(SMALL, **modes)
+    g = torch.Generator().manual_seed(11)
+    reqs = [make_request(p, d, Hq, Hkv, 64, g, scale_qk=1.7) for p, d in [([45, 77, 100], 6), ([260], 3),
+                                                                          ([9], 30)]]
+    model = model_variant(variant, Hq)
+    rope = model.get("rope")
+    cos, sin = rope_table(rope.rotary_dim if rope else 64, 1024)
+    run = run_paged(reqs, cfg, cos, sin, layers=2, **model)
+    for layer in range(2):
+        traces = run_oracle(reqs, cfg, cos, sin, layer, **model)
+        for out, tr in zip(run.outs[layer], traces, strict=True):
+            torch.testing.assert_close(out, tr.out, rtol=1e-4, atol=1e-4)
+    # ... and the variant matters: the plain oracle is far from it.
+    plain = run_oracle(reqs, cfg, *rope_table(64, 1024))
+    assert max(max_abs_err(o, t.out) for o, t in zip(run.outs[0], plain, strict=True)) > 1e-2
 
 
 @pytest.mark.parametrize("Hq,Hkv", [(4, 4), (6, 2), (8, 1)])

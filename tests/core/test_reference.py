@@ -13,7 +13,7 @@ from vllm_infllm.core.reference import (
     selection_chunks,
     sliding_window_reference,
 )
-from vllm_infllm.core.rope import rope_table, rotate
+from vllm_infllm.core.rope import RopeLayout, rope_table, rotate
 
 
 def dense_causal(q, k, v, cos, sin):
@@ -81,6 +81,110 @@ def test_sliding_window_oracle_is_banded_causal_attention(window):
         torch.testing.assert_close(far[window:], out[window:], rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="window"):
         sliding_window_reference(q, k, v, cos, sin, 0)
+
+
+def dense_logits_attention(q, k, v, scale, softcap=0.0, sinks=None):
+    """Causal attention over already-rotated q, k with explicit logits: optional soft-capping
+    and a sink logit per query head in the denominator (the model's definitions)."""
+    T, Hq, _ = q.shape
+    G = Hq // k.shape[1]
+    s = torch.einsum("phd,jhd->hpj", q.float(), k.float().repeat_interleave(G, 1)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    if sinks is not None:
+        s = torch.cat((s, sinks.float()[:, None, None].expand(Hq, T, 1)), dim=2)
+    p = s.softmax(-1)[..., :T]
+    return torch.einsum("hpj,jhd->phd", p, v.float().repeat_interleave(G, 1))
+
+
+LAYOUTS = [RopeLayout(16, 16), RopeLayout(16, 8), RopeLayout(16, 16, neox=False), RopeLayout(16, 4, neox=False)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+def test_rope_layouts_rotate_channel_pairs_as_complex_numbers(layout):
+    """RoPE as the models define it: channel pair i (NeoX: i and i + r/2; GPT-J: 2i and 2i+1)
+    is a complex number multiplied by exp(i * angle_i); channels past rotary_dim pass."""
+    r, D = layout.rotary_dim, layout.head_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, D, generator=g, dtype=torch.float64)
+    pos = torch.tensor([0, 1, 7, -7, 100])
+    cos, sin = rope_table(r, 128, dtype=torch.float64)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, r, 2, dtype=torch.float64) / r))
+    angle = pos[:, None].double() * inv_freq  # [5, r/2]
+    a, b = (x[..., : r // 2], x[..., r // 2 : r]) if layout.neox else (x[..., 0:r:2], x[..., 1:r:2])
+    z = torch.complex(a, b) * torch.polar(torch.ones_like(angle), angle)[:, None]
+    want = x.clone()
+    if layout.neox:
+        want[..., : r // 2], want[..., r // 2 : r] = z.real, z.imag
+    else:
+        want[..., 0:r:2], want[..., 1:r:2] = z.real, z.imag
+    torch.testing.assert_close(layout.rotate(x, cos.float(), sin.float(), pos).double(), want,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+def test_permuted_channels_make_every_layout_full_width_neox(layout):
+    """What the backend relies on: with channels in `perm` order and the padded table, the
+    NeoX rotation the ops apply is exactly the model's rotation, and the oracle (selection,
+    representatives, output) is the same function of the permuted q and k."""
+    r, D = layout.rotary_dim, layout.head_size
+    cos, sin = rope_table(r, 256)
+    ccos, csin = layout.canonical_table(cos, sin)
+    x = torch.randn(6, 2, D)
+    pos = torch.tensor([0, 3, 64, 255, -9, -200])
+    assert torch.equal(layout.rotate(x, cos, sin, pos)[..., layout.perm], rotate(x[..., layout.perm], ccos, csin, pos))
+    q, k, v = rand_qkv(200, 6, 2, D, seed=5)
+    cfg = dataclasses.replace(SMALL, chunking="step")
+    model = infllm_reference_trace(q, k, v, cos, sin, cfg, 150, rope=layout)
+    canon = infllm_reference_trace(q[..., layout.perm], k[..., layout.perm], v, ccos, csin, cfg, 150)
+    torch.testing.assert_close(model.out, canon.out, rtol=1e-5, atol=1e-5)
+    assert [c.selected for c in model.chunks] == [c.selected for c in canon.chunks]
+    assert any(c.num_candidates > cfg.topk for c in model.chunks)
+    for u, reprs in model.reprs.items():
+        torch.testing.assert_close(reprs[:, layout.perm], canon.reprs[u], rtol=1e-5, atol=1e-5)
+    # Inside the window it is dense attention with the model's own rotation.
+    short = infllm_attention_reference(q[:60], k[:60], v[:60], cos, sin, SMALL, rope=layout)
+    p60 = torch.arange(60)
+    want = dense_logits_attention(layout.rotate(q[:60], cos, sin, p60), layout.rotate(k[:60], cos, sin, p60),
+                                  v[:60], D**-0.5)
+    torch.testing.assert_close(short, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("softcap,sinks", [(5.0, None), (0.0, "random"), (3.0, "random")])
+def test_softcap_and_sinks_inside_the_window_are_the_models_softmax(softcap, sinks):
+    """Gemma 2's soft-capping and GPT-OSS's sinks: inside the window InfLLM is the model's dense
+    attention, with the logits capped and the sink logits in the denominator."""
+    q, k, v = rand_qkv(60, 6, 2, 16, seed=7)
+    q, k = q * 3, k * 3  # logits well past the cap
+    s = torch.randn(6) * 2 if sinks else None
+    cos, sin = rope_table(16, 256)
+    out = infllm_attention_reference(q, k, v, cos, sin, SMALL, softcap=softcap, sinks=s)
+    pos = torch.arange(60)
+    want = dense_logits_attention(rotate(q, cos, sin, pos), rotate(k, cos, sin, pos), v, 16**-0.5, softcap, s)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert max_err(out, infllm_attention_reference(q, k, v, cos, sin, SMALL)) > 1e-2  # they matter
+
+
+def test_softcap_and_sinks_limits_beyond_the_window():
+    """Beyond the window: a cap far above every logit changes nothing, a sink at -inf changes
+    nothing, and a sink far above every logit takes all the mass (the output goes to 0)."""
+    q, k, v = rand_qkv(200, 6, 2, 16, seed=8)
+    cos, sin = rope_table(16, 256)
+    base = infllm_reference_trace(q, k, v, cos, sin, SMALL, 120)
+    capped = infllm_reference_trace(q, k, v, cos, sin, SMALL, 120, softcap=1e5)
+    torch.testing.assert_close(capped.out, base.out, rtol=1e-4, atol=1e-5)
+    assert [c.selected for c in capped.chunks] == [c.selected for c in base.chunks]
+    none = infllm_attention_reference(q, k, v, cos, sin, SMALL, 120, sinks=torch.full((6,), float("-inf")))
+    torch.testing.assert_close(none, base.out, rtol=1e-6, atol=1e-6)
+    huge = infllm_attention_reference(q, k, v, cos, sin, SMALL, 120, sinks=torch.full((6,), 1e4))
+    assert huge.abs().max() < 1e-6
+    with pytest.raises(ValueError, match="one logit per query head"):
+        infllm_attention_reference(q, k, v, cos, sin, SMALL, sinks=torch.zeros(2))
+
+
+def max_err(a, b):
+    return (a - b).abs().max().item()
 
 
 def test_init_plus_local_is_dense_without_positions():

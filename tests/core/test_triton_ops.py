@@ -60,7 +60,7 @@ from vllm_infllm import testing  # noqa: E402
 from vllm_infllm.core.config import InfLLMConfig  # noqa: E402
 from vllm_infllm.core.ops import torch_ops  # noqa: E402
 from vllm_infllm.core.plan import LayerMemory, plan_step  # noqa: E402
-from vllm_infllm.core.rope import rope_table  # noqa: E402
+from vllm_infllm.core.rope import RopeLayout, rope_table  # noqa: E402
 from vllm_infllm.testing import make_request, run_oracle, run_paged  # noqa: E402
 
 CFG = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=3, repr_topk=3, chunk=32)
@@ -203,6 +203,38 @@ def test_attend(Hq, Hkv, D, dtype, selection, positions, splits, monkeypatch):
 
 
 @in_process
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("softcap,sinks,dtype", [(2.0, False, torch.float32), (0.0, True, torch.float32),
+                                                 (3.0, True, torch.float16)])
+def test_attend_softcap_and_sinks(softcap, sinks, dtype, splits, monkeypatch):
+    """The models' softmax variants in every attend path (one program, split + merge, both score
+    passes) against the torch ops; queries scaled so the cap bites and the sinks take mass."""
+    monkeypatch.setattr(triton_ops, "DECODE_SPLITS", splits)
+    monkeypatch.setattr(triton_ops, "BLOCK_N", 16 if splits > 1 else 64)
+    Hq, Hkv, D = 4, 2, 32
+    (kv, table, cos, sin), mem = paged_state(Hq, Hkv, D, SEQ_LENS, dtype)
+    g = torch.Generator().manual_seed(9)
+    T = sum(QUERY_LENS)
+    query = (torch.randn(T, Hq, D, generator=g) * 3).to(dtype=dtype, device=DEVICE)
+    sink = (torch.randn(Hq, generator=g) + 6).to(DEVICE) if sinks else None
+    ref = mem.clone()
+    for wave in _plan():
+        selected = torch_ops.select_units(query, ref, table, wave, cos, sin, CFG, Hkv)
+        o_ref = torch.zeros(T, Hq, D, dtype=dtype, device=DEVICE)
+        o_tri = torch.full((T, Hq, D), float("nan"), dtype=dtype, device=DEVICE)
+        plain = torch.zeros(T, Hq, D, dtype=dtype, device=DEVICE)
+        torch_ops.attend(query, kv, ref.clone(), table, wave, selected, cos, sin, CFG, D**-0.5, plain)
+        torch_ops.attend(query, kv, ref, table, wave, selected, cos, sin, CFG, D**-0.5, o_ref,
+                         softcap=softcap, sinks=sink)
+        triton_ops.attend(query, kv, mem, table, wave, selected, cos, sin, CFG, D**-0.5, o_tri,
+                          softcap=softcap, sinks=sink)
+        rows = torch.cat([torch.arange(q0, q0 + n) for q0, n in zip(wave.host["q0"], wave.host["length"], strict=True)])
+        torch.testing.assert_close(o_tri[rows].float(), o_ref[rows].float(), **TOL[dtype])
+        torch.testing.assert_close(mem.scores, ref.scores, **TOL[dtype])
+        assert (o_ref[rows].float() - plain[rows].float()).abs().max() > 0.05  # the variant matters
+
+
+@in_process
 def test_attend_without_memory_scores():
     """topk = 0 (sliding window + sinks): no selection, scores untouched."""
     cfg = InfLLMConfig(n_init=16, n_local=48, block_size=16, topk=0, repr_topk=2, chunk=16)
@@ -275,7 +307,9 @@ def test_static_decode_plan_replays_like_eager(splits, monkeypatch):
     (4, 2, 32, 1, "layer", "fixed", {"chunking": "step"}),
     (6, 3, 32, 2, "kv_head", "ordered", {"chunking": "aligned", "unit_score": "minmax"}),
     (6, 3, 32, 2, "kv_head", "fixed", {"unit_score": "max_topk"}),
-    (4, 2, 32, 1, "layer", "ordered", {"unit_score": "max_topk", "chunking": "step"})])
+    (4, 2, 32, 1, "layer", "ordered", {"unit_score": "max_topk", "chunking": "step"}),
+    (2, 1, 256, 2, "layer", "fixed", {}),  # head size 256 (Gemma 2/3)
+    (4, 2, 128, 1, "kv_head", "ordered", {"unit_score": "minmax"})])
 def test_runtime_matches_oracle(Hq, Hkv, D, splits, selection, positions, extra, monkeypatch):
     """The whole runtime (write, seal, select, attend; waves; recycled stale state) vs the oracle."""
     monkeypatch.setattr(triton_ops, "DECODE_SPLITS", splits)
@@ -300,6 +334,27 @@ def test_runtime_matches_oracle(Hq, Hkv, D, splits, selection, positions, extra,
         for u, r in tr.reprs.items():
             torch.testing.assert_close(mem.reprs[table[i, cfg.init_blocks + u]].cpu(), r,
                                        rtol=1e-4, atol=1e-4)
+
+
+@in_process
+@pytest.mark.parametrize("rope,softcap,sinks,splits", [
+    (RopeLayout(32, 16), 0.0, False, 1), (RopeLayout(32, 32, neox=False), 2.5, False, 2),
+    (RopeLayout(32, 16, neox=False), 0.0, True, 2), (RopeLayout(32, 32), 3.0, True, 1)], ids=str)
+def test_runtime_model_variants_match_oracle(rope, softcap, sinks, splits, monkeypatch):
+    """Partial and GPT-J RoPE (channels permuted to NeoX), soft-capping and sinks through the
+    whole Triton runtime, against the oracle that applies them as the model does."""
+    monkeypatch.setattr(triton_ops, "DECODE_SPLITS", splits)
+    monkeypatch.setattr(triton_ops, "BLOCK_N", 16 if splits > 1 else 64)
+    cfg = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32)
+    Hq, Hkv, D = 4, 2, 32
+    g = torch.Generator().manual_seed(8)
+    reqs = [make_request([45, 77, 60], 4, Hq, Hkv, D, g, scale_qk=1.7),
+            make_request([9], 20, Hq, Hkv, D, g, scale_qk=1.7)]
+    model = dict(rope=rope, softcap=softcap, sinks=torch.randn(Hq, generator=g) * 2 if sinks else None)
+    cos, sin = rope_table(rope.rotary_dim, 1024)
+    run = run_paged(reqs, cfg, cos, sin, ops=triton_ops, device=DEVICE, **model)
+    for out, tr in zip(run.outs[0], run_oracle(reqs, cfg, cos, sin, **model), strict=True):
+        torch.testing.assert_close(out, tr.out, rtol=1e-4, atol=1e-4)
 
 
 @in_process

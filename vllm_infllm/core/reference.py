@@ -22,7 +22,13 @@ It loops over selection chunks and queries in position order, exactly as the spe
           one softmax over local + global
           every local key j gains P_h(p, j) in its fp32 representative score s_h(j)
 
-Inputs are *before* RoPE; the oracle applies RoPE itself with the given NeoX table.
+Inputs are *before* RoPE; the oracle applies RoPE itself with the given table, laid out as the
+model lays it out (`rope`: full-width NeoX by default; partial rotary, GPT-J pairs).
+
+The model's softmax variants act on every logit, local and global alike: `softcap` (Gemma 2)
+maps a logit s to softcap * tanh(s / softcap); `sinks` (GPT-OSS) adds one learned logit per query
+head to the softmax's denominator only (the sink has no value). Selection scores are dot
+products with the representatives, as without them.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import itertools
 import torch
 
 from .config import InfLLMConfig
-from .rope import rotate
+from .rope import RopeLayout
 
 
 @dataclasses.dataclass
@@ -88,21 +94,32 @@ def infllm_reference_trace(
     prefill_len: int | None = None,
     scale: float | None = None,
     step_bounds=(),
+    *,
+    rope: RopeLayout | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> ReferenceTrace:
     """Like `infllm_attention_reference`, also returning selections, representatives and scores.
 
     `step_bounds`: positions where the scheduler started a new step during prefill (selection
     chunks are cut there too with chunking="step", docs/design.md section 2.3; "aligned" ignores
-    them); the plain contract has none.
+    them); the plain contract has none. `rope`, `softcap`, `sinks`: as in
+    `infllm_attention_reference`.
     """
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     if k.shape != (T, Hkv, D) or v.shape != (T, Hkv, D) or Hq % Hkv:
         raise ValueError(f"bad shapes q={tuple(q.shape)} k={tuple(k.shape)} v={tuple(v.shape)}")
-    if cos.shape[0] < max(T, config.n_local) or cos.shape[1] != D // 2 or sin.shape != cos.shape:
+    rope = rope or RopeLayout(D, D)
+    if rope.head_size != D:
+        raise ValueError(f"rope layout is for head size {rope.head_size}, the heads have {D}")
+    if cos.shape[0] < max(T, config.n_local) or cos.shape[1] != rope.rotary_dim // 2 or sin.shape != cos.shape:
         raise ValueError(
-            f"rotary table {tuple(cos.shape)} must be [>= max(T={T}, n_local={config.n_local}), {D // 2}]"
+            f"rotary table {tuple(cos.shape)} must be [>= max(T={T}, n_local={config.n_local}), "
+            f"{rope.rotary_dim // 2}]"
         )
+    if sinks is not None and sinks.shape != (Hq,):
+        raise ValueError(f"sinks {tuple(sinks.shape)} must hold one logit per query head ({Hq})")
     G = Hq // Hkv
     B, n_init, n_local = config.block_size, config.n_init, config.n_local
     scale = D**-0.5 if scale is None else scale
@@ -110,9 +127,12 @@ def infllm_reference_trace(
     kv_head = torch.arange(Hq) // G
 
     pos = torch.arange(T)
-    q_local = rotate(q, cos, sin, pos)  # R(p) q_raw(p)
-    k_local = rotate(k, cos, sin, pos)  # R(j) k_raw(j)
-    q_global = rotate(q, cos, sin, torch.full((T,), n_local - 1))  # R(n_local-1) q_raw(p)
+    q_local = rope.rotate(q, cos, sin, pos)  # R(p) q_raw(p)
+    k_local = rope.rotate(k, cos, sin, pos)  # R(j) k_raw(j)
+    q_global = rope.rotate(q, cos, sin, torch.full((T,), n_local - 1))  # R(n_local-1) q_raw(p)
+
+    def logits(s: torch.Tensor) -> torch.Tensor:  # the model's soft-capping, if any
+        return softcap * torch.tanh(s / softcap) if softcap else s
     k_global = k  # raw keys: every global key at relative distance n_local-1
 
     out = torch.zeros(T, Hq, D)
@@ -199,13 +219,17 @@ def infllm_reference_trace(
                     # 0 .. Ng-1 right before the window; the window and the query keep their
                     # true distances: the query sits at Ng + (p - w).
                     Ng = len(glob)
-                    kg = rotate(k[glob, h][:, None], cos, sin, torch.arange(Ng))[:, 0]
-                    qg = rotate(q[p, heads][None], cos, sin, torch.tensor([Ng + p - w]))[0]
+                    kg = rope.rotate(k[glob, h][:, None], cos, sin, torch.arange(Ng))[:, 0]
+                    qg = rope.rotate(q[p, heads][None], cos, sin, torch.tensor([Ng + p - w]))[0]
                 else:
                     kg, qg = k_global[glob, h], q_global[p, heads]
                 s_global = torch.einsum("gd,jd->gj", qg, kg) * scale
-                probs = torch.softmax(torch.cat([s_local[heads], s_global], dim=1), dim=1)
-                p_local, p_global = probs[:, : len(local)], probs[:, len(local) :]
+                s_all = [logits(s_local[heads]), logits(s_global)]
+                if sinks is not None:  # a logit per head that only adds to the denominator
+                    s_all.append(sinks[heads].float()[:, None])
+                probs = torch.softmax(torch.cat(s_all, dim=1), dim=1)
+                p_local = probs[:, : len(local)]
+                p_global = probs[:, len(local) : len(local) + len(glob)]
                 out[p, heads] = p_local @ v[local, h] + p_global @ v[glob, h]
                 scores[heads, local] += p_local
 
@@ -221,15 +245,23 @@ def infllm_attention_reference(
     config: InfLLMConfig,
     prefill_len: int | None = None,
     scale: float | None = None,
+    *,
+    rope: RopeLayout | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfLLM attention of one sequence; returns `[T, Hq, D]` fp32.
 
     q: [T, Hq, D]; k, v: [T, Hkv, D], all before RoPE, positions 0..T-1, Hq % Hkv == 0.
-    cos, sin: [>= max(T, n_local), D // 2], NeoX rotary table (R(a) = rotation by row a).
+    cos, sin: [>= max(T, n_local), rotary_dim // 2], rotary table (R(a) = rotation by row a).
     Tokens [0, prefill_len) are prefilled in `config.chunk`-aligned selection chunks, later ones
     decoded one at a time (prefill_len=None: all prefill). scale defaults to D ** -0.5.
+    rope:    how the model lays RoPE out (default full-width NeoX, rotary_dim = D).
+    softcap: the model's logit soft-capping s -> softcap * tanh(s / softcap) (0: none).
+    sinks:   [Hq] the model's learned sink logits, one per query head (None: none).
     """
-    return infllm_reference_trace(q, k, v, cos, sin, config, prefill_len, scale).out
+    return infllm_reference_trace(q, k, v, cos, sin, config, prefill_len, scale, rope=rope,
+                                  softcap=softcap, sinks=sinks).out
 
 
 def sliding_window_reference(
@@ -240,6 +272,10 @@ def sliding_window_reference(
     sin: torch.Tensor,
     window: int,
     scale: float | None = None,
+    *,
+    rope: RopeLayout | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact sliding-window attention of one sequence (the sliding layers of hybrid models, which
     the backend runs with vLLM's own kernel: no init, no memory units, no remainder); `[T, Hq, D]`
@@ -247,20 +283,25 @@ def sliding_window_reference(
 
     Query p attends keys [max(0, p - window + 1), p], the `window` latest positions (vLLM's and
     transformers' meaning of `sliding_window`), all at ordinary RoPE positions. Same inputs as
-    `infllm_attention_reference` (before RoPE).
+    `infllm_attention_reference` (before RoPE), with the same `rope`, `softcap` and `sinks`.
     """
     if window < 1:
         raise ValueError(f"sliding window must be >= 1, got {window}")
     T, hq, d = q.shape
     g = hq // k.shape[1]
     scale = d**-0.5 if scale is None else scale
+    rope = rope or RopeLayout(d, d)
     pos = torch.arange(T)
-    qr = rotate(q.float(), cos, sin, pos)
-    kr = rotate(k.float(), cos, sin, pos).repeat_interleave(g, dim=1)
+    qr = rope.rotate(q, cos, sin, pos)
+    kr = rope.rotate(k, cos, sin, pos).repeat_interleave(g, dim=1)
     vf = v.float().repeat_interleave(g, dim=1)
     out = torch.empty(T, hq, d)
     for p in range(T):
         lo = max(0, p - window + 1)
         logits = torch.einsum("hd,jhd->hj", qr[p], kr[lo : p + 1]) * scale
-        out[p] = torch.einsum("hj,jhd->hd", logits.softmax(-1), vf[lo : p + 1])
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        if sinks is not None:
+            logits = torch.cat((logits, sinks.float()[:, None]), dim=1)
+        out[p] = torch.einsum("hj,jhd->hd", logits.softmax(-1)[:, : p + 1 - lo], vf[lo : p + 1])
     return out

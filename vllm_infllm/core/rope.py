@@ -8,11 +8,78 @@ a key is the exact inverse of what the model did (same cos/sin values).
 
 Tables are NeoX style (rotate-half over the two halves of the head dim), `cos, sin: [rows, D/2]`,
 as vLLM's `RotaryEmbedding.cos_sin_cache` stores them (cos half then sin half).
+
+Models lay RoPE out in other ways too (`RopeLayout`): only the first `rotary_dim` channels
+rotated (partial rotary: GPT-NeoX, Phi, StableLM), and channel pairs (2i, 2i+1) instead of
+halves (GPT-J). Attention logits do not change when q and k have their channels permuted the
+same way, so the ops see every layout as full-width NeoX: `RopeLayout.perm` reorders channels
+so that the model's rotation pairs become NeoX halves and the channels it leaves alone pair up
+with each other, and `RopeLayout.canonical_table` pads the table with cos 1, sin 0 for those
+(an exact identity). Values are not permuted: the output needs no change.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeLayout:
+    """Where RoPE acts in a head of `head_size` channels: the first `rotary_dim` channels, in
+    NeoX halves (pairs (i, i + rotary_dim/2)) or GPT-J pairs (2i, 2i + 1); the rest pass."""
+
+    head_size: int
+    rotary_dim: int
+    neox: bool = True
+
+    def __post_init__(self):
+        if self.head_size % 2 or self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_size:
+            raise ValueError(
+                f"RoPE layout needs even head_size and 0 < rotary_dim <= head_size, both even "
+                f"(head_size={self.head_size}, rotary_dim={self.rotary_dim})"
+            )
+
+    @property
+    def is_canonical(self) -> bool:
+        """Full-width NeoX: what the ops compute with, no permutation needed."""
+        return self.neox and self.rotary_dim == self.head_size
+
+    @functools.cached_property
+    def perm(self) -> torch.Tensor:
+        """Channel order that makes this layout full-width NeoX: `x[..., perm]` puts the model's
+        rotation pairs at (j, j + D/2), j < rotary_dim/2, and pairs the passed channels
+        with each other at the other j."""
+        r, d = self.rotary_dim, self.head_size
+        rot = torch.arange(r)
+        first, second = (rot[: r // 2], rot[r // 2 :]) if self.neox else (rot[0::2], rot[1::2])
+        passed = torch.arange(r, d)
+        half = (d - r) // 2
+        return torch.cat((first, passed[:half], second, passed[half:]))
+
+    def canonical_table(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's table `[rows, rotary_dim/2]` as a full-width NeoX table `[rows, D/2]` for
+        permuted channels: the passed channel pairs rotate by cos 1, sin 0."""
+        pad = (self.head_size - self.rotary_dim) // 2
+        if pad == 0:
+            return cos, sin
+        return (torch.nn.functional.pad(cos, (0, pad), value=1.0),
+                torch.nn.functional.pad(sin, (0, pad), value=0.0))
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Rotate `x[..., D]` by signed positions as the model lays RoPE out (the oracle's
+        direct form, written apart from `perm`); `cos, sin: [rows, rotary_dim/2]`; fp32."""
+        r = self.rotary_dim
+        x = x.float()
+        rot, rest = x[..., :r], x[..., r:]
+        if self.neox:
+            return torch.cat((rotate(rot, cos, sin, pos), rest), dim=-1)
+        pairs = rot.unflatten(-1, (r // 2, 2))  # GPT-J: channels (2i, 2i+1) form pair i
+        halves = torch.cat((pairs[..., 0], pairs[..., 1]), dim=-1)
+        a, b = rotate(halves, cos, sin, pos).chunk(2, dim=-1)
+        return torch.cat((torch.stack((a, b), dim=-1).flatten(-2), rest), dim=-1)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

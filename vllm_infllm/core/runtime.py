@@ -40,16 +40,25 @@ def infllm_forward(
     scale: float,
     out: torch.Tensor,
     ops: ModuleType | None = None,
+    *,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfLLM attention of one layer; writes `out[:plan.num_tokens]`, updates `memory`.
 
     query:        [T, Hq, D] post-RoPE (rotated at absolute positions by the model)
     kv_cache:     [num_blocks, Hkv, B, 2*D] with this step's K/V already written (`ops.write_kv`)
     block_table:  [num_reqs, max_blocks] int, rows indexed by the plan's `req`
-    cos, sin:     [rows, D/2] the model's NeoX rotary table (rows >= every position + 1)
+    cos, sin:     [rows, D/2] the model's rotary table, full-width NeoX (rows >= every position
+                  + 1); other layouts are permuted to it first (`core.rope.RopeLayout`)
     out:          [T, Hq, D], any float dtype
     ops:          the op module (default: `ops.for_device(query.device)`)
+    softcap:      the model's logit soft-capping, s -> softcap * tanh(s / softcap) (0: none)
+    sinks:        [Hq] the model's learned sink logits (None: none)
     """
+    if sinks is not None and sinks.shape != (query.shape[1],):
+        raise ValueError(f"infllm: sinks {tuple(sinks.shape)} must hold one logit per query head "
+                         f"({query.shape[1]})")
     rows = config.repr_rows(query.shape[1], kv_cache.shape[1])
     if memory.reprs.shape[1] != rows:
         raise ValueError(
@@ -68,7 +77,8 @@ def infllm_forward(
                 selected = hold_selections(selected, memory, block_table, wave, config)
             else:
                 selected = None
-            ops.attend(query, kv_cache, memory, block_table, wave, selected, cos, sin, config, scale, out)
+            ops.attend(query, kv_cache, memory, block_table, wave, selected, cos, sin, config, scale, out,
+                       softcap=softcap, sinks=sinks)
     return out
 
 

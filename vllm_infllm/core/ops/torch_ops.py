@@ -216,6 +216,9 @@ def attend(
     config: InfLLMConfig,
     scale: float,
     out: torch.Tensor,
+    *,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> None:
     """InfLLM attention for every query of the wave; writes `out`, accumulates `memory.scores`.
 
@@ -225,6 +228,8 @@ def attend(
     selected:     [n, S, topk] unit ids from `select_units` (-1 = none; S = 1: the same units for
                   every KV head, S = Hkv: KV head g reads row g), or None when topk == 0
     out:          [T, Hq, D]; only the wave's query rows are written
+    softcap:      logits s -> softcap * tanh(s / softcap) before the softmax (0: none)
+    sinks:        [Hq] one logit per query head added to the softmax's denominator (None: none)
     """
     tiles = list(_tiles(chunks))
     Hq = query.shape[1]
@@ -232,7 +237,7 @@ def attend(
     group = max(1, _LOGITS_BUDGET // (Hq * min(_QUERY_TILE, chunks.max_len) * span))
     for s in range(0, len(tiles), group):
         _attend_tiles(query, kv_cache, memory, block_table, chunks, selected, cos, sin, config,
-                      scale, out, tiles[s : s + group])
+                      scale, out, tiles[s : s + group], softcap, sinks)
 
 
 def _gather_blocks(kv_cache, phys, n):
@@ -337,8 +342,13 @@ def _tile_geometry(chunks: ChunkBatch, tiles, block_table, cos, sin, config, G):
     )
 
 
+def _softcap_(s: torch.Tensor, softcap: float) -> torch.Tensor:
+    """s -> softcap * tanh(s / softcap), in place (before masking: tanh(-inf) is -1)."""
+    return s.div_(softcap).tanh_().mul_(softcap) if softcap else s
+
+
 def _attend_tiles(query, kv_cache, memory, block_table, chunks, selected, cos, sin, config,
-                  scale, out, tiles) -> None:
+                  scale, out, tiles, softcap=0.0, sinks=None) -> None:
     """One softmax per query over its local window and its global keys (init, selected units,
     remainder [R0, w(p)), all at relative distance n_local-1), on whole gathered blocks.
     """
@@ -363,7 +373,8 @@ def _attend_tiles(query, kv_cache, memory, block_table, chunks, selected, cos, s
 
     # Local window, causal and windowed per query.
     k_loc, v_loc = _gather_blocks(kv_cache, geo["loc_phys"], n)
-    s_loc = torch.matmul(q, k_loc.transpose(-1, -2)).masked_fill_(geo["loc_masked"], float("-inf"))
+    s_loc = _softcap_(torch.matmul(q, k_loc.transpose(-1, -2)), softcap)
+    s_loc.masked_fill_(geo["loc_masked"], float("-inf"))
 
     # Global keys: init + remainder blocks (fixed for the step), then this layer's selection:
     # one set for all KV heads (S = 1) or one per KV head (S = Hkv), as [S, n, blocks].
@@ -396,7 +407,7 @@ def _attend_tiles(query, kv_cache, memory, block_table, chunks, selected, cos, s
             c = geo["cos_blocks"].index_select(0, tb).view(blk.shape[0], n, -1, D // 2).float()
             sn = geo["sin_blocks"].index_select(0, tb).view(blk.shape[0], n, -1, D // 2).float()
             k_glob = rotate_rows(k_glob, c, -sn)  # R(-j): back to raw keys
-        s_glob = torch.matmul(q_glob, k_glob.transpose(-1, -2))  # [Hkv, n, G*Qt, Lg]
+        s_glob = _softcap_(torch.matmul(q_glob, k_glob.transpose(-1, -2)), softcap)  # [Hkv, n, G*Qt, Lg]
         F = geo["fix_blk"].shape[1] * B
         s_glob[..., :F].masked_fill_(geo["fix_masked"], float("-inf"))
         if units is not None and geo["num_cand_min"] < config.topk:  # some slots hold no unit
@@ -407,8 +418,14 @@ def _attend_tiles(query, kv_cache, memory, block_table, chunks, selected, cos, s
     m = s_loc.amax(dim=-1, keepdim=True)
     if s_glob is not None:
         m = torch.maximum(m, s_glob.amax(dim=-1, keepdim=True))
+    if sinks is not None:  # one more logit per query head, in the denominator only
+        Qt = geo["Qt"]
+        sink = sinks.float().view(Hkv, 1, G, 1).expand(Hkv, 1, G, Qt).reshape(Hkv, 1, G * Qt, 1)
+        m = torch.maximum(m, sink)
     p_loc = s_loc.sub_(m).exp_()
     denom = p_loc.sum(dim=-1, keepdim=True)
+    if sinks is not None:
+        denom += (sink - m).exp()
     o = torch.matmul(p_loc, v_loc)
     if s_glob is not None:
         p_glob = s_glob.sub_(m).exp_()

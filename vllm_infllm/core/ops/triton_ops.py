@@ -571,10 +571,20 @@ def _rotate_q(qa, qb, cos_ptr, sin_ptr, row, s_cos, s_sin, D2: tl.constexpr, BLO
 
 
 @triton.jit
+def _logits(s, qk_scale, cap_in, cap_out, SOFTCAP: tl.constexpr):
+    """Base-2 logits of raw dot products s: scale * log2(e) * s, or with the model's soft-capping
+    log2(e) * cap * tanh(scale * s / cap), tanh(x) = 1 - 2 / (e^2x + 1) from exp2 (cap_in =
+    2 * scale * log2(e) / cap, cap_out = cap * log2(e); overflow gives tanh 1, as it should)."""
+    if SOFTCAP:
+        return cap_out * (1.0 - 2.0 / (tl.exp2(s * cap_in) + 1.0))
+    return s * qk_scale
+
+
+@triton.jit
 def _attn_tile(
     acc, m_i, l_i, qa, qb, j, col_ok, mask,
     kv_ptr, bt_row, cos_ptr, sin_ptr, kvh_off, s_cb, s_co, s_cd, s_cos, s_sin, qk_scale,
-    B: tl.constexpr, D2: tl.constexpr, D: tl.constexpr,
+    cap_in, cap_out, SOFTCAP: tl.constexpr, B: tl.constexpr, D2: tl.constexpr, D: tl.constexpr,
     ROTATE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, DOT_PREC: tl.constexpr,
     rot=None,
 ):
@@ -598,7 +608,7 @@ def _attn_tile(
         ka, kb = ka * cs - kb * sn, kb * cs + ka * sn
     s = tl.dot(qa, ka.to(qa.dtype), input_precision=DOT_PREC)
     s += tl.dot(qb, kb.to(qb.dtype), input_precision=DOT_PREC)
-    s = tl.where(mask, s * qk_scale, float("-inf"))
+    s = tl.where(mask, _logits(s, qk_scale, cap_in, cap_out, SOFTCAP), float("-inf"))
     # m_i starts finite (-1e30): fully masked rows keep alpha = 1 and p = 0, never NaN.
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -626,10 +636,12 @@ def _attend_kernel(
     req_ptr, c0_ptr, len_ptr, q0_ptr, ncand_ptr,  # [n] int32 per chunk (see ChunkBatch)
     ws_acc_ptr,  # [n*Hkv*SPLITS*BLOCK_M, BLOCK_D] fp32 split workspace (SPLITS > 1 only)
     ws_ml_ptr,  # [n*Hkv*SPLITS*BLOCK_M, 2] fp32 split workspace: (max, sum), then the LSE
+    sinks_ptr,  # [Hq] fp32 the model's sink logits times log2(e) (SINKS only)
     s_qt, s_qh, s_qd, s_ot, s_oh, s_od, s_cb, s_ch, s_co, s_cd,
     s_bt, s_sel, s_selh, s_sb, s_sh, s_so, s_lt, s_cos, s_sin,
     SPLITS,  # key-range splits per (chunk, KV head); 1 outside flash-decoding
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2
+    cap_in, cap_out,  # soft-capping constants (SOFTCAP only; see _logits)
     D: tl.constexpr, B: tl.constexpr, N_INIT: tl.constexpr, N_LOCAL: tl.constexpr,
     G: tl.constexpr,  # query heads per KV head
     QT: tl.constexpr,  # queries per program (BLOCK_M // G)
@@ -637,6 +649,8 @@ def _attend_kernel(
     ORDERED: tl.constexpr,  # positions="ordered": global blocks moved forward by whole blocks
     SCORES: tl.constexpr,  # add the local keys' softmax mass into `scores` here (one query tile)
     LSE_OUT: tl.constexpr,  # write the LSE for _window_scores_kernel instead (several tiles)
+    SOFTCAP: tl.constexpr,  # the model's logit soft-capping
+    SINKS: tl.constexpr,  # the model's sink logits join each row's softmax (not its values)
     PHASE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -722,6 +736,9 @@ def _attend_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if SINKS and PHASE == 0:  # the sink starts each row's softmax (split: _merge_kernel adds it)
+            m_i = tl.load(sinks_ptr + kvh * G + r % G)
+            l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
         cols = tl.arange(0, BLOCK_N)
 
         # Local window [w(p), p]: keys and queries as stored (ordinary RoPE).
@@ -731,7 +748,7 @@ def _attend_kernel(
             mask = row_ok[:, None] & (j[None, :] >= w[:, None]) & (j[None, :] <= p[:, None])
             acc, m_i, l_i = _attn_tile(acc, m_i, l_i, la, lb, j, ok, mask, kv_ptr, bt_row, cos_ptr,
                                        sin_ptr, kvh_off, s_cb, s_co, s_cd, s_cos, s_sin, qk_scale,
-                                       B, D2, D, False, BLOCK_D, BLOCK_D2, DOT_PREC)
+                                       cap_in, cap_out, SOFTCAP, B, D2, D, False, BLOCK_D, BLOCK_D2, DOT_PREC)
         # Init [0, min(n_init, w(p))).
         n_init = tl.minimum(w_last, N_INIT)
         if Q_SHIFT:  # init: one shift for all its blocks
@@ -745,7 +762,7 @@ def _attend_kernel(
             mask = row_ok[:, None] & ok[None, :] & (j[None, :] < w[:, None])
             acc, m_i, l_i = _attn_tile(acc, m_i, l_i, ia, ib, j, ok, mask, kv_ptr, bt_row, cos_ptr,
                                        sin_ptr, kvh_off, s_cb, s_co, s_cd, s_cos, s_sin, qk_scale,
-                                       B, D2, D, ROT_I, BLOCK_D, BLOCK_D2, DOT_PREC, gap)
+                                       cap_in, cap_out, SOFTCAP, B, D2, D, ROT_I, BLOCK_D, BLOCK_D2, DOT_PREC, gap)
         # Selected units (valid ids come first in each row of `selected`): whole units.
         if TOPK > 0:
             n_sel = tl.minimum(ncand, TOPK) * B
@@ -768,7 +785,8 @@ def _attend_kernel(
                     ua, ub = _rotate_q(la, lb, cos_ptr, sin_ptr, rot, s_cos, s_sin, D2, BLOCK_D2)
                 acc, m_i, l_i = _attn_tile(acc, m_i, l_i, ua, ub, j, ok, mask, kv_ptr, bt_row,
                                            cos_ptr, sin_ptr, kvh_off, s_cb, s_co, s_cd, s_cos,
-                                           s_sin, qk_scale, B, D2, D, ROT_U, BLOCK_D, BLOCK_D2,
+                                           s_sin, qk_scale, cap_in, cap_out, SOFTCAP, B, D2, D,
+                                           ROT_U, BLOCK_D, BLOCK_D2,
                                            DOT_PREC, rot)
         # Remainder [R0, w(p)): left the window but not yet a candidate when the chunk started.
         r0 = N_INIT + ncand * B
@@ -778,7 +796,7 @@ def _attend_kernel(
             mask = row_ok[:, None] & ok[None, :] & (j[None, :] < w[:, None])
             acc, m_i, l_i = _attn_tile(acc, m_i, l_i, ga, gb, j, ok, mask, kv_ptr, bt_row, cos_ptr,
                                        sin_ptr, kvh_off, s_cb, s_co, s_cd, s_cos, s_sin, qk_scale,
-                                       B, D2, D, ROT_R, BLOCK_D, BLOCK_D2, DOT_PREC)
+                                       cap_in, cap_out, SOFTCAP, B, D2, D, ROT_R, BLOCK_D, BLOCK_D2, DOT_PREC)
 
         dv = tl.arange(0, BLOCK_D)[None, :]
         if PHASE == 1:
@@ -809,7 +827,8 @@ def _attend_kernel(
                                          BLOCK_D2)
             s = tl.dot(la, ka.to(dot_t), input_precision=DOT_PREC)
             s += tl.dot(lb, kb.to(dot_t), input_precision=DOT_PREC)
-            prob = tl.exp2(tl.where(mask, s * qk_scale - lse[:, None], float("-inf")))
+            prob = tl.exp2(tl.where(mask, _logits(s, qk_scale, cap_in, cap_out, SOFTCAP) - lse[:, None],
+                                    float("-inf")))
             sptr = scores_ptr + phys * s_sb + (j % B) * s_so + kvh * G * s_sh
             for gg in tl.static_range(G):
                 mass = tl.sum(tl.where((g == gg)[:, None], prob, 0.0), 0)
@@ -827,9 +846,9 @@ def _window_scores_kernel(
     lse_ptr,  # [T, Hq] fp32, row stride s_lt: the LSE of every query row (from _attend_kernel)
     req_ptr, c0_ptr, len_ptr, q0_ptr,  # [n] int32 per chunk (see ChunkBatch)
     s_qt, s_qh, s_qd, s_cb, s_ch, s_co, s_cd, s_bt, s_sb, s_sh, s_so, s_lt,
-    qk_scale,
+    qk_scale, cap_in, cap_out,
     D: tl.constexpr, B: tl.constexpr, N_LOCAL: tl.constexpr,
-    G: tl.constexpr, QT: tl.constexpr,
+    G: tl.constexpr, QT: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D2: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Grid (chunk, key tile, KV head): the representative scores of a prefill chunk's local
@@ -876,7 +895,8 @@ def _window_scores_kernel(
         s = tl.dot(qa, ka, input_precision=DOT_PREC)
         s += tl.dot(qb, kb, input_precision=DOT_PREC)
         mask = row_ok[:, None] & ok[None, :] & (j[None, :] >= w[:, None]) & (j[None, :] <= p[:, None])
-        mass += tl.exp2(tl.where(mask, s * qk_scale - lse[:, None], float("-inf")))
+        mass += tl.exp2(tl.where(mask, _logits(s, qk_scale, cap_in, cap_out, SOFTCAP) - lse[:, None],
+                                 float("-inf")))
     sptr = scores_ptr + phys * s_sb + (j % B) * s_so + kvh * G * s_sh
     for gg in tl.static_range(G):
         # Atomic only because two requests can share a prefix-cached block; relaxed: no ordering.
@@ -889,12 +909,14 @@ def _merge_kernel(
     out_ptr,  # [T, Hq, D] out, strides s_ot, s_oh, s_od
     q0_ptr, len_ptr,  # [n] int32: first query row and queries of each chunk
     ws_acc_ptr, ws_ml_ptr,  # the split workspaces of _attend_kernel (PHASE 1)
+    sinks_ptr,  # [Hq] fp32 sink logits times log2(e) (SINKS only)
     s_ot, s_oh, s_od, SPLITS,
-    D: tl.constexpr, G: tl.constexpr, QT: tl.constexpr,
+    D: tl.constexpr, G: tl.constexpr, QT: tl.constexpr, SINKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Combine the SPLITS partial softmaxes of one (chunk, KV head) by log-sum-exp; write `out`
-    and leave the LSE in split 0's (m) slot for the score pass."""
+    """Combine the SPLITS partial softmaxes of one (chunk, KV head) by log-sum-exp, and the
+    sink logit when the model has one; write `out` and leave the LSE in split 0's (m) slot for
+    the score pass."""
     c = tl.program_id(0)
     kvh = tl.program_id(1)
     length = tl.load(len_ptr + c)
@@ -908,6 +930,10 @@ def _merge_kernel(
         m = tl.maximum(m, tl.load(ws_ml_ptr + (base + s * BLOCK_M + r) * 2))
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if SINKS:
+        sink = tl.load(sinks_ptr + kvh * G + r % G)
+        m = tl.maximum(m, sink)
+        l_sum = tl.exp2(sink - m)
     for s in range(SPLITS):
         row = base + s * BLOCK_M + r
         f = tl.exp2(tl.load(ws_ml_ptr + row * 2) - m)
@@ -993,6 +1019,9 @@ def attend(
     config: InfLLMConfig,
     scale: float,
     out: torch.Tensor,
+    *,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> None:
     """InfLLM attention for every query of the wave; writes `out`, accumulates `memory.scores`.
 
@@ -1002,6 +1031,8 @@ def attend(
     selected:     [n, S, topk] unit ids from `select_units` (-1 = none; S = 1 or Hkv, as in
                   torch_ops.attend), or None when topk == 0
     out:          [T, Hq, D]; only the wave's query rows are written
+    softcap:      logits s -> softcap * tanh(s / softcap) before the softmax (0: none)
+    sinks:        [Hq] one logit per query head added to the softmax's denominator (None: none)
 
     Launches: decode waves run one program per (chunk, KV head) with the score pass inline, or
     flash-decoding (attend splits, merge, split score pass) when that leaves SMs idle; prefill
@@ -1038,19 +1069,24 @@ def attend(
     s_cb, s_ch, s_co, s_cd = kv_cache.stride()
     s_sb, s_sh, s_so = scores.stride()
     B = config.block_size
+    # The model's softmax variants: base-2 constants (see _logits) and sinks in base 2.
+    cap_in = 2.0 * scale * _LOG2E / softcap if softcap else 0.0
+    cap_out = softcap * _LOG2E
+    sinks2 = (sinks.float() * _LOG2E).contiguous() if sinks is not None else scores  # unused if None
     args = dict(
         q_ptr=query, kv_ptr=kv_cache, out_ptr=out, bt_ptr=block_table, sel_ptr=sel,
         scores_ptr=scores, lse_ptr=lse, cos_ptr=cos, sin_ptr=sin,
         req_ptr=chunks.req, c0_ptr=chunks.c0, len_ptr=chunks.length, q0_ptr=chunks.q0,
-        ncand_ptr=chunks.num_cand, ws_acc_ptr=ws_acc, ws_ml_ptr=ws_ml,
+        ncand_ptr=chunks.num_cand, ws_acc_ptr=ws_acc, ws_ml_ptr=ws_ml, sinks_ptr=sinks2,
         s_qt=s_qt, s_qh=s_qh, s_qd=s_qd, s_ot=s_ot, s_oh=s_oh, s_od=s_od,
         s_cb=s_cb, s_ch=s_ch, s_co=s_co, s_cd=s_cd,
         s_bt=block_table.stride(0), s_sel=sel.stride(0), s_selh=s_selh, s_sb=s_sb, s_sh=s_sh, s_so=s_so,
         s_lt=lse.stride(0), s_cos=cos.stride(0), s_sin=sin.stride(0),
-        SPLITS=splits, qk_scale=scale * _LOG2E,
+        SPLITS=splits, qk_scale=scale * _LOG2E, cap_in=cap_in, cap_out=cap_out,
         D=D, B=B, N_INIT=config.n_init, N_LOCAL=config.n_local,
         G=G, QT=qt, TOPK=topk, ORDERED=config.positions == "ordered",
         SCORES=scores_on and decode, LSE_OUT=scores_on and not decode,
+        SOFTCAP=bool(softcap), SINKS=sinks is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_p2(D), BLOCK_D2=_p2(D // 2),
         DOT_PREC=_dot_prec(query.dtype), num_warps=num_warps, num_stages=num_stages,
     )
@@ -1064,7 +1100,8 @@ def attend(
                 req_ptr=chunks.req, c0_ptr=chunks.c0, len_ptr=chunks.length, q0_ptr=chunks.q0,
                 s_qt=s_qt, s_qh=s_qh, s_qd=s_qd, s_cb=s_cb, s_ch=s_ch, s_co=s_co, s_cd=s_cd,
                 s_bt=block_table.stride(0), s_sb=s_sb, s_sh=s_sh, s_so=s_so, s_lt=lse.stride(0),
-                qk_scale=scale * _LOG2E, D=D, B=B, N_LOCAL=config.n_local, G=G, QT=qt,
+                qk_scale=scale * _LOG2E, cap_in=cap_in, cap_out=cap_out, D=D, B=B,
+                N_LOCAL=config.n_local, G=G, QT=qt, SOFTCAP=bool(softcap),
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D2=_p2(D // 2), DOT_PREC=_dot_prec(query.dtype),
                 num_warps=num_warps, num_stages=num_stages,
             )
@@ -1072,8 +1109,8 @@ def attend(
     _attend_kernel[grid](**args, PHASE=1)
     _merge_kernel[(n, Hkv)](
         out_ptr=out, q0_ptr=chunks.q0, len_ptr=chunks.length, ws_acc_ptr=ws_acc, ws_ml_ptr=ws_ml,
-        s_ot=s_ot, s_oh=s_oh, s_od=s_od, SPLITS=splits, D=D,
-        G=G, QT=qt, BLOCK_M=block_m, BLOCK_D=_p2(D),
+        sinks_ptr=sinks2, s_ot=s_ot, s_oh=s_oh, s_od=s_od, SPLITS=splits, D=D,
+        G=G, QT=qt, SINKS=sinks is not None, BLOCK_M=block_m, BLOCK_D=_p2(D),
     )
     if scores_on:
         _attend_kernel[grid](**args, PHASE=2)
