@@ -2,11 +2,13 @@
 
 In the style of vLLM's `tests/v1/attention/test_attention_backends.py` (`run_attention_backend`):
 the real `InfLLMMetadataBuilder` builds metadata from `CommonAttentionMetadata`, real
-`InfLLMAttentionImpl`s (one per layer, built under a real `VllmConfig`, so they find the model's
-own rotary table through vLLM's `get_rope` cache) run `do_kv_cache_update` + `forward` on KV
-pages made by vLLM's own `create_kv_cache_views` from the backend's `customize_spec` (so the side
-state lives in the pages, as in the engine). q and k are rotated by vLLM's `RotaryEmbedding`, as
-the model does before attention.
+`InfLLMAttentionImpl`s (one per layer, built under a real `VllmConfig`, each bound to the rotary
+module beside it in a model-shaped module tree by the plugin's own `bind_rotary_tables`) run
+`do_kv_cache_update` + `forward` on KV pages made by vLLM's own `create_kv_cache_views` from the
+backend's `customize_spec` (so the side state lives in the pages, as in the engine). q and k are
+rotated by vLLM's rotary module from `get_rope`, as the model does before attention: plain RoPE,
+and the layouts and variants models use (partial rotary, GPT-J pairs, YaRN with its attention
+factor), with Gemma 2's logit soft-capping and GPT-OSS's sink logits.
 
 The schedule goes far past `n_local` with real selection (more candidates than `topk`): several
 scheduler steps mixing decodes (first, as vLLM's runner orders them) with prefill pieces that are
@@ -25,7 +27,7 @@ import torch
 
 from vllm_infllm.core.config import InfLLMConfig
 from vllm_infllm.core.reference import infllm_reference_trace
-from vllm_infllm.testing import Request, max_abs_err
+from vllm_infllm.testing import Request, max_abs_err, oracle_rope, scale_rotated
 
 # A GQA model small enough for the oracle's per-query loop: 6 query heads over 2 KV heads.
 HQ, HKV, D = 6, 2, 64
@@ -50,11 +52,11 @@ class Scheduled:
         return self.request.pieces[i] if 0 <= i < len(self.request.pieces) else 0
 
 
-def make_request(prefill_pieces, decode_steps, gen) -> Request:
+def make_request(prefill_pieces, decode_steps, gen, scale_qk=1.0) -> Request:
     """Pre-RoPE q/k/v with a leading layer axis: [LAYERS, T, heads, D]."""
     total = sum(prefill_pieces) + decode_steps
-    q = torch.randn(LAYERS, total, HQ, D, generator=gen)
-    k = torch.randn(LAYERS, total, HKV, D, generator=gen)
+    q = torch.randn(LAYERS, total, HQ, D, generator=gen) * scale_qk
+    k = torch.randn(LAYERS, total, HKV, D, generator=gen) * scale_qk
     v = torch.randn(LAYERS, total, HKV, D, generator=gen)
     return Request(list(prefill_pieces) + [1] * decode_steps, sum(prefill_pieces), q, k, v)
 
@@ -105,10 +107,24 @@ def _vllm_config(tmp_path_factory, infllm):
     return VllmConfig(model_config=model, additional_config={"infllm": dict(infllm)})
 
 
-class Backend:
-    """The backend's classes set up as vLLM's runner would, for `LAYERS` layers."""
+class _Layer(torch.nn.Module):
+    """Where vLLM's models keep an attention layer: `self_attn.attn` (with its impl) beside the
+    `self_attn.rotary_emb` it applies to q and k."""
 
-    def __init__(self, vllm_config, num_blocks: int):
+    def __init__(self, impl, rope):
+        super().__init__()
+        self.rotary_emb = rope
+        self.attn = torch.nn.Module()
+        self.attn.impl = impl
+
+
+class Backend:
+    """The backend's classes set up as vLLM's runner would, for `LAYERS` layers.
+
+    `model`: the model's RoPE (`get_rope` keyword arguments), `softcap` and `sinks` (True:
+    random sink logits per query head, as GPT-OSS's parameter)."""
+
+    def __init__(self, vllm_config, num_blocks: int, model: dict | None = None):
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.layers.rotary_embedding import get_rope
         from vllm.v1.kv_cache_interface import (
@@ -119,20 +135,29 @@ class Backend:
         )
 
         from vllm_infllm.adapter.backend import InfLLMAttentionBackend
+        from vllm_infllm.adapter.model_support import bind_rotary_tables
 
+        model = model or {}
         hf = vllm_config.model_config.hf_text_config
+        rope_args = model.get("rope", dict(rope_parameters=hf.rope_parameters, is_neox_style=True))
+        self.softcap = model.get("softcap", 0.0)
+        self.sinks = torch.randn(HQ, generator=torch.Generator().manual_seed(3)) * 2 if model.get("sinks") else None
         with set_current_vllm_config(vllm_config):
             # What the model does before building its attention layers: create its RoPE.
-            self.rope = get_rope(D, max_position=MAX_POS, rope_parameters=hf.rope_parameters,
-                                 is_neox_style=True, dtype=torch.float32)
+            self.rope = get_rope(D, max_position=MAX_POS, dtype=torch.float32, **rope_args)
             spec = InfLLMAttentionBackend.customize_spec(
                 FullAttentionSpec(block_size=128, num_kv_heads=HKV, head_size=D, dtype=torch.float32)
             )
             self.impls = [
                 InfLLMAttentionBackend.get_impl_cls()(num_heads=HQ, head_size=D, scale=D**-0.5,
-                                                      num_kv_heads=HKV)
+                                                      num_kv_heads=HKV, logits_soft_cap=self.softcap or None,
+                                                      sinks=self.sinks)
                 for _ in range(LAYERS)
             ]
+        # The model's module tree, bound as the plugin binds a model vLLM has just built.
+        self.model = torch.nn.Module()
+        self.model.layers = torch.nn.ModuleList(_Layer(impl, self.rope) for impl in self.impls)
+        assert bind_rotary_tables(self.model, vllm_config) == LAYERS
         self.builder = InfLLMAttentionBackend.get_builder_cls()(
             spec, [f"layer.{i}" for i in range(LAYERS)], vllm_config, torch.device("cpu")
         )
@@ -144,7 +169,7 @@ class Backend:
         # Padded pages: the K/V view, each block's side state after its K/V in the page.
         assert self.kv_caches[0].shape == (num_blocks, HKV, 128, 2 * D)
         assert self.kv_caches[0].stride(0) * 4 == page > HKV * 128 * 2 * D * 4
-        assert all(impl.rope is self.rope for impl in self.impls)  # found the model's own table
+        assert all(impl.rotary.rope is self.rope for impl in self.impls)  # found the model's own table
 
     def rotate(self, positions, q, k):
         """RoPE at absolute positions with the model's module, as the model applies it."""
@@ -214,21 +239,26 @@ def block_table_for(schedule: list[Scheduled], blocks: torch.Tensor) -> torch.Te
 
 
 def check_against_oracle(backend: Backend, schedule, block_table, outs, cfg=CFG):
-    cache = backend.rope.cos_sin_cache
-    cos, sin = cache[:, : D // 2], cache[:, D // 2 :]
+    layout, cos, sin, mscale = oracle_rope(backend.rope)
+
+    def scaled(x):  # the attention factor (YaRN) scales the rotated channels of q and k
+        return scale_rotated(x, layout, mscale)
+
     chose = 0
     for layer in range(LAYERS):
         memory = backend.impls[layer]._layer_memory(backend.kv_caches[layer])
         for i, s in enumerate(schedule):
             r = s.request
-            trace = infllm_reference_trace(r.q[layer], r.k[layer], r.v[layer], cos, sin, cfg,
-                                           r.prompt_len, step_bounds=r.step_bounds())
+            trace = infllm_reference_trace(scaled(r.q[layer]), scaled(r.k[layer]), r.v[layer], cos, sin, cfg,
+                                           r.prompt_len, step_bounds=r.step_bounds(), rope=layout,
+                                           softcap=backend.softcap, sinks=backend.sinks)
             err = max_abs_err(outs[layer][i], trace.out)
             assert err <= 2e-4, f"layer {layer} request {i}: max |out - oracle| = {err:.2e}"
             for unit, reprs in trace.reprs.items():
                 blk = int(block_table[i, cfg.init_blocks + unit])
                 assert bool(memory.sealed[blk]), (layer, i, unit)
-                torch.testing.assert_close(memory.reprs[blk], reprs, rtol=1e-4, atol=1e-4)
+                # the backend keeps keys in the ops' NeoX channel order (core/rope.py)
+                torch.testing.assert_close(memory.reprs[blk], reprs[:, layout.perm], rtol=1e-4, atol=1e-4)
             chose += sum(c.num_candidates > cfg.topk for c in trace.chunks)
     assert chose >= 8 * LAYERS, f"only {chose} chunks made a real selection (more candidates than topk)"
 
@@ -279,19 +309,51 @@ def test_backend_matches_oracle_with_the_representatives_kept_apart(vllm_config_
     _check_modes(vllm_config_max_topk, cfg, rows=HQ * cfg.repr_topk)
 
 
-def _check_modes(vllm_config, cfg, rows):
+# The models' RoPE layouts and softmax variants (get_rope arguments as vLLM's model code passes
+# them: partial_rotary_factor for StableLM/Phi/GPT-NeoX, is_neox_style=False for GPT-J, YaRN
+# for GPT-OSS/Qwen), alone and together.
+MODEL_VARIANTS = {
+    "partial-rotary": dict(rope=dict(rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": 0.25})),
+    "gptj-partial": dict(rope=dict(rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+                                   is_neox_style=False)),
+    "yarn": dict(rope=dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                            "original_max_position_embeddings": 1024})),
+    "softcap-sinks": dict(softcap=3.0, sinks=True),
+    "gpt-oss-like": dict(rope=dict(rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 8.0,
+                                                    "original_max_position_embeddings": 512, "beta_fast": 32.0,
+                                                    "beta_slow": 1.0}), sinks=True),
+}
+
+
+@pytest.mark.parametrize("variant", list(MODEL_VARIANTS))
+def test_backend_matches_oracle_for_the_models_variants(vllm_config, variant):
+    """Each model variant through the real Builder and Impl beyond the window: q and k rotated
+    by vLLM's own rotary module, whose table the plugin binds (YaRN's attention factor divided
+    out, partial and GPT-J channels permuted to NeoX); outputs and representatives against the
+    oracle, which rotates as the model defines it."""
+    model = MODEL_VARIANTS[variant]
+    backend = _check_modes(vllm_config, CFG, rows=HQ, model=model, scale_qk=2.0 if "softcap" in model else 1.0)
+    table = backend.impls[0].rotary
+    if "yarn" in str(model):
+        assert table.attention_factor > 1.0  # YaRN's mscale, divided out of the re-rotation
+    permuted = "partial_rotary_factor" in str(model) or "is_neox_style" in str(model)
+    assert table.layout.is_canonical != permuted
+
+
+def _check_modes(vllm_config, cfg, rows, model=None, scale_qk=1.0):
     g = torch.Generator().manual_seed(1)
-    backend = Backend(vllm_config, num_blocks=24)
+    backend = Backend(vllm_config, num_blocks=24, model=model)
     schedule = [
-        Scheduled(make_request([300, 417, 300], 6, g), arrival=0),
-        Scheduled(make_request([129, 1], 20, g), arrival=0),
-        Scheduled(make_request([600, 1], 4, g), arrival=2),
+        Scheduled(make_request([300, 417, 300], 6, g, scale_qk), arrival=0),
+        Scheduled(make_request([129, 1], 20, g, scale_qk), arrival=0),
+        Scheduled(make_request([600, 1], 4, g, scale_qk), arrival=2),
     ]
     table = block_table_for(schedule, torch.randperm(24, generator=g))
     outs = run_schedule(backend, schedule, table, pad_steps={1})
     memory = backend.impls[0]._layer_memory(backend.kv_caches[0])
     assert memory.reprs.shape[1] == rows
     check_against_oracle(backend, schedule, table, outs, cfg)
+    return backend
 
 
 def test_backend_with_aligned_chunking_matches_the_step_free_oracle(vllm_config_aligned):

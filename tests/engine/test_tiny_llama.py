@@ -154,7 +154,7 @@ def _child(model_dir: str, backend: str, prefix_caching: bool, unit_score: str =
                     ),
                 }
                 if type(impl).__name__ == "InfLLMAttentionImpl":
-                    entry["impl_rope_is_model_rope"] = impl.rope is rope
+                    entry["impl_rope_is_model_rope"] = getattr(getattr(impl, "rotary", None), "rope", None) is rope
                     kv = mod.attn.kv_cache
                     entry["kv_cache_shape"] = list(kv.shape)
                     entry["kv_cache_stride"] = list(kv.stride())

@@ -48,7 +48,7 @@ from . import prompt_lengths
 from .cpu_tuning import tune_cpu_malloc
 from .kv_cache import InfLLMAttentionSpec
 from .metrics import InfLLMMetrics
-from .model_support import layer_rejection_reasons, model_rope_for_layer
+from .model_support import RotaryTable, layer_rejection_reasons
 from .side_state import num_side_state_slots, padded_page_bytes, side_state_bytes, side_state_views
 from .vllm_config import INFLLM_BLOCK_SIZE, infllm_config_from_vllm
 from .window import make_window_builder, make_window_impl
@@ -282,6 +282,10 @@ class InfLLMAttentionBackend(AttentionBackend):
     def supports_sliding_window(cls) -> bool:
         return True  # sliding-window layers run vLLM's own kernel (window.py)
 
+    @classmethod
+    def supports_sink(cls) -> bool:
+        return True  # learned sink logits (GPT-OSS) join every softmax of the ops
+
 
 def _infllm_config() -> InfLLMConfig:
     """The InfLLM config for `customize_spec`: the current vLLM config's, else (vLLM's runner
@@ -348,9 +352,14 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
                 kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, extra_impl_args,
             )
             return
-        reasons = layer_rejection_reasons(attn_type, alibi_slopes, logits_soft_cap, extra_impl_args.get("sinks"))
+        reasons = layer_rejection_reasons(attn_type, alibi_slopes)
         if reasons:
-            raise ValueError("infllm does not support: " + ", ".join(reasons))
+            raise ValueError("infllm does not support: " + ", ".join(reasons)
+                             + "; use another --attention-backend for this model")
+        # The model's softmax variants, applied to local and global logits alike: Gemma 2's
+        # soft-capping, GPT-OSS's learned sinks (a Parameter the weights fill later).
+        self.softcap = float(logits_soft_cap or 0.0)
+        self.sinks = extra_impl_args.get("sinks")
         InfLLMAttentionImpl._q_heads_by_kv_heads.setdefault(self.num_kv_heads, set()).add(num_heads)
         if cfg is not None and cfg.device_config is not None and cfg.device_config.device_type == "cpu":
             tune_cpu_malloc()
@@ -358,23 +367,27 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
         self.infllm_config = infllm_config_from_vllm(cfg) if cfg is not None else None
         if self.infllm_config is not None:
             InfLLMAttentionImpl._last_config = self.infllm_config
-        # The model's rotary module; the model built it just before this layer.
-        self.rope = None
-        if cfg is not None and cfg.model_config is not None:
-            self.rope = model_rope_for_layer(cfg, head_size)
+        # The rotary table of this layer's own attention module: bound once vLLM has built the
+        # model (model_support.bind_rotary_tables), before any step.
+        self.rotary: RotaryTable | None = None
         self._memory_key: tuple | None = None
         self._memory: LayerMemory | None = None
 
-    def _rope_table(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [rows, D/2] of the model's own rotary table (read each step: vLLM may
-        replace the buffer when it first matches dtype/device)."""
-        if self.rope is None:
-            raise RuntimeError("infllm: no rotary table (the impl was built outside a vLLM config)")
-        cache = self.rope.cos_sin_cache
-        if cache.device != like.device:
-            cache = cache.to(like.device)
-        half = self.head_size // 2
-        return cache[:, :half], cache[:, half:]
+    def bind_rotary(self, table: RotaryTable) -> None:
+        """This layer's rotary table (model_support.bind_rotary_tables finds it in the model)."""
+        if table.layout.head_size != self.head_size:
+            raise ValueError(f"infllm: rotary table for head size {table.layout.head_size} given to a "
+                             f"layer of head size {self.head_size}")
+        self.rotary = table
+
+    def _rotary(self) -> RotaryTable:
+        if self.rotary is None:
+            raise RuntimeError(
+                "infllm: this layer was never bound to its rotary table. vLLM built the model "
+                "without BaseModelLoader.create_model (a load format that bypasses it, such as "
+                "tensorizer): use the default --load-format, or another --attention-backend."
+            )
+        return self.rotary
 
     def _layer_memory(self, kv_cache: torch.Tensor) -> LayerMemory:
         """Typed views of this layer's side state inside its pages (cached per tensor)."""
@@ -406,8 +419,9 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
         if self.kv_sharing_target_layer_name is not None or kv_cache.numel() == 0:
             return
         n = min(slot_mapping.shape[0], key.shape[0])
+        key = self._rotary().to_ops_channels(key[:n])  # the ops' NeoX channel order (rope.py)
         infllm_ops.for_device(key.device).write_kv(
-            kv_cache[:, : self.num_kv_heads], key[:n], value[:n], slot_mapping[:n],
+            kv_cache[:, : self.num_kv_heads], key, value[:n], slot_mapping[:n],
             self._layer_memory(kv_cache),
         )
 
@@ -430,10 +444,11 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
             raise ValueError("infllm: fused output quantization is not supported")
         if attn_metadata is None:  # profiling / dummy run (same as FLASH_ATTN in 0.32)
             return output.fill_(0)
-        cos, sin = self._rope_table(query)
+        rotary = self._rotary()
+        cos, sin = rotary.tables(query.device)
         try:
             infllm_forward(
-                query,
+                rotary.to_ops_channels(query),
                 kv_cache[:, : self.num_kv_heads],
                 attn_metadata.block_table,
                 attn_metadata.plan,
@@ -443,6 +458,8 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
                 attn_metadata.infllm_config,
                 self.scale,
                 output,
+                softcap=self.softcap,
+                sinks=self.sinks,
             )
         except Exception as e:
             # vLLM stops its engine on any error in a model step (every request in flight fails

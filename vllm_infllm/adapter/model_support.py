@@ -1,137 +1,225 @@
-"""Which attention layers InfLLM can run, and the model's own rotary table.
+"""Which attention layers InfLLM can run, and each layer's own rotary table.
 
 InfLLM re-rotates keys and queries to its fixed global distance with the model's *own* cos/sin
-table (docs/design.md section 3.3), so the backend must find the exact `RotaryEmbedding` the
-model applies before attention, and must refuse what its re-rotation cannot invert. Every
-rejection is raised while vLLM builds the model, before any request, with the reason and a fix.
+table (docs/design.md section 3.3), so every InfLLM layer needs the exact rotary module its
+attention module applies before attention, and the backend must refuse what its re-rotation
+cannot invert. vLLM builds a layer's attention impl inside the model's constructor, before the
+impl can see its parent module, so the binding happens right after vLLM has built the model
+(`patch_model_loader` wraps `BaseModelLoader.create_model`): each InfLLM layer gets the
+`rotary_emb` module beside it in the module tree (or the nearest one above it), whatever its head
+size, layer type or RoPE parameters. Every rejection is raised there, before the weights load,
+with the reason and a fix.
+
+What the re-rotation handles (`RotaryTable`): tables that are a pure rotation by angles linear
+in the position, times a constant attention factor (YaRN's mscale, divided out here), in any
+channel layout the core's `RopeLayout` knows (partial rotary, GPT-J pairs). What it refuses:
+tables chosen per batch (LongRoPE), multi-dimensional positions (M-RoPE), dual-chunk attention.
 
 Sliding-window layers of hybrid models are not InfLLM layers: the backend runs them with vLLM's
-own exact sliding-window kernel (`window.py`), so nothing here applies to them. The RoPE of an
-InfLLM layer is the table of its layer type ("full_attention"), which hybrids such as Gemma 3
-configure apart from that of their sliding layers.
+own exact sliding-window kernel (`window.py`), so nothing here applies to them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import weakref
 
+import torch
 from vllm.config import VllmConfig
 from vllm.v1.attention.backend import AttentionType
 
-#: The layer type of the layers InfLLM runs, in transformers' `layer_types` vocabulary.
-FULL_ATTENTION = "full_attention"
+from ..core.rope import RopeLayout
+
+logger = logging.getLogger("vllm.infllm")
+
+#: Attribute set on our wrapper so that patching twice is a no-op.
+_MARK = "_vllm_infllm_wrapper"
 
 
-def layer_rejection_reasons(
-    attn_type: str,
-    alibi_slopes: list[float] | None,
-    logits_soft_cap: float | None,
-    sinks: Any,
-) -> list[str]:
-    """Features of a full-attention layer the InfLLM semantics do not cover (empty = supported)."""
+def layer_rejection_reasons(attn_type: str, alibi_slopes: list[float] | None) -> list[str]:
+    """Features of a full-attention layer the InfLLM semantics do not cover (empty = supported).
+    Logit soft-capping and learned sinks are supported (passed to the ops)."""
     reasons = []
     if attn_type != AttentionType.DECODER:
         reasons.append(f"attn_type={attn_type}")
     if alibi_slopes is not None:
-        reasons.append("ALiBi")
-    if logits_soft_cap:
-        reasons.append(f"logits_soft_cap={logits_soft_cap}")
-    if sinks is not None:
-        reasons.append("learned attention sinks")
+        reasons.append("ALiBi (InfLLM moves keys by rotation; ALiBi's linear bias has no rotary table)")
     return reasons
 
 
-def rope_parameters_of_layer_type(hf_config: Any, layer_type: str = FULL_ATTENTION) -> dict | None:
-    """The RoPE parameters the model gives layers of `layer_type`.
+def _pure_rotation_classes() -> tuple[type, ...]:
+    """vLLM's rotary embeddings whose table is cos/sin of angle_i * p (times a constant): the
+    composition R(a) R(b) = R(a + b) InfLLM's re-rotation needs holds for them."""
+    from vllm.model_executor.layers import rotary_embedding as re
 
-    transformers keeps one dict for the whole model (Llama, Qwen, ...), or one per layer type
-    (Gemma 3: ``{"sliding_attention": {theta 1e4}, "full_attention": {theta 1e6}}``), and vLLM's
-    model code passes a layer the entry of its type.
-    """
-    params = getattr(hf_config, "rope_parameters", None)
-    if isinstance(params, dict) and isinstance(params.get(layer_type), dict):
-        return params[layer_type]
-    return params
+    names = ["RotaryEmbedding", "LinearScalingRotaryEmbedding", "Llama3RotaryEmbedding",
+             "NTKScalingRotaryEmbedding", "DynamicNTKScalingRotaryEmbedding",
+             "DynamicNTKAlphaRotaryEmbedding", "YaRNScalingRotaryEmbedding", "Gemma4RotaryEmbedding"]
+    return tuple(getattr(re, n) for n in names if hasattr(re, n))
 
 
-def lookup_model_rope(vllm_config: VllmConfig, head_size: int):
-    """The model's own ``RotaryEmbedding`` instance of its full-attention layers, or raise.
-
-    ``get_rope`` caches instances in ``_ROPE_DICT`` by (head_size, rotary_dim, max_position,
-    is_neox, rope params, dca, dtype, mrope factor). Calling it with the arguments the model
-    used returns the *same* object. A call with other arguments would silently build a new
-    table, so we only accept an instance that already existed before our call, and fall back to
-    scanning the cache for a unique match on ``head_size``.
-
-    Hold the module, not ``rope.cos_sin_cache``: ``_match_cos_sin_cache_dtype`` may replace
-    the buffer (dtype/device change) on the model's first forward.
-    """
-    from vllm.model_executor.layers import rotary_embedding as re_mod
-
-    mc = vllm_config.model_config
-    hf = mc.hf_text_config
-    existing = {id(v) for v in re_mod._ROPE_DICT.values()}
-    candidate = re_mod.get_rope(
-        head_size,
-        max_position=getattr(hf, "max_position_embeddings", 8192),
-        rope_parameters=rope_parameters_of_layer_type(hf, FULL_ATTENTION),
-        is_neox_style=True,
-        dtype=mc.dtype,
-    )
-    if id(candidate) in existing:
-        return candidate
-    # We just created an unrelated table: drop it again and search.
-    for k, v in list(re_mod._ROPE_DICT.items()):
-        if v is candidate:
-            del re_mod._ROPE_DICT[k]
-    matches = [v for v in re_mod._ROPE_DICT.values() if getattr(v, "head_size", None) == head_size]
-    if len(matches) == 1:
-        return matches[0]
-    raise RuntimeError(
-        f"infllm: cannot identify the rotary embedding of the model's full-attention layers "
-        f"(head_size={head_size}; get_rope's cache holds {len(matches)} tables of that head size, "
-        "and none was built with the model config's rope_parameters). InfLLM re-rotates keys "
-        "with that exact table; report the model with this message, or use another "
-        "--attention-backend for it."
-    )
+#: Why vLLM's other rotary embeddings cannot be re-rotated, by class name, with what to do.
+_REFUSED = {
+    "Phi3LongRoPEScaledRotaryEmbedding": (
+        "LongRoPE (rope_type 'longrope'): vLLM rotates each batch with the short or the long table "
+        "depending on the batch's longest position, so the rotation of a cached key is not known. "
+        "InfLLM reads long contexts without RoPE scaling: load the model with its original RoPE "
+        "(--hf-overrides '{\"rope_parameters\": {\"rope_type\": \"default\", \"rope_theta\": <its "
+        "rope_theta>, \"partial_rotary_factor\": <its factor>}}')"
+    ),
+    "DualChunkRotaryEmbedding": "dual-chunk attention RoPE (remove dual_chunk_attention_config)",
+    "DeepseekScalingRotaryEmbedding": "DeepSeek's YaRN variant (MLA models are not supported)",
+    "FourierRotaryEmbedding": "Fourier position embedding (FoPE: not a rotation by the position alone)",
+}
 
 
 def rope_rejection_reason(rope) -> str | None:
-    """Why InfLLM's delta re-rotation cannot use this rotary module (None = usable)."""
-    from vllm.model_executor.layers.rotary_embedding import (
-        LinearScalingRotaryEmbedding,
-        Llama3RotaryEmbedding,
-        RotaryEmbedding,
+    """Why InfLLM's re-rotation cannot use this rotary module (None = usable)."""
+    name = type(rope).__name__
+    if type(rope) in _pure_rotation_classes():
+        return None
+    if name in _REFUSED:
+        return _REFUSED[name]
+    if "MRotaryEmbedding" in [c.__name__ for c in type(rope).__mro__]:
+        return "multimodal RoPE (M-RoPE: a position per axis, not one per token)"
+    return f"unsupported rotary embedding {name}"
+
+
+class RotaryTable:
+    """One rotary module of the model, as the ops need it: a full-width NeoX table of pure
+    rotations, and the channel permutation that makes the model's layout NeoX.
+
+    vLLM's `cos_sin_cache` is `[rows, rotary_dim]` (cos half, sin half), in the layout of
+    `rope.is_neox_style` over the first `rotary_dim` channels, scaled by a constant attention
+    factor where the RoPE variant has one (YaRN's `mscale`, which scales q·k by mscale²: the
+    model's attention at every distance includes it, so only the re-rotation must not apply it
+    again). Shared by every layer that applies the same module; the table is rebuilt only when
+    vLLM replaces its buffer (dtype or device on first use).
+    """
+
+    _shared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __init__(self, rope: torch.nn.Module):
+        self.rope = rope
+        self.layout = RopeLayout(rope.head_size, rope.rotary_dim, bool(rope.is_neox_style))
+        self.attention_factor = float(getattr(rope, "mscale", 1.0))  # YaRN's; the others have none
+        self._key: tuple | None = None
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._perm: dict[torch.device, torch.Tensor] = {}
+        # The table must start at the identity times the attention factor: a rotation by 0.
+        row0 = rope.cos_sin_cache[0].float()
+        half = rope.rotary_dim // 2
+        want = torch.cat((torch.full((half,), self.attention_factor), torch.zeros(half)))
+        if not torch.allclose(row0.cpu(), want, rtol=1e-2, atol=1e-2):
+            raise ValueError(
+                f"infllm does not support this model: the rotary table of {type(rope).__name__} does "
+                f"not start at the identity times {self.attention_factor} (row 0: "
+                f"{row0[:4].tolist()} ...); use another --attention-backend for it"
+            )
+
+    @classmethod
+    def of(cls, rope: torch.nn.Module) -> RotaryTable:
+        table = cls._shared.get(rope)
+        if table is None:
+            table = cls._shared[rope] = cls(rope)
+        return table
+
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `[rows, D/2]` as the ops read them (views of vLLM's buffer when the model's
+        table already is a full-width NeoX table of pure rotations)."""
+        cache = self.rope.cos_sin_cache
+        if cache.device != device:
+            cache = cache.to(device)
+        half = self.layout.rotary_dim // 2
+        if self.layout.is_canonical and self.attention_factor == 1.0:
+            return cache[:, :half], cache[:, half:]
+        key = (cache.data_ptr(), cache.dtype, cache.device, tuple(cache.shape))
+        if self._key != key:  # divide out the attention factor in fp32; pad the passed channels
+            f = cache.float() / self.attention_factor
+            self._tables = self.layout.canonical_table(f[:, :half].contiguous(), f[:, half:].contiguous())
+            self._key = key
+        return self._tables
+
+    def to_ops_channels(self, x: torch.Tensor) -> torch.Tensor:
+        """q or k `[T, H, D]` with channels in the ops' NeoX order (no copy if already)."""
+        if self.layout.is_canonical:
+            return x
+        perm = self._perm.get(x.device)
+        if perm is None:
+            perm = self._perm[x.device] = self.layout.perm.to(x.device)
+        return x.index_select(-1, perm)
+
+
+def rotary_module_of(model: torch.nn.Module, layer_name: str) -> torch.nn.Module:
+    """The rotary module an attention layer's queries and keys pass through: the `rotary_emb`
+    beside the layer in the module tree (vLLM's models: `<...>.self_attn.rotary_emb` beside
+    `<...>.self_attn.attn`), else the nearest one above it."""
+    parts = layer_name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        rope = getattr(model.get_submodule(".".join(parts[:i])), "rotary_emb", None)
+        if isinstance(rope, torch.nn.Module):
+            return rope
+    raise ValueError(
+        f"infllm: cannot find the rotary embedding of layer {layer_name}: no `rotary_emb` module "
+        "beside it or above it. InfLLM re-rotates keys with the model's own table; report the "
+        "model with this message, or use another --attention-backend for it."
     )
 
-    if rope.rotary_dim != rope.head_size:
-        return f"partial rotary (rotary_dim={rope.rotary_dim} != head_size={rope.head_size})"
-    if not rope.is_neox_style:
-        return "GPT-J style (interleaved) RoPE"
-    # Tables that are pure rotations R(theta_i * p): composition R(a)R(b)=R(a+b) holds.
-    if type(rope) not in (RotaryEmbedding, Llama3RotaryEmbedding, LinearScalingRotaryEmbedding):
-        return f"unsupported rotary embedding {type(rope).__name__}"
-    return None
+
+def bind_rotary_tables(model: torch.nn.Module, vllm_config: VllmConfig | None) -> int:
+    """Give every InfLLM layer of `model` the rotary table of its own attention module (checked);
+    returns how many layers were bound. Raises ValueError for a table InfLLM cannot use."""
+    max_len = vllm_config.model_config.max_model_len if vllm_config is not None and vllm_config.model_config else 0
+    bound = 0
+    for name, module in model.named_modules():
+        impl = getattr(module, "impl", None)
+        if not hasattr(impl, "bind_rotary") or getattr(impl, "window_impl", None) is not None:
+            continue  # not an InfLLM layer, or a sliding-window layer (vLLM's kernel)
+        rope = rotary_module_of(model, name)
+        reason = rope_rejection_reason(rope)
+        if reason:
+            raise ValueError(
+                f"infllm does not support this model: {reason} (layer {name}). InfLLM re-rotates "
+                "keys and queries with the model's own RoPE table, which must be a rotation by "
+                "the position alone; use another --attention-backend for it."
+            )
+        rows = rope.cos_sin_cache.shape[0]
+        if max_len > rows:
+            # VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 alone leaves the table short: the model's
+            # RoPE then reads past it (NaN on CPU in 0.32) for positions >= rows.
+            raise ValueError(
+                f"infllm: max_model_len={max_len} exceeds the model's RoPE table "
+                f"({rows} rows). Also pass hf_overrides={{'max_position_embeddings': "
+                f"{max_len}}} (--hf-overrides '{{\"max_position_embeddings\": {max_len}}}')."
+            )
+        table = RotaryTable.of(rope)
+        impl.bind_rotary(table)
+        bound += 1
+        if bound == 1 or not table.layout.is_canonical or table.attention_factor != 1.0:
+            layout = table.layout
+            logger.info(
+                "infllm: layer %s re-rotates with %s (head size %d, rotary_dim %d, %s layout, "
+                "attention factor %.4g)%s", name, type(rope).__name__, layout.head_size,
+                layout.rotary_dim, "NeoX" if layout.neox else "GPT-J", table.attention_factor,
+                "" if layout.is_canonical else ": q and k channels permuted to NeoX order",
+            )
+    return bound
 
 
-def model_rope_for_layer(vllm_config: VllmConfig, head_size: int):
-    """The model's rotary module for a layer InfLLM will run, checked; raises ValueError."""
-    rope = lookup_model_rope(vllm_config, head_size)
-    reason = rope_rejection_reason(rope)
-    if reason:
-        raise ValueError(
-            f"infllm does not support this model: {reason}. InfLLM re-rotates keys "
-            "and queries with the model's own RoPE table, which needs full-width, "
-            "NeoX-style, pure-rotation RoPE; use another --attention-backend for it."
-        )
-    rows = rope.cos_sin_cache.shape[0]
-    max_len = vllm_config.model_config.max_model_len
-    if max_len > rows:
-        # VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 alone leaves the table short: the model's
-        # RoPE then reads past it (NaN on CPU in 0.32) for positions >= rows.
-        raise ValueError(
-            f"infllm: max_model_len={max_len} exceeds the model's RoPE table "
-            f"({rows} rows). Also pass hf_overrides={{'max_position_embeddings': "
-            f"{max_len}}} (--hf-overrides '{{\"max_position_embeddings\": {max_len}}}')."
-        )
-    return rope
+def patch_model_loader() -> None:
+    """Bind InfLLM layers to their rotary tables as soon as vLLM has built a model (before its
+    weights load): wraps `BaseModelLoader.create_model`, which vLLM's loaders build through."""
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    orig = BaseModelLoader.create_model
+    if getattr(orig, _MARK, False):
+        return
+
+    def create_model(self, vllm_config, model_config, *args, **kwargs):
+        model = orig(self, vllm_config, model_config, *args, **kwargs)
+        bind_rotary_tables(model, vllm_config)
+        return model
+
+    setattr(create_model, _MARK, True)
+    create_model.__doc__ = orig.__doc__
+    BaseModelLoader.create_model = create_model

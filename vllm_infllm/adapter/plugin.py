@@ -27,6 +27,8 @@ def register() -> None:
       worker (it is unpickled before plugins load); ``CUSTOM`` does.
     * On the CPU platform, vLLM ignores the selected backend; see
       :func:`vllm_infllm.adapter.platform.patch_cpu_platform`.
+    * Once vLLM has built a model, its InfLLM layers are bound to their own
+      rotary tables; see :func:`vllm_infllm.adapter.model_support.patch_model_loader`.
     """
     from vllm.v1.attention.backends.registry import (
         AttentionBackendEnum,
@@ -65,11 +67,13 @@ def register() -> None:
         register_backend(custom, BACKEND_CLASS)
 
     from .engine_args import patch_engine_args
+    from .model_support import patch_model_loader
     from .platform import patch_cpu_platform, patch_kv_cache_spec_registration
 
     patch_cpu_platform()
     patch_engine_args()
     patch_kv_cache_spec_registration()
+    patch_model_loader()
 
 
 def _backend_member(name: str):
