@@ -46,8 +46,13 @@ def oracle_rope(rope) -> tuple[RopeLayout, torch.Tensor, torch.Tensor, float]:
     off the module's table by geometry, apart from how the adapter reads it: the factor is each
     entry's length sqrt(cos² + sin²), the same everywhere in a scaled rotation (asserted), and
     the angles are atan2(sin, cos), in float64."""
-    layout = RopeLayout(rope.head_size, rope.rotary_dim, bool(rope.is_neox_style))
-    cache = rope.cos_sin_cache.detach().double().cpu()
+    layout = RopeLayout(rope.head_size, rope.rotary_dim, bool(getattr(rope, "is_neox_style", True)))
+    if hasattr(rope, "long_short_cos_sin_cache"):  # LongRoPE: the short or the long table, per engine
+        o = rope.original_max_position_embeddings
+        cache = rope.long_short_cos_sin_cache[o:] if rope.use_long_rope else rope.long_short_cos_sin_cache[:o]
+    else:
+        cache = rope.cos_sin_cache
+    cache = cache.detach().double().cpu()
     c, s = cache[:, : layout.rotary_dim // 2], cache[:, layout.rotary_dim // 2 :]
     length = (c * c + s * s).sqrt()
     factor = length.mean().item()

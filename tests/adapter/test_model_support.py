@@ -44,10 +44,11 @@ ACCEPTED = {
     "dynamic-ntk": {"rope_type": "dynamic", "factor": 2.0},
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256},
     "partial": {"partial_rotary_factor": 0.5},
+    # max_model_len 1024 > 256: vLLM uses the long table, scaled by its mscale, for the engine
+    "longrope": {"rope_type": "longrope", "short_factor": [1.0] * 16, "long_factor": [2.0] * 16,
+                 "original_max_position_embeddings": 256, "partial_rotary_factor": 0.5},
 }
 REFUSED = {
-    "longrope": ({"rope_type": "longrope", "short_factor": [1.0] * 32, "long_factor": [2.0] * 32,
-                  "original_max_position_embeddings": 256}, "LongRoPE"),
     "mrope": ({"mrope_section": [8, 12, 12]}, "M-RoPE"),
 }
 
@@ -64,12 +65,13 @@ def test_pure_rotation_tables_are_accepted_and_made_neox(name):
     table = RotaryTable.of(rope)
     assert RotaryTable.of(rope) is table  # one per module, shared by its layers
     cos, sin = table.tables(torch.device("cpu"))
-    assert cos.shape == (rope.cos_sin_cache.shape[0], 32)
+    assert cos.shape[1] == 32
     a, b = 300, 123
     torch.testing.assert_close(cos[a + b], cos[a] * cos[b] - sin[a] * sin[b], rtol=0, atol=2e-5)
     torch.testing.assert_close(sin[a + b], sin[a] * cos[b] + cos[a] * sin[b], rtol=0, atol=2e-5)
     layout, ocos, osin, factor = oracle_rope(rope)
-    assert table.attention_factor == pytest.approx(factor, rel=1e-6) and (factor > 1.01) == (name == "yarn")
+    assert table.attention_factor == pytest.approx(factor, rel=1e-6)
+    assert (factor > 1.01) == (name in ("yarn", "longrope"))
     want_cos, want_sin = layout.canonical_table(ocos, osin)
     torch.testing.assert_close(cos.float(), want_cos, rtol=0, atol=1e-5)
     torch.testing.assert_close(sin.float(), want_sin, rtol=0, atol=1e-5)
@@ -81,6 +83,7 @@ def test_other_tables_are_refused_with_the_reason(name):
 
     params, reason = REFUSED[name]
     assert reason in rope_rejection_reason(_rope(**params))
+    assert "unsupported rotary embedding Identity" in rope_rejection_reason(torch.nn.Identity())
 
 
 def test_a_layer_binds_the_rotary_module_beside_it():
@@ -117,10 +120,38 @@ def test_a_layer_binds_the_rotary_module_beside_it():
     del model.rotary_emb
     with pytest.raises(ValueError, match="cannot find the rotary embedding of layer layers.2.attn"):
         bind_rotary_tables(model, cfg)
-    model.layers[2].rotary_emb = _rope(rope_type="longrope", short_factor=[1.0] * 32, long_factor=[2.0] * 32,
-                                       original_max_position_embeddings=256)
-    with pytest.raises(ValueError, match="LongRoPE.*layers.2.attn"):
+    model.layers[2].rotary_emb = _rope(mrope_section=[8, 12, 12])
+    with pytest.raises(ValueError, match="M-RoPE.*layers.2.attn"):
         bind_rotary_tables(model, cfg)
     del model.layers[2]
     with pytest.raises(ValueError, match="max_model_len=4096 exceeds the model's RoPE table"):
         bind_rotary_tables(model, SimpleNamespace(model_config=SimpleNamespace(max_model_len=4096)))
+
+
+@pytest.mark.parametrize("rope,want,error", [
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}, 1500, None),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}, 4096, "<= 2048"),
+    ({"rope_type": "longrope", "short_factor": [1.0] * 32, "long_factor": [2.0] * 32,
+      "original_max_position_embeddings": 256}, 2048, "<= 1024"),
+    ({"rope_type": "default"}, 4096, None),
+])
+def test_long_max_model_len_on_scaled_rope(tmp_path, rope, want, error):
+    """A max_model_len past the trained length raises max_position_embeddings so the RoPE table
+    is long enough (engine_args.py), except where that cannot work: YaRN's table length is
+    original x factor whatever max_position_embeddings says, and raising LongRoPE's would change
+    its attention factor. Those are refused before the engine starts, with the limit."""
+    from transformers import LlamaConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_infllm.adapter.engine_args import prepare_engine_args
+    from vllm_infllm.core.config import InfLLMConfigError
+
+    LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                max_position_embeddings=1024, rope_parameters={"rope_theta": 10000.0, **rope}).save_pretrained(tmp_path)
+    args = EngineArgs(model=str(tmp_path), attention_backend="infllm", max_model_len=want)
+    if error:
+        with pytest.raises(InfLLMConfigError, match=error):
+            prepare_engine_args(args)
+    else:
+        prepare_engine_args(args)
+        assert args.hf_overrides == {"max_position_embeddings": want}

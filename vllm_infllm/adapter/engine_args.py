@@ -8,6 +8,10 @@ When InfLLM is the selected backend, `EngineArgs.create_model_config` is wrapped
    have `max_model_len` rows. Without this, vLLM refuses the length (or, with
    VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 alone, reads past the table and returns NaN logits).
    Same as passing `--hf-overrides '{"max_position_embeddings": N}'` by hand.
+   YaRN's table has a length fixed by its scaling (the original context times the factor,
+   whatever max_position_embeddings says), and raising LongRoPE's max_position_embeddings would
+   change the model's attention factor (its mscale grows with it): beyond those lengths the
+   request is refused here, with the limit.
 
 Runs in the process that builds the engine config (`LLM(...)`, `vllm serve`); plugins are
 loaded before that call in both.
@@ -38,8 +42,8 @@ def selects_infllm(engine_args) -> bool:
     return is_infllm_selection(backend)
 
 
-def _trained_length(engine_args) -> int | None:
-    """max_position_embeddings of the model's (text) config, or None if it cannot be read here."""
+def _text_config(engine_args):
+    """The model's (text) transformers config, or None if it cannot be read here."""
     try:
         from transformers import AutoConfig
 
@@ -51,8 +55,22 @@ def _trained_length(engine_args) -> int | None:
     except Exception as e:  # remote/unusual models: leave the decision to vLLM
         logger.debug("infllm: could not read the model config early: %s", e)
         return None
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return getattr(text, "max_position_embeddings", None)
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def fixed_rope_length(text_config) -> tuple[str, int] | None:
+    """(rope type, rows) when the model's RoPE table cannot be lengthened by raising
+    max_position_embeddings without changing the model (YaRN, LongRoPE), else None."""
+    params = getattr(text_config, "rope_parameters", None) or {}
+    # one dict for the model, or one per layer type (Gemma 3, GPT-OSS)
+    per_type = [p for p in params.values() if isinstance(p, dict)] or [params]
+    for p in per_type:
+        kind = p.get("rope_type", p.get("type"))
+        if kind == "yarn":
+            return kind, int(p["original_max_position_embeddings"] * p["factor"])
+        if kind in ("longrope", "su"):
+            return "longrope", int(text_config.max_position_embeddings)
+    return None
 
 
 def prepare_engine_args(engine_args) -> None:
@@ -74,7 +92,20 @@ def prepare_engine_args(engine_args) -> None:
     overrides = engine_args.hf_overrides
     if want is None or callable(overrides) or "max_position_embeddings" in (overrides or {}):
         return
-    trained = _trained_length(engine_args)
+    text = _text_config(engine_args)
+    trained = getattr(text, "max_position_embeddings", None)
+    fixed = fixed_rope_length(text) if text is not None else None
+    if fixed is not None and trained is not None and want > trained:
+        kind, rows = fixed
+        if want > rows or kind == "longrope":
+            from ..core.config import InfLLMConfigError
+
+            raise InfLLMConfigError(
+                f"infllm: max_model_len={want} is longer than this model's {kind} RoPE table "
+                f"({rows} rows, fixed by its scaling). InfLLM keeps attention distances within "
+                f"n_local, but the model still rotates at absolute positions, and lengthening a "
+                f"{kind} table would change the model's RoPE. Use max_model_len <= {rows}."
+            )
     if trained is not None and want > trained:
         engine_args.hf_overrides = {**(overrides or {}), "max_position_embeddings": int(want)}
         logger.info(

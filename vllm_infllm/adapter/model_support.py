@@ -11,9 +11,9 @@ size, layer type or RoPE parameters. Every rejection is raised there, before the
 with the reason and a fix.
 
 What the re-rotation handles (`RotaryTable`): tables that are a pure rotation by angles linear
-in the position, times a constant attention factor (YaRN's mscale, divided out here), in any
-channel layout the core's `RopeLayout` knows (partial rotary, GPT-J pairs). What it refuses:
-tables chosen per batch (LongRoPE), multi-dimensional positions (M-RoPE), dual-chunk attention.
+in the position, times a constant attention factor (YaRN's and LongRoPE's mscale, divided out
+here), in any channel layout the core's `RopeLayout` knows (partial rotary, GPT-J pairs). What it
+refuses: multi-dimensional positions (M-RoPE), dual-chunk attention, FoPE, DeepSeek's MLA RoPE.
 
 Sliding-window layers of hybrid models are not InfLLM layers: the backend runs them with vLLM's
 own exact sliding-window kernel (`window.py`), so nothing here applies to them.
@@ -54,29 +54,39 @@ def _pure_rotation_classes() -> tuple[type, ...]:
 
     names = ["RotaryEmbedding", "LinearScalingRotaryEmbedding", "Llama3RotaryEmbedding",
              "NTKScalingRotaryEmbedding", "DynamicNTKScalingRotaryEmbedding",
-             "DynamicNTKAlphaRotaryEmbedding", "YaRNScalingRotaryEmbedding", "Gemma4RotaryEmbedding"]
+             "DynamicNTKAlphaRotaryEmbedding", "YaRNScalingRotaryEmbedding", "Gemma4RotaryEmbedding",
+             "Phi3LongRoPEScaledRotaryEmbedding"]
     return tuple(getattr(re, n) for n in names if hasattr(re, n))
 
 
 #: Why vLLM's other rotary embeddings cannot be re-rotated, by class name, with what to do.
 _REFUSED = {
-    "Phi3LongRoPEScaledRotaryEmbedding": (
-        "LongRoPE (rope_type 'longrope'): vLLM rotates each batch with the short or the long table "
-        "depending on the batch's longest position, so the rotation of a cached key is not known. "
-        "InfLLM reads long contexts without RoPE scaling: load the model with its original RoPE "
-        "(--hf-overrides '{\"rope_parameters\": {\"rope_type\": \"default\", \"rope_theta\": <its "
-        "rope_theta>, \"partial_rotary_factor\": <its factor>}}')"
-    ),
     "DualChunkRotaryEmbedding": "dual-chunk attention RoPE (remove dual_chunk_attention_config)",
     "DeepseekScalingRotaryEmbedding": "DeepSeek's YaRN variant (MLA models are not supported)",
     "FourierRotaryEmbedding": "Fourier position embedding (FoPE: not a rotation by the position alone)",
 }
 
 
+def rotary_cache(rope) -> tuple[torch.Tensor, float]:
+    """The table `[rows, rotary_dim]` (cos half, sin half) a rotary module rotates with, and the
+    constant attention factor it carries (YaRN's and LongRoPE's mscale; 1 elsewhere).
+
+    LongRoPE (Phi-3/Phi-4) keeps a short and a long table in one buffer and vLLM picks one for the
+    whole engine (`use_long_rope`: max_model_len beyond the original context), each scaled by its
+    own mscale; every other module has one `cos_sin_cache`."""
+    if hasattr(rope, "long_short_cos_sin_cache"):
+        o = rope.original_max_position_embeddings
+        cache = rope.long_short_cos_sin_cache
+        if rope.use_long_rope:
+            return cache[o:], float(rope.long_mscale)
+        return cache[:o], float(rope.short_mscale)
+    return rope.cos_sin_cache, float(getattr(rope, "mscale", 1.0))
+
+
 def rope_rejection_reason(rope) -> str | None:
     """Why InfLLM's re-rotation cannot use this rotary module (None = usable)."""
     name = type(rope).__name__
-    if type(rope) in _pure_rotation_classes():
+    if type(rope) in _pure_rotation_classes():  # exact types: a subclass may rotate otherwise
         return None
     if name in _REFUSED:
         return _REFUSED[name]
@@ -89,11 +99,11 @@ class RotaryTable:
     """One rotary module of the model, as the ops need it: a full-width NeoX table of pure
     rotations, and the channel permutation that makes the model's layout NeoX.
 
-    vLLM's `cos_sin_cache` is `[rows, rotary_dim]` (cos half, sin half), in the layout of
+    vLLM's table (`rotary_cache`) is `[rows, rotary_dim]` (cos half, sin half), in the layout of
     `rope.is_neox_style` over the first `rotary_dim` channels, scaled by a constant attention
-    factor where the RoPE variant has one (YaRN's `mscale`, which scales q·k by mscale²: the
-    model's attention at every distance includes it, so only the re-rotation must not apply it
-    again). Shared by every layer that applies the same module; the table is rebuilt only when
+    factor where the RoPE variant has one (YaRN's and LongRoPE's `mscale`, which scales q·k by
+    mscale²: the model's attention at every distance includes it, so only the re-rotation must
+    not apply it again). Shared by every layer that applies the same module; the table is rebuilt only when
     vLLM replaces its buffer (dtype or device on first use).
     """
 
@@ -101,13 +111,13 @@ class RotaryTable:
 
     def __init__(self, rope: torch.nn.Module):
         self.rope = rope
-        self.layout = RopeLayout(rope.head_size, rope.rotary_dim, bool(rope.is_neox_style))
-        self.attention_factor = float(getattr(rope, "mscale", 1.0))  # YaRN's; the others have none
+        self.layout = RopeLayout(rope.head_size, rope.rotary_dim, bool(getattr(rope, "is_neox_style", True)))
+        table, self.attention_factor = rotary_cache(rope)
         self._key: tuple | None = None
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
         self._perm: dict[torch.device, torch.Tensor] = {}
         # The table must start at the identity times the attention factor: a rotation by 0.
-        row0 = rope.cos_sin_cache[0].float()
+        row0 = table[0].float()
         half = rope.rotary_dim // 2
         want = torch.cat((torch.full((half,), self.attention_factor), torch.zeros(half)))
         if not torch.allclose(row0.cpu(), want, rtol=1e-2, atol=1e-2):
@@ -127,7 +137,7 @@ class RotaryTable:
     def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin `[rows, D/2]` as the ops read them (views of vLLM's buffer when the model's
         table already is a full-width NeoX table of pure rotations)."""
-        cache = self.rope.cos_sin_cache
+        cache = rotary_cache(self.rope)[0]
         if cache.device != device:
             cache = cache.to(device)
         half = self.layout.rotary_dim // 2
@@ -183,7 +193,14 @@ def bind_rotary_tables(model: torch.nn.Module, vllm_config: VllmConfig | None) -
                 "keys and queries with the model's own RoPE table, which must be a rotation by "
                 "the position alone; use another --attention-backend for it."
             )
-        rows = rope.cos_sin_cache.shape[0]
+        rows = rotary_cache(rope)[0].shape[0]
+        fixed = hasattr(rope, "mscale") or hasattr(rope, "long_short_cos_sin_cache")  # YaRN, LongRoPE
+        if max_len > rows and fixed:  # a length fixed by the scaling (engine_args.py)
+            raise ValueError(
+                f"infllm: max_model_len={max_len} exceeds the model's {type(rope).__name__} table "
+                f"({rows} rows, fixed by its RoPE scaling; lengthening it would change the "
+                f"model's RoPE). Use max_model_len <= {rows}."
+            )
         if max_len > rows:
             # VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 alone leaves the table short: the model's
             # RoPE then reads past it (NaN on CPU in 0.32) for positions >= rows.
