@@ -18,7 +18,7 @@ import torch
 from vllm_infllm.core.config import InfLLMConfig
 from vllm_infllm.core.ops import torch_ops
 from vllm_infllm.core.plan import plan_step
-from vllm_infllm.core.rope import rope_table
+from vllm_infllm.core.rope import RopeLayout, rope_table
 from vllm_infllm.testing import make_request, max_abs_err, paged_state, rel_l2_err, run_oracle, run_paged
 
 pytestmark = [
@@ -114,14 +114,19 @@ def test_ops_match_torch_ops(triton_ops, Hq, Hkv, D, selection, dtype):
     assert checked_units >= 2 * cfg.topk
 
 
-@pytest.mark.parametrize("Hq,Hkv,D", [(8, 2, 64), (9, 3, 64)])
-def test_runtime_matches_oracle_fp32(triton_ops, Hq, Hkv, D):
+@pytest.mark.parametrize("Hq,Hkv,D,variant", [(8, 2, 64, None), (9, 3, 64, None), (8, 2, 64, "gptj-softcap-sinks")])
+def test_runtime_matches_oracle_fp32(triton_ops, Hq, Hkv, D, variant):
+    """The whole Triton runtime against the oracle; a model variant: GPT-J RoPE on half of each
+    head (q, k permuted to NeoX), soft-capping and sinks (docs/design.md 3.3)."""
     cfg = InfLLMConfig(n_init=64, n_local=512, block_size=64, topk=4, repr_topk=4, chunk=256)
     g = torch.Generator().manual_seed(0)
     reqs = [make_request(p, d, Hq, Hkv, D, g) for p, d in [([600, 700], 8), ([300], 24), ([1200], 4)]]
-    cos, sin = rope_table(D, 4096)
-    run = run_paged(reqs, cfg, cos, sin, ops=triton_ops, device=DEV)
-    traces = run_oracle(reqs, cfg, cos, sin)
+    model = {}
+    if variant:
+        model = dict(rope=RopeLayout(D, D // 2, neox=False), softcap=5.0, sinks=torch.randn(Hq, generator=g))
+    cos, sin = rope_table(model["rope"].rotary_dim if model else D, 4096)
+    run = run_paged(reqs, cfg, cos, sin, ops=triton_ops, device=DEV, **model)
+    traces = run_oracle(reqs, cfg, cos, sin, **model)
     assert sum(c.num_candidates > cfg.topk for tr in traces for c in tr.chunks) > 10  # real selections
     for out, tr in zip(run.outs[0], traces, strict=True):
         assert max_abs_err(out, tr.out) <= 1e-3
