@@ -109,9 +109,9 @@ def prepare_engine_args(engine_args) -> None:
     if trained is not None and want > trained:
         engine_args.hf_overrides = {**(overrides or {}), "max_position_embeddings": int(want)}
         logger.info(
-            "infllm: max_model_len=%d > the model's trained %d positions: extending its RoPE "
-            "table (hf_overrides max_position_embeddings=%d); InfLLM keeps attention distances "
-            "within n_local.",
+            "infllm: max_model_len=%d > the model's trained %d positions: raising its "
+            "max_position_embeddings to %d (hf_overrides) so that vLLM admits the length and its "
+            "RoPE table covers it; InfLLM keeps attention distances within n_local.",
             want, trained, want,
         )
 

@@ -180,7 +180,7 @@ def bind_rotary_tables(model: torch.nn.Module, vllm_config: VllmConfig | None) -
     """Give every InfLLM layer of `model` the rotary table of its own attention module (checked);
     returns how many layers were bound. Raises ValueError for a table InfLLM cannot use."""
     max_len = vllm_config.model_config.max_model_len if vllm_config is not None and vllm_config.model_config else 0
-    bound = 0
+    bound, described = 0, set()
     for name, module in model.named_modules():
         impl = getattr(module, "impl", None)
         if not hasattr(impl, "bind_rotary") or getattr(impl, "window_impl", None) is not None:
@@ -212,12 +212,14 @@ def bind_rotary_tables(model: torch.nn.Module, vllm_config: VllmConfig | None) -
         table = RotaryTable.of(rope)
         impl.bind_rotary(table)
         bound += 1
-        if bound == 1 or not table.layout.is_canonical or table.attention_factor != 1.0:
+        if id(table) not in described:  # once per table, not per layer
+            described.add(id(table))
             layout = table.layout
             logger.info(
-                "infllm: layer %s re-rotates with %s (head size %d, rotary_dim %d, %s layout, "
-                "attention factor %.4g)%s", name, type(rope).__name__, layout.head_size,
-                layout.rotary_dim, "NeoX" if layout.neox else "GPT-J", table.attention_factor,
+                "infllm: layer %s and the others applying its rotary module re-rotate with %s "
+                "(head size %d, rotary_dim %d, %s layout, attention factor %.4g)%s", name,
+                type(rope).__name__, layout.head_size, layout.rotary_dim,
+                "NeoX" if layout.neox else "GPT-J", table.attention_factor,
                 "" if layout.is_canonical else ": q and k channels permuted to NeoX order",
             )
     return bound
