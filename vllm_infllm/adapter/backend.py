@@ -419,7 +419,7 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
         if self.kv_sharing_target_layer_name is not None or kv_cache.numel() == 0:
             return
         n = min(slot_mapping.shape[0], key.shape[0])
-        key = self._rotary().to_ops_channels(key[:n])  # the ops' NeoX channel order (rope.py)
+        key = self._rotary().layout.to_neox(key[:n])  # the ops' NeoX channel order (core/rope.py)
         infllm_ops.for_device(key.device).write_kv(
             kv_cache[:, : self.num_kv_heads], key, value[:n], slot_mapping[:n],
             self._layer_memory(kv_cache),
@@ -448,7 +448,7 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
         cos, sin = rotary.tables(query.device)
         try:
             infllm_forward(
-                rotary.to_ops_channels(query),
+                rotary.layout.to_neox(query),
                 kv_cache[:, : self.num_kv_heads],
                 attn_metadata.block_table,
                 attn_metadata.plan,

@@ -103,8 +103,9 @@ class RotaryTable:
     `rope.is_neox_style` over the first `rotary_dim` channels, scaled by a constant attention
     factor where the RoPE variant has one (YaRN's and LongRoPE's `mscale`, which scales q·k by
     mscale²: the model's attention at every distance includes it, so only the re-rotation must
-    not apply it again). Shared by every layer that applies the same module; the table is rebuilt only when
-    vLLM replaces its buffer (dtype or device on first use).
+    not apply it again). q and k reach the ops through `layout.to_neox`. Shared by every layer
+    that applies the same module; the table is rebuilt only when vLLM replaces its buffer (dtype
+    or device on first use).
     """
 
     _shared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -115,7 +116,6 @@ class RotaryTable:
         table, self.attention_factor = rotary_cache(rope)
         self._key: tuple | None = None
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._perm: dict[torch.device, torch.Tensor] = {}
         # The table must start at the identity times the attention factor: a rotation by 0.
         row0 = table[0].float()
         half = rope.rotary_dim // 2
@@ -149,15 +149,6 @@ class RotaryTable:
             self._tables = self.layout.canonical_table(f[:, :half].contiguous(), f[:, half:].contiguous())
             self._key = key
         return self._tables
-
-    def to_ops_channels(self, x: torch.Tensor) -> torch.Tensor:
-        """q or k `[T, H, D]` with channels in the ops' NeoX order (no copy if already)."""
-        if self.layout.is_canonical:
-            return x
-        perm = self._perm.get(x.device)
-        if perm is None:
-            perm = self._perm[x.device] = self.layout.perm.to(x.device)
-        return x.index_select(-1, perm)
 
 
 def rotary_module_of(model: torch.nn.Module, layer_name: str) -> torch.nn.Module:

@@ -130,10 +130,10 @@ def infllm_reference_trace(
     q_local = rope.rotate(q, cos, sin, pos)  # R(p) q_raw(p)
     k_local = rope.rotate(k, cos, sin, pos)  # R(j) k_raw(j)
     q_global = rope.rotate(q, cos, sin, torch.full((T,), n_local - 1))  # R(n_local-1) q_raw(p)
+    k_global = k  # raw keys: every global key at relative distance n_local-1
 
     def logits(s: torch.Tensor) -> torch.Tensor:  # the model's soft-capping, if any
         return softcap * torch.tanh(s / softcap) if softcap else s
-    k_global = k  # raw keys: every global key at relative distance n_local-1
 
     out = torch.zeros(T, Hq, D)
     scores = torch.zeros(Hq, T)

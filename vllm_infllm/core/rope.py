@@ -59,6 +59,20 @@ class RopeLayout:
         half = (d - r) // 2
         return torch.cat((first, passed[:half], second, passed[half:]))
 
+    @functools.cached_property
+    def _perm_on(self) -> dict:
+        return {}  # perm per device, copied there once
+
+    def to_neox(self, x: torch.Tensor) -> torch.Tensor:
+        """`x[..., D]` with channels in `perm` order, as the ops read q and k (x itself when the
+        layout already is full-width NeoX)."""
+        if self.is_canonical:
+            return x
+        perm = self._perm_on.get(x.device)
+        if perm is None:
+            perm = self._perm_on[x.device] = self.perm.to(x.device)
+        return x.index_select(-1, perm)
+
     def canonical_table(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's table `[rows, rotary_dim/2]` as a full-width NeoX table `[rows, D/2]` for
         permuted channels: the passed channel pairs rotate by cos 1, sin 0."""
