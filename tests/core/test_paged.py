@@ -1,6 +1,10 @@
-"""The paged torch runtime against the oracle, driven like vLLM drives it: varlen batches mixing
+"""The paged CPU runtime against the oracle, driven like vLLM drives it: varlen batches mixing
 prefill pieces (not aligned to `chunk`) and decodes, random block tables, GQA, several layers,
-recycled blocks with stale state."""
+recycled blocks with stale state.
+
+Every test runs twice: on the torch ops (the reference) and on the native kernels (csrc/cpu),
+the latter with every wave native, prefill included (in serving, long prefill chunks take the
+torch op: `native_ops.NATIVE_MAX_QUERIES`)."""
 
 import dataclasses
 
@@ -12,6 +16,17 @@ from vllm_infllm.core.plan import LayerMemory, plan_step
 from vllm_infllm.core.rope import RopeLayout, rope_table
 from vllm_infllm.core.runtime import infllm_forward
 from vllm_infllm.testing import make_request, max_abs_err, run_oracle, run_paged
+
+
+@pytest.fixture(autouse=True, params=["torch", "native"])
+def cpu_kernel(request, monkeypatch):
+    monkeypatch.setenv("VLLM_INFLLM_CPU_KERNEL", request.param)
+    if request.param == "native":
+        from vllm_infllm.core.ops import native_ops
+
+        monkeypatch.setattr(native_ops, "NATIVE_MAX_QUERIES", 1 << 30)
+    return request.param
+
 
 SMALL = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32)
 
@@ -259,7 +274,7 @@ def test_small_steps_run_on_one_thread_and_restore_it(monkeypatch):
         monkeypatch.setattr(torch_ops, "attend", spy)
         reqs = batch(6, 2, 64)
         cos, sin = rope_table(64, 1024)
-        run = run_paged(reqs, SMALL, cos, sin)
+        run = run_paged(reqs, SMALL, cos, sin, ops=torch_ops)
         assert torch.get_num_threads() == 2
         assert_matches_oracle(reqs, run, SMALL, cos, sin, layers=1)
         small = {t for rows, t in seen if rows <= SINGLE_THREAD_MAX_TOKENS}

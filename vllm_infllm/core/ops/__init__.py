@@ -1,6 +1,8 @@
 """Paged InfLLM ops, one module per device, same signatures and semantics:
 
-    torch_ops   plain torch: the CPU path, and the reference the kernels are tested against
+    torch_ops   plain torch: the reference the kernels are tested against, and the CPU path
+                where the native kernels are not built (or VLLM_INFLLM_CPU_KERNEL=torch)
+    native_ops  the CPU path: the native kernels of csrc/cpu (built by `native.py`)
     triton_ops  Triton kernels: the CUDA path (imports triton; tested in its interpreter on CPU)
 
 Each module has write_kv, seal_units, select_units and attend (docs/design.md section 3.4);
@@ -15,11 +17,18 @@ import torch
 
 
 def for_device(device: torch.device | str) -> ModuleType:
-    """The op module for tensors on `device`: Triton kernels on CUDA, torch elsewhere."""
+    """The op module for tensors on `device`: Triton kernels on CUDA; on CPU the native kernels,
+    or the torch ops (VLLM_INFLLM_CPU_KERNEL, see `native.py`)."""
     if torch.device(device).type == "cuda":
         from . import triton_ops
 
         return triton_ops
+    from . import native
+
+    if native.available():
+        from . import native_ops
+
+        return native_ops
     from . import torch_ops
 
     return torch_ops

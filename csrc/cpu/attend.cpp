@@ -1,0 +1,534 @@
+// InfLLM attention for one wave of selection chunks, straight over the paged KV cache (CPU).
+//
+// The native counterpart of `attend` in vllm_infllm/core/ops/torch_ops.py (the reference it is
+// tested against) and of `_attend_kernel` in triton_ops.py (the same loop structure). Semantics:
+// docs/design.md section 2. For every query p of the wave, one softmax over
+//   local window  [w(p), p]                      keys and query as stored (ordinary RoPE);
+//   init          [0, min(n_init, w(p)))          global keys,
+//   selected      the chunk's units (whole),      global keys,
+//   remainder     [n_init + K*B, w(p))            global keys,
+// where w(p) = max(0, p - n_local + 1) and K the chunk's candidates. A global logit is
+// positions="fixed": <R(n_local-1-p) q(p), R(-j) k(j)>  (every global key at distance n_local-1);
+// positions="ordered": <q(p), R(shift) k(j)> with one shift per block (the gap the unselected
+// candidates leave; computed as <R(-shift) q, k>, which rotates G query rows instead of B keys).
+// Optional: logit soft-capping, a learned sink logit per query head, and the fp32 softmax mass
+// each local key receives ("representative scores", the paper's unit statistics).
+//
+// Work items are (chunk, KV head, query tile); each reads its K/V blocks in place through the
+// block table, converts them to fp32 once per block and serves the G query heads of that KV
+// head from them (GQA). Items run in parallel (at::parallel_for). The local keys' mass is kept
+// per item and added to `scores` afterwards, item by item in a fixed order, by KV head: two
+// requests may share a prefix-cached block, so no score is written by two threads, and sums do
+// not depend on scheduling.
+//
+// All arithmetic is fp32; caches and queries may be fp32, bf16 or fp16. Loops over the head dim
+// are written to be vectorised by the compiler (built with -O3 -march=native when it can, see
+// vllm_infllm/core/ops/native.py).
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace infllm {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+template <typename T>
+inline void load_row(const T* __restrict src, float* __restrict dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// <a, b> over n floats: the inner loop of every logit. Written with intrinsics where the
+// machine has them (the compiler's own vectorisation of this reduction ends in a scalar
+// horizontal sum, which cost a third of a decode step), portable loop otherwise.
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  for (; i + 32 <= n; i += 32) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+  }
+  for (; i + 16 <= n; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+  s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#elif defined(__AVX2__) && defined(__FMA__)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  const __m256 v = _mm256_add_ps(acc0, acc1);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  s = _mm_cvtss_f32(h);
+#else
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+  for (; i + 4 <= n; i += 4) {
+    s0 += a[i] * b[i];
+    s1 += a[i + 1] * b[i + 1];
+    s2 += a[i + 2] * b[i + 2];
+    s3 += a[i + 3] * b[i + 3];
+  }
+  s = (s0 + s1) + (s2 + s3);
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float alpha, const float* __restrict x, float* __restrict y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// e^x for x <= 0 (softmax terms), in a form the compiler vectorises: 2^n * P(r) with
+// x = n ln2 + r, |r| <= ln2/2, P a degree-6 Taylor polynomial (relative error < 2e-7, about
+// that of libm's expf). Arguments below -87 give about 1e-38 instead of 0: a softmax term
+// that small does not change a sum of fp32 terms that includes e^0 = 1.
+inline float exp_neg(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = std::fma(n, -0.693145751953125f, std::fma(n, -1.428606765330187e-06f, x));
+  float p = 1.f / 720.f;
+  p = std::fma(p, r, 1.f / 120.f);
+  p = std::fma(p, r, 1.f / 24.f);
+  p = std::fma(p, r, 1.f / 6.f);
+  p = std::fma(p, r, 0.5f);
+  p = std::fma(p, r, 1.f);
+  p = std::fma(p, r, 1.f);
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof bits);
+  bits += static_cast<int32_t>(n) << 23;
+  float y;
+  std::memcpy(&y, &bits, sizeof y);
+  return y;
+}
+
+// x <- R(sign * a) x for NeoX halves, with c/s the table row of |a| (sign -1: sine negated).
+inline void rotate(const float* __restrict x, float* __restrict y, const float* __restrict c,
+                   const float* __restrict s, float sign, int64_t half) {
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half], sn = sign * s[i];
+    y[i] = a * c[i] - b * sn;
+    y[i + half] = b * c[i] + a * sn;
+  }
+}
+
+// Rows fetched ahead of the first pass over a block (a block's rows are 4 KB pages apart at
+// most; the hardware prefetcher starts over at every page). Prefetches past the block's end
+// touch other rows of the cache, never fault, and are harmless.
+constexpr int64_t kPrefetchRows = 8;
+
+inline void prefetch_row(const float* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 3);
+}
+
+struct Geometry {
+  int64_t D, B, Hq, Hkv, G;
+  int64_t n_init, n_local, topk;
+  bool ordered, scores_on, softcap_on, sinks_on;
+  float scale, softcap;
+};
+
+struct Item {
+  int64_t chunk, kvh, t0, qn;  // queries [t0, t0 + qn) of the chunk
+  int64_t mass_off, span;      // this item's local-mass slice (span keys from w(first query))
+};
+
+// One work item: G * qn rows (query i, head g of the KV head), online softmax over all keys.
+template <typename T>
+struct ItemRunner {
+  const Geometry& g;
+  const T* kv;
+  int64_t s_cb, s_ch, s_co;
+  const float* cos;
+  const float* sin;
+  int64_t s_cos, s_sin;
+
+  // The loaded block: K row o at k + o * k_stride, V row o at v + o * v_stride (fp32). An fp32
+  // cache is read in place; other dtypes, and keys that must be un-rotated, go through kbuf/vbuf.
+  const float* k = nullptr;
+  const float* v = nullptr;
+  int64_t k_stride = 0, v_stride = 0;
+  std::vector<float> kbuf, vbuf, sbuf;
+
+  ItemRunner(const Geometry& geo, const T* kv_, int64_t cb, int64_t ch, int64_t co, const float* c,
+             const float* s, int64_t sc, int64_t ss)
+      : g(geo), kv(kv_), s_cb(cb), s_ch(ch), s_co(co), cos(c), sin(s), s_cos(sc), s_sin(ss) {
+    kbuf.resize(g.B * g.D);
+    vbuf.resize(g.B * g.D);
+    sbuf.resize(g.B);
+  }
+
+  // Keys [a, b) of physical block `phys` (offsets in the block).
+  // rotate_keys: K row of logical position j0 + o un-rotated by R(-(j0 + o)) (positions="fixed").
+  void load_block(int64_t phys, int64_t kvh, int64_t a, int64_t b, int64_t j0, bool rotate_keys) {
+    const int64_t D = g.D, half = D / 2;
+    const T* base = kv + phys * s_cb + kvh * s_ch;
+    if constexpr (std::is_same_v<T, float>) {
+      v = base + D;
+      v_stride = s_co;
+      if (!rotate_keys) {
+        k = base;
+        k_stride = s_co;
+        return;
+      }
+      for (int64_t o = a; o < b; ++o) {
+        const int64_t j = j0 + o;
+        rotate(base + o * s_co, kbuf.data() + o * D, cos + j * s_cos, sin + j * s_sin, -1.f, half);
+      }
+    } else {
+      float tmp[512];
+      for (int64_t o = a; o < b; ++o) {
+        const T* row = base + o * s_co;
+        if (rotate_keys) {
+          load_row(row, tmp, D);
+          const int64_t j = j0 + o;
+          rotate(tmp, kbuf.data() + o * D, cos + j * s_cos, sin + j * s_sin, -1.f, half);
+        } else {
+          load_row(row, kbuf.data() + o * D, D);
+        }
+        load_row(row + D, vbuf.data() + o * D, D);
+      }
+      v = vbuf.data();
+      v_stride = D;
+    }
+    k = kbuf.data();
+    k_stride = D;
+  }
+
+  // Logits of rows [0, R) against keys [a, b) of the loaded block; row r sees keys
+  // [max(a, lo[r]), min(b, hi[r])). Then the online-softmax update of (m, l, acc).
+  // `keep` (row stride keep_stride, key o at keep_off + o): where the local logits are kept
+  // for the score pass.
+  void attend_block(const float* q, int64_t R, int64_t a, int64_t b, const int64_t* lo, const int64_t* hi,
+                    float* m, float* l, float* acc, float* keep, int64_t keep_stride, int64_t keep_off) {
+    const int64_t D = g.D;
+    float* s = sbuf.data();
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t ka = std::max(a, lo[r]), kb = std::min(b, hi[r]);
+      if (ka >= kb) continue;
+      const float* qr = q + r * D;
+      if (r == 0) {  // the first pass over the block reads it from memory: fetch rows ahead
+        for (int64_t o = ka; o < kb; ++o) {
+          prefetch_row(k + (o + kPrefetchRows) * k_stride, D);
+          prefetch_row(v + (o + kPrefetchRows) * v_stride, D);
+          s[o] = dot(qr, k + o * k_stride, D) * g.scale;
+        }
+      } else {
+        for (int64_t o = ka; o < kb; ++o) s[o] = dot(qr, k + o * k_stride, D) * g.scale;
+      }
+      if (g.softcap_on) {  // cap * tanh(s / cap), tanh(x) = 1 - 2 / (e^2x + 1)
+        const float inv = 2.f / g.softcap, cap = g.softcap;
+#pragma omp simd
+        for (int64_t o = ka; o < kb; ++o) {
+          const float x = s[o] * inv;  // e^2x from e^-|2x|: exp_neg's domain
+          const float e = exp_neg(-std::fabs(x));
+          const float t = (1.f - e) / (1.f + e);
+          s[o] = cap * (x < 0.f ? -t : t);
+        }
+      }
+      float mx = kNegInf;
+#pragma omp simd reduction(max : mx)
+      for (int64_t o = ka; o < kb; ++o) mx = std::max(mx, s[o]);
+      if (keep != nullptr) std::memcpy(keep + r * keep_stride + keep_off + ka, s + ka, (kb - ka) * sizeof(float));
+      float* accr = acc + r * D;
+      if (mx > m[r]) {
+        const float alpha = m[r] == kNegInf ? 0.f : std::exp(m[r] - mx);
+        l[r] *= alpha;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) accr[d] *= alpha;
+        m[r] = mx;
+      }
+      const float mr = m[r];
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t o = ka; o < kb; ++o) {
+        s[o] = exp_neg(s[o] - mr);
+        sum += s[o];
+      }
+      for (int64_t o = ka; o < kb; ++o) axpy(s[o], v + o * v_stride, accr, D);
+      l[r] += sum;
+    }
+  }
+};
+
+template <typename T>
+void attend_impl(const torch::Tensor& query, const torch::Tensor& kv_cache, const torch::Tensor& block_table,
+                 const torch::Tensor& req_t, const torch::Tensor& c0_t, const torch::Tensor& len_t,
+                 const torch::Tensor& q0_t, const torch::Tensor& ncand_t, const torch::Tensor& selected,
+                 const torch::Tensor& cos_t, const torch::Tensor& sin_t, torch::Tensor& scores,
+                 torch::Tensor& out, const torch::Tensor& sinks, const Geometry& geo, int64_t query_tile) {
+  const int64_t n = req_t.size(0);
+  const int32_t* req = req_t.data_ptr<int32_t>();
+  const int32_t* c0 = c0_t.data_ptr<int32_t>();
+  const int32_t* len = len_t.data_ptr<int32_t>();
+  const int32_t* q0 = q0_t.data_ptr<int32_t>();
+  const int32_t* ncand = ncand_t.data_ptr<int32_t>();
+  const int32_t* bt = block_table.data_ptr<int32_t>();
+  const int64_t s_bt = block_table.stride(0);
+  const int64_t max_blocks = block_table.size(1);
+  const bool has_sel = geo.topk > 0 && selected.defined() && selected.numel() > 0;
+  const int64_t* sel = has_sel ? selected.data_ptr<int64_t>() : nullptr;
+  const int64_t s_sel = has_sel ? selected.stride(0) : 0;
+  const int64_t s_selh = has_sel && selected.size(1) > 1 ? selected.stride(1) : 0;
+  const T* q = query.data_ptr<T>();
+  const int64_t s_qt = query.stride(0), s_qh = query.stride(1);
+  T* o = out.data_ptr<T>();
+  const int64_t s_ot = out.stride(0), s_oh = out.stride(1);
+  const float* sink = geo.sinks_on ? sinks.data_ptr<float>() : nullptr;
+  const int64_t D = geo.D, B = geo.B, G = geo.G, half = D / 2;
+
+  // Work items in a fixed order: chunk, KV head, query tile.
+  std::vector<Item> items;
+  int64_t mass_total = 0;
+  for (int64_t c = 0; c < n; ++c) {
+    for (int64_t kvh = 0; kvh < geo.Hkv; ++kvh) {
+      for (int64_t t0 = 0; t0 < len[c]; t0 += query_tile) {
+        Item it{c, kvh, t0, std::min<int64_t>(query_tile, len[c] - t0), 0, 0};
+        if (geo.scores_on) {
+          const int64_t p_first = c0[c] + t0, p_last = p_first + it.qn - 1;
+          it.span = p_last - std::max<int64_t>(0, p_first - geo.n_local + 1) + 1;
+          it.mass_off = mass_total;
+          mass_total += G * it.span;
+        }
+        items.push_back(it);
+      }
+    }
+  }
+  std::vector<float> mass(mass_total, 0.f);
+
+  const T* kv = kv_cache.data_ptr<T>();
+  const float* cosp = cos_t.data_ptr<float>();
+  const float* sinp = sin_t.data_ptr<float>();
+
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    ItemRunner<T> run(geo, kv, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), cosp, sinp,
+                      cos_t.stride(0), sin_t.stride(0));
+    std::vector<float> ql, qg, qr, m, l, acc, keep;
+    std::vector<int64_t> lo, hi, w, pos;
+    for (int64_t ii = begin; ii < end; ++ii) {
+      const Item& it = items[ii];
+      const int64_t c = it.chunk, kvh = it.kvh, R = G * it.qn;
+      const int32_t* bt_row = bt + static_cast<int64_t>(req[c]) * s_bt;
+      auto phys_of = [&](int64_t blk) {
+        return static_cast<int64_t>(bt_row[std::min(blk, max_blocks - 1)]);
+      };
+      ql.assign(R * D, 0.f);
+      qg.resize(R * D);
+      qr.resize(R * D);
+      m.assign(R, kNegInf);
+      l.assign(R, 0.f);
+      acc.assign(R * D, 0.f);
+      lo.resize(R);
+      hi.resize(R);
+      w.resize(R);
+      pos.resize(R);
+      // Rows: r = i * G + gg, query t0 + i, head kvh * G + gg.
+      for (int64_t i = 0; i < it.qn; ++i) {
+        const int64_t p = c0[c] + it.t0 + i;
+        const int64_t row = q0[c] + it.t0 + i;
+        for (int64_t gg = 0; gg < G; ++gg) {
+          const int64_t r = i * G + gg, h = kvh * G + gg;
+          pos[r] = p;
+          w[r] = std::max<int64_t>(0, p - geo.n_local + 1);
+          load_row(q + row * s_qt + h * s_qh, ql.data() + r * D, D);
+          if (geo.ordered) {
+            std::copy(ql.begin() + r * D, ql.begin() + (r + 1) * D, qg.begin() + r * D);
+          } else {  // R(n_local-1-p) q: rows with p < n_local have no global keys (angle 0)
+            const int64_t a = p >= geo.n_local ? p - (geo.n_local - 1) : 0;
+            rotate(ql.data() + r * D, qg.data() + r * D, cosp + a * cos_t.stride(0), sinp + a * sin_t.stride(0),
+                   -1.f, half);
+          }
+          if (geo.sinks_on) {  // the sink starts the row's softmax: one more term in the denominator
+            m[r] = sink[h];
+            l[r] = 1.f;
+          }
+        }
+      }
+      const int64_t p_first = c0[c] + it.t0, p_last = p_first + it.qn - 1;
+      const int64_t w_first = std::max<int64_t>(0, p_first - geo.n_local + 1);
+      const int64_t w_last = std::max<int64_t>(0, p_last - geo.n_local + 1);
+      if (geo.scores_on) keep.assign(R * it.span, kNegInf);
+
+      // Local window [w(p), p]: keys and queries as stored.
+      for (int64_t r = 0; r < R; ++r) {
+        lo[r] = w[r];
+        hi[r] = pos[r] + 1;
+      }
+      for (int64_t blk = w_first / B; blk <= p_last / B; ++blk) {
+        const int64_t j0 = blk * B;
+        const int64_t a = std::max<int64_t>(w_first - j0, 0), b = std::min<int64_t>(p_last + 1 - j0, B);
+        run.load_block(phys_of(blk), kvh, a, b, j0, false);
+        // lo/hi in block offsets
+        std::vector<int64_t> blo(R), bhi(R);
+        for (int64_t r = 0; r < R; ++r) {
+          blo[r] = lo[r] - j0;
+          bhi[r] = hi[r] - j0;
+        }
+        run.attend_block(ql.data(), R, a, b, blo.data(), bhi.data(), m.data(), l.data(), acc.data(),
+                         geo.scores_on ? keep.data() : nullptr, it.span, j0 - w_first);
+      }
+
+      // Global keys: everything before w(p) (init, remainder), or a whole selected unit.
+      std::vector<int64_t> glo(R), ghi(R);
+      const int64_t cand = ncand[c];
+      const int64_t nsel = std::min<int64_t>(cand, geo.topk);
+      const int64_t gap = (cand - nsel) * B;  // ordered: how far the init blocks move forward
+      auto global_block = [&](int64_t blk, int64_t a, int64_t b, bool all_rows, int64_t shift) {
+        const int64_t j0 = blk * B;
+        for (int64_t r = 0; r < R; ++r) {
+          glo[r] = 0;
+          ghi[r] = all_rows ? B : w[r] - j0;
+        }
+        const float* qq = qg.data();
+        if (geo.ordered && shift != 0) {  // <q, R(shift) k> = <R(-shift) q, k>
+          for (int64_t r = 0; r < R; ++r)
+            rotate(ql.data() + r * D, qr.data() + r * D, cosp + shift * cos_t.stride(0),
+                   sinp + shift * sin_t.stride(0), -1.f, half);
+          qq = qr.data();
+        }
+        run.load_block(phys_of(blk), kvh, a, b, j0, !geo.ordered);
+        run.attend_block(qq, R, a, b, glo.data(), ghi.data(), m.data(), l.data(), acc.data(), nullptr, 0, 0);
+      };
+      // Init [0, min(n_init, w_last)): ordered moves it forward by the unselected candidates.
+      const int64_t init_end = std::min(geo.n_init, w_last);
+      for (int64_t blk = 0; blk * B < init_end; ++blk)
+        global_block(blk, 0, std::min<int64_t>(B, init_end - blk * B), false, gap);
+      // Selected units (ascending ids, then -1): unit of rank k moves by gap + (k - u) * B.
+      if (has_sel) {
+        const int64_t* srow = sel + c * s_sel + kvh * s_selh;
+        for (int64_t k = 0; k < nsel; ++k) {
+          const int64_t u = srow[k];
+          if (u < 0) continue;
+          global_block(geo.n_init / B + u, 0, B, true, gap + (k - u) * B);
+        }
+      }
+      // Remainder [n_init + K*B, w_last): left the window, not yet a candidate; true distances.
+      const int64_t r0 = geo.n_init + cand * B;
+      for (int64_t j = r0; j < w_last; j = (j / B + 1) * B) {
+        const int64_t blk = j / B;
+        global_block(blk, j - blk * B, std::min<int64_t>(B, w_last - blk * B), false, 0);
+      }
+
+      // Output, then each local key's softmax mass summed over the item's queries.
+      for (int64_t i = 0; i < it.qn; ++i) {
+        const int64_t row = q0[c] + it.t0 + i;
+        for (int64_t gg = 0; gg < G; ++gg) {
+          const int64_t r = i * G + gg;
+          const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+          T* dst = o + row * s_ot + (kvh * G + gg) * s_oh;
+          const float* src = acc.data() + r * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d] * inv);
+        }
+      }
+      if (geo.scores_on) {
+        float* ms = mass.data() + it.mass_off;
+        for (int64_t r = 0; r < R; ++r) {
+          const float mr = m[r], inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+          const float* kr = keep.data() + r * it.span;
+          float* dst = ms + (r % G) * it.span;
+#pragma omp simd
+          for (int64_t x = 0; x < it.span; ++x)  // masked logits (-inf) add exactly 0
+            dst[x] += kr[x] == kNegInf ? 0.f : exp_neg(kr[x] - mr) * inv;
+        }
+      }
+    }
+  });
+
+  if (!geo.scores_on) return;
+  // Add the masses in item order; KV heads write disjoint head rows, so they run in parallel.
+  float* sc = scores.data_ptr<float>();
+  const int64_t s_sb = scores.stride(0), s_sh = scores.stride(1), s_so = scores.stride(2);
+  at::parallel_for(0, geo.Hkv, 1, [&](int64_t kb, int64_t ke) {
+    for (const Item& it : items) {
+      if (it.kvh < kb || it.kvh >= ke) continue;
+      const int32_t* bt_row = bt + static_cast<int64_t>(req[it.chunk]) * s_bt;
+      const int64_t p_first = c0[it.chunk] + it.t0;
+      const int64_t w_first = std::max<int64_t>(0, p_first - geo.n_local + 1);
+      for (int64_t gg = 0; gg < G; ++gg) {
+        const float* src = mass.data() + it.mass_off + gg * it.span;
+        const int64_t h = it.kvh * G + gg;
+        for (int64_t x = 0; x < it.span; ++x) {
+          const int64_t j = w_first + x;
+          const int64_t phys = bt_row[j / B];
+          sc[phys * s_sb + h * s_sh + (j % B) * s_so] += src[x];
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void attend(const torch::Tensor& query, const torch::Tensor& kv_cache, const torch::Tensor& block_table,
+            const torch::Tensor& req, const torch::Tensor& c0, const torch::Tensor& length, const torch::Tensor& q0,
+            const torch::Tensor& num_cand, const c10::optional<torch::Tensor>& selected, const torch::Tensor& cos,
+            const torch::Tensor& sin, torch::Tensor scores, torch::Tensor out,
+            const c10::optional<torch::Tensor>& sinks, int64_t block_size, int64_t n_init, int64_t n_local,
+            int64_t topk, bool ordered, bool scores_on, double scale, double softcap, int64_t query_tile) {
+  TORCH_CHECK(query.dim() == 3 && kv_cache.dim() == 4 && out.dim() == 3, "infllm native attend: bad ranks");
+  const int64_t D = query.size(2);
+  TORCH_CHECK(D % 2 == 0 && D <= 512 && kv_cache.size(3) == 2 * D && kv_cache.size(2) == block_size,
+              "infllm native attend: kv_cache must be [blocks, Hkv, block_size, 2*D] with even D <= 512");
+  TORCH_CHECK(query.stride(2) == 1 && kv_cache.stride(3) == 1 && out.stride(2) == 1,
+              "infllm native attend: the head dim must be contiguous");
+  TORCH_CHECK(query.scalar_type() == kv_cache.scalar_type() && out.scalar_type() == kv_cache.scalar_type(),
+              "infllm native attend: query, cache and out must share a dtype");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.stride(1) == 1 &&
+                  sin.stride(1) == 1 && cos.size(1) == D / 2,
+              "infllm native attend: cos/sin must be fp32 [rows, D/2] with contiguous rows");
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.stride(1) == 1,
+              "infllm native attend: block_table must be int32 with contiguous rows");
+  for (const auto* t : {&req, &c0, &length, &q0, &num_cand})
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(), "infllm native attend: chunk fields int32");
+  TORCH_CHECK(!scores_on || scores.scalar_type() == at::kFloat, "infllm native attend: scores must be fp32");
+  Geometry geo;
+  geo.D = D;
+  geo.B = block_size;
+  geo.Hq = query.size(1);
+  geo.Hkv = kv_cache.size(1);
+  TORCH_CHECK(geo.Hq % geo.Hkv == 0, "infllm native attend: Hq must be a multiple of Hkv");
+  geo.G = geo.Hq / geo.Hkv;
+  geo.n_init = n_init;
+  geo.n_local = n_local;
+  geo.topk = topk;
+  geo.ordered = ordered;
+  geo.scores_on = scores_on;
+  geo.softcap_on = softcap != 0.0;
+  geo.softcap = static_cast<float>(softcap);
+  geo.scale = static_cast<float>(scale);
+  torch::Tensor sel, snk;
+  if (selected.has_value() && topk > 0) {
+    sel = selected.value();
+    TORCH_CHECK(sel.scalar_type() == at::kLong && sel.stride(2) == 1 && (sel.size(1) == 1 || sel.size(1) == geo.Hkv),
+                "infllm native attend: selected must be int64 [n, 1 | Hkv, topk]");
+  }
+  geo.sinks_on = sinks.has_value();
+  if (geo.sinks_on) {
+    snk = sinks.value();
+    TORCH_CHECK(snk.scalar_type() == at::kFloat && snk.is_contiguous() && snk.numel() == geo.Hq,
+                "infllm native attend: sinks must be fp32 [Hq]");
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kv_cache.scalar_type(), "infllm_attend", [&] {
+    attend_impl<scalar_t>(query, kv_cache, block_table, req, c0, length, q0, num_cand, sel, cos, sin, scores, out,
+                          snk, geo, query_tile);
+  });
+}
+
+}  // namespace infllm

@@ -1,0 +1,16 @@
+// Python bindings of the native CPU ops (built by vllm_infllm/core/ops/native.py).
+#include <torch/extension.h>
+
+namespace infllm {
+void attend(const torch::Tensor& query, const torch::Tensor& kv_cache, const torch::Tensor& block_table,
+            const torch::Tensor& req, const torch::Tensor& c0, const torch::Tensor& length, const torch::Tensor& q0,
+            const torch::Tensor& num_cand, const c10::optional<torch::Tensor>& selected, const torch::Tensor& cos,
+            const torch::Tensor& sin, torch::Tensor scores, torch::Tensor out,
+            const c10::optional<torch::Tensor>& sinks, int64_t block_size, int64_t n_init, int64_t n_local,
+            int64_t topk, bool ordered, bool scores_on, double scale, double softcap, int64_t query_tile);
+}  // namespace infllm
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "vllm-infllm native CPU kernels";
+  m.def("attend", &infllm::attend, "InfLLM attention of one wave over the paged cache (see csrc/cpu/attend.cpp)");
+}

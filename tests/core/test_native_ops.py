@@ -1,0 +1,167 @@
+"""The native CPU kernels (csrc/cpu) op by op against the torch ops, and how the CPU path picks
+them (VLLM_INFLLM_CPU_KERNEL). The whole runtime on the native kernels against the oracle is in
+test_paged.py (every test there runs on both)."""
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+
+from vllm_infllm.core import ops as ops_pkg
+from vllm_infllm.core.config import InfLLMConfig
+from vllm_infllm.core.ops import native, native_ops, torch_ops
+from vllm_infllm.core.plan import LayerMemory, plan_step
+from vllm_infllm.core.rope import rope_table
+from vllm_infllm.testing import paged_state
+
+CFG = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=3, repr_topk=3, chunk=32)
+# A wave mixing a prefill chunk deep in the sequence (init + selected units + remainder + local),
+# decodes well past the window, and a short prefill inside the dense regime; then a decode wave.
+QUERY_LENS, SEQ_LENS = [32, 1, 1, 7], [224, 200, 150, 20]
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
+       torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
+
+
+@pytest.fixture(autouse=True)
+def every_wave_native(monkeypatch):
+    monkeypatch.setattr(native_ops, "NATIVE_MAX_QUERIES", 1 << 30)
+
+
+def waves(cfg=CFG):
+    qsl = [0]
+    for n in QUERY_LENS:
+        qsl.append(qsl[-1] + n)
+    return plan_step(qsl, SEQ_LENS, cfg).waves + plan_step([0, 1, 2], SEQ_LENS[1:3], cfg).waves
+
+
+def packed_memory(mem: LayerMemory, Hkv: int, dtype) -> tuple[LayerMemory, torch.Tensor]:
+    """The same side state as strided views into KV pages, as the vLLM adapter lays it out
+    (adapter/side_state.py imports no vLLM), and the pages' K/V slots."""
+    from vllm_infllm.adapter.side_state import SideStateLayout, side_state_views
+
+    Hq, D = mem.reprs.shape[1], mem.reprs.shape[2]
+    B = mem.scores.shape[2]
+    extra = SideStateLayout(Hq, D, B, dtype).num_extra_slots()
+    pages = torch.randn(mem.scores.shape[0], Hkv + extra, B, 2 * D).to(dtype)
+    scores, reprs, sealed, _ = side_state_views(pages, Hkv, Hq, D)
+    scores.copy_(mem.scores)
+    reprs.copy_(mem.reprs)
+    sealed.copy_(mem.sealed)
+    assert scores.stride(0) > scores[0].numel()  # really strided
+    return LayerMemory(reprs=reprs, scores=scores, sealed=sealed.view(torch.bool)), pages
+
+
+def run_both(Hq, Hkv, D, dtype, cfg, softcap=0.0, sinks=False, packed=False, seed=0):
+    """Every wave through torch_ops.attend and native_ops.attend on the same state; returns the
+    largest differences (outputs, scores) and how much the scores moved."""
+    st = paged_state(Hq, Hkv, D, SEQ_LENS, dtype, cfg, device="cpu", seed=seed)
+    kv, table, mem = st.kv_cache, st.block_table, st.memory
+    nat = mem.clone()
+    if packed:
+        nat, pages = packed_memory(mem, Hkv, dtype)
+        pages[:, :Hkv] = kv
+        kv = pages[:, :Hkv]  # K/V with the page stride, as the adapter passes them
+    cos, sin = rope_table(D, 1024)
+    g = torch.Generator().manual_seed(seed + 4)
+    T = sum(QUERY_LENS)
+    query = (torch.randn(T, Hq, D, generator=g) * 2).to(dtype)
+    sink = torch.randn(Hq, generator=g) + 1 if sinks else None
+    ref, start = mem.clone(), mem.scores.clone()
+    for wave in waves(cfg):
+        selected = torch_ops.select_units(query, ref, table, wave, cos, sin, cfg, Hkv)
+        o_ref = torch.zeros(T, Hq, D, dtype=dtype)
+        o_nat = torch.full((T, Hq, D), float("nan"), dtype=dtype)
+        torch_ops.attend(query, kv, ref, table, wave, selected, cos, sin, cfg, D**-0.5, o_ref, softcap=softcap,
+                         sinks=sink)
+        native_ops.attend(query, kv, nat, table, wave, selected, cos, sin, cfg, D**-0.5, o_nat, softcap=softcap,
+                          sinks=sink)
+        rows = torch.cat([torch.arange(q0, q0 + n) for q0, n in zip(wave.host["q0"], wave.host["length"],
+                                                                    strict=True)])
+        torch.testing.assert_close(o_nat[rows].float(), o_ref[rows].float(), **TOL[dtype])
+        others = torch.ones(T, dtype=torch.bool)
+        others[rows] = False
+        assert o_nat[others].isnan().all()  # rows of other waves are not written
+        torch.testing.assert_close(nat.scores, ref.scores, **TOL[torch.float32])
+    return (ref.scores - start).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Hq,Hkv,D", [(4, 4, 64), (9, 3, 64), (7, 1, 128), (8, 1, 256), (16, 2, 128)])
+def test_attend_matches_torch_ops(Hq, Hkv, D, dtype):
+    moved = run_both(Hq, Hkv, D, dtype, CFG)
+    assert moved > 0.1  # the local keys' mass really was accumulated
+
+
+@pytest.mark.parametrize("modes", [
+    {"selection": "kv_head"}, {"positions": "ordered"}, {"positions": "ordered", "selection": "kv_head"},
+    {"unit_score": "minmax"}, {"unit_score": "max_topk", "contiguity": 1}, {"topk": 0},
+    {"chunking": "step", "select_queries": 4}, {"n_init": 0}])
+def test_attend_modes(modes):
+    cfg = dataclasses.replace(CFG, **modes)
+    moved = run_both(6, 2, 64, torch.float32, cfg, seed=1)
+    assert (moved > 0.1) == cfg.accumulates_scores  # minmax and topk 0 keep no scores
+
+
+@pytest.mark.parametrize("softcap,sinks,dtype", [(2.0, False, torch.float32), (0.0, True, torch.float32),
+                                                 (3.0, True, torch.bfloat16)])
+def test_attend_softcap_and_sinks(softcap, sinks, dtype):
+    run_both(4, 2, 64, dtype, CFG, softcap=softcap, sinks=sinks, seed=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attend_on_adapter_pages(dtype):
+    """K/V and side state as strided views of vLLM pages (page stride, scores inside the page)."""
+    run_both(6, 2, 64, dtype, CFG, packed=True, seed=3)
+
+
+def test_long_prefill_chunks_take_the_torch_op(monkeypatch):
+    """In serving, waves with chunks longer than NATIVE_MAX_QUERIES run torch_ops.attend."""
+    monkeypatch.setattr(native_ops, "NATIVE_MAX_QUERIES", 16)
+    calls = []
+    real = torch_ops.attend
+    monkeypatch.setattr(torch_ops, "attend", lambda *a, **k: calls.append(a[4].max_len) or real(*a, **k))
+    st = paged_state(4, 2, 64, SEQ_LENS, torch.float32, CFG, device="cpu")
+    cos, sin = rope_table(64, 1024)
+    query = torch.randn(sum(QUERY_LENS), 4, 64)
+    lens = []
+    for wave in waves():
+        lens.append(wave.max_len)
+        selected = torch_ops.select_units(query, st.memory, st.block_table, wave, cos, sin, CFG, 2)
+        native_ops.attend(query, st.kv_cache, st.memory, st.block_table, wave, selected, cos, sin, CFG, 0.125,
+                          torch.zeros_like(query))
+    assert lens == [31, 1, 1] and calls == [31]  # the prefill chunk's wave only
+
+
+def test_kernel_choice_by_env(monkeypatch, caplog):
+    monkeypatch.setenv(native.ENV, "torch")
+    assert ops_pkg.for_device("cpu") is torch_ops
+    monkeypatch.setenv(native.ENV, "native")
+    assert ops_pkg.for_device("cpu") is native_ops
+    monkeypatch.setenv(native.ENV, "fast")
+    with pytest.raises(ValueError, match="VLLM_INFLLM_CPU_KERNEL='fast' is not one of auto, native, torch"):
+        ops_pkg.for_device("cpu")
+
+
+def test_unbuildable_kernels_fail_loudly_or_warn_once(monkeypatch, caplog, tmp_path):
+    """No compiler: `native` is an error that names the fix; `auto` logs the reason once and
+    runs the torch ops (never silently)."""
+    monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setattr(native, "_failure", None)
+    monkeypatch.setattr(native, "_warned", False)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("VLLM_INFLLM_BUILD_DIR", str(tmp_path / "build"))
+    native._march_native.cache_clear()
+    try:
+        monkeypatch.setenv(native.ENV, "native")
+        with pytest.raises(native.NativeUnavailable, match="C\\+\\+17 compiler .*no-such-compiler.*"
+                                                           "VLLM_INFLLM_CPU_KERNEL=torch"):
+            ops_pkg.for_device("cpu")
+        monkeypatch.setenv(native.ENV, "auto")
+        with caplog.at_level(logging.WARNING, logger="vllm.infllm"):
+            assert ops_pkg.for_device("cpu") is torch_ops
+            assert ops_pkg.for_device("cpu") is torch_ops
+        warnings = [r for r in caplog.records if "using the torch CPU ops" in r.getMessage()]
+        assert len(warnings) == 1 and "no-such-compiler" in warnings[0].getMessage()
+    finally:
+        native._march_native.cache_clear()
