@@ -50,8 +50,21 @@ def parse_case(s: str) -> tuple[int, int]:
 
 
 def infllm_configs(args) -> dict[str, dict]:
-    """Run names of the --infllm-config values: infllm, infllm2, infllm3, ..."""
-    return {("infllm" if i == 0 else f"infllm{i + 1}"): json.loads(c) for i, c in enumerate(args.infllm_config)}
+    """Run names of the --infllm-config values: infllm, infllm2, infllm3, ...; with several
+    --cpu-kernels, one run per config and kernel (infllm@native, infllm@torch, ...)."""
+    runs = {}
+    for i, c in enumerate(args.infllm_config):
+        base = "infllm" if i == 0 else f"infllm{i + 1}"
+        for k in args.cpu_kernels or [None]:
+            runs[base if k is None or len(args.cpu_kernels) == 1 else f"{base}@{k}"] = json.loads(c)
+    return runs
+
+
+def kernel_of(args, name: str) -> str | None:
+    """The VLLM_INFLLM_CPU_KERNEL of an infllm run (None: the environment's)."""
+    if not args.cpu_kernels:
+        return None
+    return name.partition("@")[2] or args.cpu_kernels[0]
 
 
 def worker(args) -> dict:
@@ -73,6 +86,8 @@ def worker(args) -> dict:
     kw = dict(model=model, enforce_eager=True, dtype=args.dtype, enable_prefix_caching=False,
               max_num_seqs=max(B for _, B in cases), disable_log_stats=False)
     if name.startswith("infllm"):
+        if kernel_of(args, name):
+            os.environ["VLLM_INFLLM_CPU_KERNEL"] = kernel_of(args, name)
         kw.update(attention_backend="infllm", additional_config={"infllm": infllm_configs(args)[name]},
                   max_model_len=max(FULL_MAX_LEN, longest))
         limit = kw["max_model_len"]
@@ -86,6 +101,7 @@ def worker(args) -> dict:
     llm = LLM(**kw)
     start_s = time.time() - t0
     info = {"config": name, "engine_kwargs": {k: v for k, v in kw.items() if k != "model"},
+            "cpu_kernel": os.environ.get("VLLM_INFLLM_CPU_KERNEL", "auto") if name.startswith("infllm") else None,
             "engine_start_seconds": round(start_s, 1)}
     try:
         cc = llm.llm_engine.vllm_config.cache_config
@@ -150,6 +166,8 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", nargs="+", choices=["infllm", "cpu_attn"], default=["infllm", "cpu_attn"])
     ap.add_argument("--infllm-config", nargs="+", default=['{"n_local": 1024, "topk": 4}'],
                     help="one or more InfLLM configs (JSON); runs are named infllm, infllm2, ...")
+    ap.add_argument("--cpu-kernels", nargs="+", choices=["native", "torch"], default=None,
+                    help="VLLM_INFLLM_CPU_KERNEL of the infllm runs; several: one run each (default: the env's)")
     ap.add_argument("--cpu-attn-long", action="store_true",
                     help="run CPU_ATTN beyond 8192 with hf_overrides max_position_embeddings")
     ap.add_argument("--model", default=None)

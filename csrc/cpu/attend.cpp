@@ -28,6 +28,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -95,29 +97,6 @@ inline void axpy(float alpha, const float* __restrict x, float* __restrict y, in
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
-// e^x for x <= 0 (softmax terms), in a form the compiler vectorises: 2^n * P(r) with
-// x = n ln2 + r, |r| <= ln2/2, P a degree-6 Taylor polynomial (relative error < 2e-7, about
-// that of libm's expf). Arguments below -87 give about 1e-38 instead of 0: a softmax term
-// that small does not change a sum of fp32 terms that includes e^0 = 1.
-inline float exp_neg(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = std::fma(n, -0.693145751953125f, std::fma(n, -1.428606765330187e-06f, x));
-  float p = 1.f / 720.f;
-  p = std::fma(p, r, 1.f / 120.f);
-  p = std::fma(p, r, 1.f / 24.f);
-  p = std::fma(p, r, 1.f / 6.f);
-  p = std::fma(p, r, 0.5f);
-  p = std::fma(p, r, 1.f);
-  p = std::fma(p, r, 1.f);
-  int32_t bits;
-  std::memcpy(&bits, &p, sizeof bits);
-  bits += static_cast<int32_t>(n) << 23;
-  float y;
-  std::memcpy(&y, &bits, sizeof y);
-  return y;
-}
-
 // x <- R(sign * a) x for NeoX halves, with c/s the table row of |a| (sign -1: sine negated).
 inline void rotate(const float* __restrict x, float* __restrict y, const float* __restrict c,
                    const float* __restrict s, float sign, int64_t half) {
@@ -137,6 +116,70 @@ constexpr int64_t kPrefetchRows = 8;
 inline void prefetch_row(const float* p, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 3);
 }
+
+#if INFLLM_SIMD_WIDTH
+// One row's online-softmax step over keys [ka, kb) of a block, head dim D a multiple of the
+// vector width: the query (pre-scaled) sits in registers while the logits are taken, the
+// accumulator while the values are added, so a key costs D/W multiply-adds twice plus one
+// horizontal sum. s: scratch for the block's logits (>= kb + kW floats).
+template <int D, bool PREFETCH>
+inline void row_block(const float* __restrict qr, const float* __restrict k, int64_t ks, const float* __restrict v,
+                      int64_t vs, int64_t ka, int64_t kb, float scale, bool softcap_on, float softcap,
+                      float* __restrict s, float& m, float& l, float* __restrict accr, float* keep) {
+  constexpr int N = D / kW;
+  vfloat q[N];
+  for (int i = 0; i < N; ++i) q[i] = vmul(vload(qr + i * kW), vset1(scale));
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t o = ka; o < kb; ++o) {
+    const float* kr = k + o * ks;
+    if constexpr (PREFETCH) {  // the block's first pass reads it from memory: ask for rows ahead
+      for (int i = 0; i < D; i += 16) {
+        __builtin_prefetch(kr + kPrefetchRows * ks + i, 0, 3);
+        __builtin_prefetch(v + (o + kPrefetchRows) * vs + i, 0, 3);
+      }
+    }
+    vfloat x = vmul(q[0], vload(kr));
+    for (int i = 1; i < N; ++i) x = vfma(q[i], vload(kr + i * kW), x);
+    float t = vsum(x);
+    if (softcap_on) {  // cap * tanh(t / cap), tanh(y) = (1 - e^-2|y|) / (1 + e^-2|y|) with y's sign
+      const float y = t / softcap, e = exp_neg(-2.f * std::fabs(y)), th = (1.f - e) / (1.f + e);
+      t = softcap * (y < 0.f ? -th : th);
+    }
+    s[o] = t;
+    mx = std::max(mx, t);
+  }
+  if (keep != nullptr) std::memcpy(keep + ka, s + ka, (kb - ka) * sizeof(float));
+  vfloat a[N];
+  if (mx > m) {
+    const float alpha = std::isinf(m) ? 0.f : exp_neg(m - mx);  // m = -inf at first: acc, l are 0
+    l *= alpha;
+    for (int i = 0; i < N; ++i) a[i] = vmul(vload(accr + i * kW), vset1(alpha));
+    m = mx;
+  } else {
+    for (int i = 0; i < N; ++i) a[i] = vload(accr + i * kW);
+  }
+  const vfloat mv = vset1(m);
+  vfloat sumv = vset1(0.f);
+  int64_t o = ka;
+  for (; o + kW <= kb; o += kW) {
+    const vfloat p = vexp_neg(vsub(vload(s + o), mv));
+    vstore(s + o, p);
+    sumv = vadd(sumv, p);
+  }
+  float sum = vsum(sumv);
+  for (; o < kb; ++o) {
+    s[o] = exp_neg(s[o] - m);
+    sum += s[o];
+  }
+  for (o = ka; o < kb; ++o) {
+    const vfloat p = vset1(s[o]);
+    const float* vr = v + o * vs;
+    for (int i = 0; i < N; ++i) a[i] = vfma(p, vload(vr + i * kW), a[i]);
+  }
+  for (int i = 0; i < N; ++i) vstore(accr + i * kW, a[i]);
+  l += sum;
+}
+#endif
 
 struct Geometry {
   int64_t D, B, Hq, Hkv, G;
@@ -172,7 +215,7 @@ struct ItemRunner {
       : g(geo), kv(kv_), s_cb(cb), s_ch(ch), s_co(co), cos(c), sin(s), s_cos(sc), s_sin(ss) {
     kbuf.resize(g.B * g.D);
     vbuf.resize(g.B * g.D);
-    sbuf.resize(g.B);
+    sbuf.resize(g.B + 16);  // vector loads may run past the block's last key
   }
 
   // Keys [a, b) of physical block `phys` (offsets in the block).
@@ -220,6 +263,20 @@ struct ItemRunner {
                     float* m, float* l, float* acc, float* keep, int64_t keep_stride, int64_t keep_off) {
     const int64_t D = g.D;
     float* s = sbuf.data();
+#if INFLLM_SIMD_WIDTH
+    if (D == 64 || D == 128 || D == 256) {
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t ka = std::max(a, lo[r]), kb = std::min(b, hi[r]);
+        if (ka >= kb) continue;
+        float* kp = keep == nullptr ? nullptr : keep + r * keep_stride + keep_off;
+        auto run = r == 0 ? (D == 64 ? &row_block<64, true> : D == 128 ? &row_block<128, true> : &row_block<256, true>)
+                          : (D == 64 ? &row_block<64, false> : D == 128 ? &row_block<128, false> : &row_block<256, false>);
+        run(q + r * D, k, k_stride, v, v_stride, ka, kb, g.scale, g.softcap_on, g.softcap, s, m[r], l[r],
+            acc + r * D, kp);
+      }
+      return;
+    }
+#endif
     for (int64_t r = 0; r < R; ++r) {
       const int64_t ka = std::max(a, lo[r]), kb = std::min(b, hi[r]);
       if (ka >= kb) continue;
@@ -443,8 +500,14 @@ void attend_impl(const torch::Tensor& query, const torch::Tensor& kv_cache, cons
           const float mr = m[r], inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
           const float* kr = keep.data() + r * it.span;
           float* dst = ms + (r % G) * it.span;
-#pragma omp simd
-          for (int64_t x = 0; x < it.span; ++x)  // masked logits (-inf) add exactly 0
+          int64_t x = 0;
+#if INFLLM_SIMD_WIDTH
+          // masked logits (-inf) become e^-87 * inv, about 1e-38: below anything the scores hold
+          const vfloat mv = vset1(mr), iv = vset1(inv);
+          for (; x + kW <= it.span; x += kW)
+            vstore(dst + x, vfma(vexp_neg(vsub(vload(kr + x), mv)), iv, vload(dst + x)));
+#endif
+          for (; x < it.span; ++x)  // masked logits (-inf) add exactly 0
             dst[x] += kr[x] == kNegInf ? 0.f : exp_neg(kr[x] - mr) * inv;
         }
       }
@@ -461,13 +524,19 @@ void attend_impl(const torch::Tensor& query, const torch::Tensor& kv_cache, cons
       const int32_t* bt_row = bt + static_cast<int64_t>(req[it.chunk]) * s_bt;
       const int64_t p_first = c0[it.chunk] + it.t0;
       const int64_t w_first = std::max<int64_t>(0, p_first - geo.n_local + 1);
+      const int64_t j_end = w_first + it.span;
       for (int64_t gg = 0; gg < G; ++gg) {
-        const float* src = mass.data() + it.mass_off + gg * it.span;
+        const float* src = mass.data() + it.mass_off + gg * it.span;  // key j at src[j - w_first]
         const int64_t h = it.kvh * G + gg;
-        for (int64_t x = 0; x < it.span; ++x) {
-          const int64_t j = w_first + x;
-          const int64_t phys = bt_row[j / B];
-          sc[phys * s_sb + h * s_sh + (j % B) * s_so] += src[x];
+        for (int64_t j0 = w_first - w_first % B; j0 < j_end; j0 += B) {  // block by block
+          float* dst = sc + static_cast<int64_t>(bt_row[j0 / B]) * s_sb + h * s_sh - j0 * s_so;
+          const int64_t ja = std::max(j0, w_first), jb = std::min(j0 + B, j_end);
+          if (s_so == 1) {
+#pragma omp simd
+            for (int64_t j = ja; j < jb; ++j) dst[j] += src[j - w_first];
+          } else {
+            for (int64_t j = ja; j < jb; ++j) dst[j * s_so] += src[j - w_first];
+          }
         }
       }
     }

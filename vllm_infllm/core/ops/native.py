@@ -37,7 +37,7 @@ logger = logging.getLogger("vllm.infllm")  # under vLLM's handler when it runs i
 
 ENV = "VLLM_INFLLM_CPU_KERNEL"
 MODES = ("auto", "native", "torch")
-SOURCES = ("attend.cpp", "bindings.cpp")
+SOURCES = ("attend.cpp", "bindings.cpp", "simd.h")
 #: csrc/cpu of this checkout (the package is installed editable by scripts/setup.sh).
 CSRC = Path(__file__).resolve().parents[3] / "csrc" / "cpu"
 
@@ -137,7 +137,7 @@ def _build() -> ModuleType:
     try:
         module = cpp_extension.load(
             name=f"vllm_infllm_cpu_{key}",
-            sources=[str(CSRC / name) for name in SOURCES],
+            sources=[str(CSRC / name) for name in SOURCES if name.endswith(".cpp")],
             build_directory=str(where),
             extra_cflags=cflags(),
             extra_ldflags=["-fopenmp"],

@@ -1,0 +1,103 @@
+// A few fp32 vector operations over the widest registers the build targets: AVX-512 (16 lanes),
+// AVX2 + FMA (8 lanes), or none (INFLLM_SIMD_WIDTH 0: callers take their portable loops).
+// attend.cpp's per-row micro-kernel is written once against these.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+namespace infllm {
+
+// e^x for x <= 0 (softmax terms): 2^n * P(r), x = n ln2 + r, |r| <= ln2/2, P the degree-6 Taylor
+// polynomial (relative error < 2e-7, about that of libm's expf). Arguments below -87 give about
+// 1e-38 instead of 0: a softmax term that small does not change a sum that includes e^0 = 1.
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693145751953125f;  // ln 2 = kLn2Hi + kLn2Lo, kLn2Hi exact in fp32
+constexpr float kLn2Lo = 1.428606765330187e-06f;
+constexpr float kExpFloor = -87.0f;
+
+inline float exp_neg(float x) {
+  x = x < kExpFloor ? kExpFloor : x;  // a NaN stays NaN: a broken key must show, not vanish
+  const float n = std::nearbyint(x * kLog2e);
+  const float r = std::fma(n, -kLn2Lo, std::fma(n, -kLn2Hi, x));
+  float p = 1.f / 720.f;
+  p = std::fma(p, r, 1.f / 120.f);
+  p = std::fma(p, r, 1.f / 24.f);
+  p = std::fma(p, r, 1.f / 6.f);
+  p = std::fma(p, r, 0.5f);
+  p = std::fma(p, r, 1.f);
+  p = std::fma(p, r, 1.f);
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof bits);
+  bits += static_cast<int32_t>(n) * (1 << 23);
+  float y;
+  std::memcpy(&y, &bits, sizeof y);
+  return y;
+}
+
+#if defined(__AVX512F__)
+#define INFLLM_SIMD_WIDTH 16
+using vfloat = __m512;
+inline vfloat vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vfloat x) { _mm512_storeu_ps(p, x); }
+inline vfloat vset1(float x) { return _mm512_set1_ps(x); }
+inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
+inline vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
+inline vfloat vsub(vfloat a, vfloat b) { return _mm512_sub_ps(a, b); }
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
+inline vfloat vmax(vfloat a, vfloat b) { return _mm512_max_ps(a, b); }
+inline float vsum(vfloat a) { return _mm512_reduce_add_ps(a); }
+inline vfloat vround(vfloat x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vfloat vpow2i(vfloat p, vfloat n) { return _mm512_scalef_ps(p, n); }  // p * 2^n
+#elif defined(__AVX2__) && defined(__FMA__)
+#define INFLLM_SIMD_WIDTH 8
+using vfloat = __m256;
+inline vfloat vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vfloat x) { _mm256_storeu_ps(p, x); }
+inline vfloat vset1(float x) { return _mm256_set1_ps(x); }
+inline vfloat vmul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
+inline vfloat vadd(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
+inline vfloat vsub(vfloat a, vfloat b) { return _mm256_sub_ps(a, b); }
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
+inline vfloat vmax(vfloat a, vfloat b) { return _mm256_max_ps(a, b); }
+inline float vsum(vfloat a) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+inline vfloat vround(vfloat x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vfloat vpow2i(vfloat p, vfloat n) {  // p * 2^n: n added to the exponent bits
+  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+}
+#else
+#define INFLLM_SIMD_WIDTH 0
+#endif
+
+#if INFLLM_SIMD_WIDTH
+constexpr int kW = INFLLM_SIMD_WIDTH;
+
+// exp_neg on every lane (the same polynomial, so vector and scalar tails agree).
+inline vfloat vexp_neg(vfloat x) {
+  x = vmax(vset1(kExpFloor), x);  // max returns its second operand for a NaN: NaN stays NaN
+  const vfloat n = vround(vmul(x, vset1(kLog2e)));
+  vfloat r = vfma(n, vset1(-kLn2Hi), x);
+  r = vfma(n, vset1(-kLn2Lo), r);
+  vfloat p = vset1(1.f / 720.f);
+  p = vfma(p, r, vset1(1.f / 120.f));
+  p = vfma(p, r, vset1(1.f / 24.f));
+  p = vfma(p, r, vset1(1.f / 6.f));
+  p = vfma(p, r, vset1(0.5f));
+  p = vfma(p, r, vset1(1.f));
+  p = vfma(p, r, vset1(1.f));
+  return vpow2i(p, n);
+}
+#endif
+
+}  // namespace infllm
