@@ -16,7 +16,8 @@
 //
 // Work items are (chunk, KV head, query tile); each reads its K/V blocks in place through the
 // block table, converts them to fp32 once per block and serves the G query heads of that KV
-// head from them (GQA). Items run in parallel (at::parallel_for). The local keys' mass is kept
+// head from them (GQA). Items run in parallel (OpenMP, the caller's thread count; a decode with
+// fewer items than threads splits each item's blocks and merges the parts). The local keys' mass is kept
 // per item and added to `scores` afterwards, item by item in a fixed order, by KV head: two
 // requests may share a prefix-cached block, so no score is written by two threads, and sums do
 // not depend on scheduling.
@@ -25,7 +26,6 @@
 // are written to be vectorised by the compiler (built with -O3 -march=native when it can, see
 // vllm_infllm/core/ops/native.py).
 
-#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include "simd.h"
@@ -193,6 +193,19 @@ struct Item {
   int64_t mass_off, span;      // this item's local-mass slice (span keys from w(first query))
 };
 
+// A block of keys an item attends: offsets [a, b) of logical block blk.
+constexpr int kLocal = 0;         // in the local window: keys and queries as stored
+constexpr int kBeforeWindow = 1;  // init or remainder: global keys before w(p), row by row
+constexpr int kUnit = 2;          // a whole selected unit: global keys every row sees
+struct BlockTask {
+  int64_t blk, a, b;
+  int kind;
+  int64_t shift;  // positions="ordered": the block's forward rotation (0: none)
+};
+
+// Splits of one item's key blocks at most (decode of a batch smaller than the threads).
+constexpr int64_t kMaxSplits = 8;
+
 // One work item: G * qn rows (query i, head g of the KV head), online softmax over all keys.
 template <typename T>
 struct ItemRunner {
@@ -330,7 +343,8 @@ void attend_impl(const torch::Tensor& query, const torch::Tensor& kv_cache, cons
                  const torch::Tensor& req_t, const torch::Tensor& c0_t, const torch::Tensor& len_t,
                  const torch::Tensor& q0_t, const torch::Tensor& ncand_t, const torch::Tensor& selected,
                  const torch::Tensor& cos_t, const torch::Tensor& sin_t, torch::Tensor& scores,
-                 torch::Tensor& out, const torch::Tensor& sinks, const Geometry& geo, int64_t query_tile) {
+                 torch::Tensor& out, const torch::Tensor& sinks, const Geometry& geo, int64_t query_tile,
+                 int64_t num_threads) {
   const int64_t n = req_t.size(0);
   const int32_t* req = req_t.data_ptr<int32_t>();
   const int32_t* c0 = c0_t.data_ptr<int32_t>();
@@ -351,9 +365,11 @@ void attend_impl(const torch::Tensor& query, const torch::Tensor& kv_cache, cons
   const float* sink = geo.sinks_on ? sinks.data_ptr<float>() : nullptr;
   const int64_t D = geo.D, B = geo.B, G = geo.G, half = D / 2;
 
-  // Work items in a fixed order: chunk, KV head, query tile.
+  // Work items in a fixed order: chunk, KV head, query tile. Each item keeps (scores_on) the
+  // logits of its local keys, R rows x span, for the score pass after its softmax is final.
   std::vector<Item> items;
-  int64_t mass_total = 0;
+  int64_t mass_total = 0, keep_total = 0;
+  std::vector<int64_t> keep_off;
   for (int64_t c = 0; c < n; ++c) {
     for (int64_t kvh = 0; kvh < geo.Hkv; ++kvh) {
       for (int64_t t0 = 0; t0 < len[c]; t0 += query_tile) {
@@ -363,39 +379,47 @@ void attend_impl(const torch::Tensor& query, const torch::Tensor& kv_cache, cons
           it.span = p_last - std::max<int64_t>(0, p_first - geo.n_local + 1) + 1;
           it.mass_off = mass_total;
           mass_total += G * it.span;
+          keep_off.push_back(keep_total);
+          keep_total += G * it.qn * it.span;
         }
         items.push_back(it);
       }
     }
   }
-  std::vector<float> mass(mass_total, 0.f);
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  std::vector<float> mass(mass_total, 0.f), keep(keep_total, kNegInf);
+  // Few items (a decode of few requests) leave threads idle: split each item's key blocks
+  // among `splits` units (every splits-th block), whose partial softmaxes are merged.
+  const int64_t threads = std::max<int64_t>(1, num_threads);
+  const int64_t splits = n_items >= 2 * threads ? 1 : std::min<int64_t>(kMaxSplits, (2 * threads + n_items - 1) / n_items);
+  const int64_t R_max = G * query_tile;
+  std::vector<float> part_m(n_items * splits * R_max), part_l(n_items * splits * R_max);
+  std::vector<float> part_acc(n_items * splits * R_max * D);
 
   const T* kv = kv_cache.data_ptr<T>();
   const float* cosp = cos_t.data_ptr<float>();
   const float* sinp = sin_t.data_ptr<float>();
 
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+  // Phase 1: every (item, split) unit runs its share of the item's key blocks.
+#pragma omp parallel num_threads(threads)
+  {
     ItemRunner<T> run(geo, kv, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), cosp, sinp,
                       cos_t.stride(0), sin_t.stride(0));
-    std::vector<float> ql, qg, qr, m, l, acc, keep;
-    std::vector<int64_t> lo, hi, w, pos;
-    for (int64_t ii = begin; ii < end; ++ii) {
-      const Item& it = items[ii];
+    std::vector<float> ql(R_max * D), qg(R_max * D), qr(R_max * D);
+    std::vector<int64_t> lo(R_max), hi(R_max), w(R_max), pos(R_max);
+    std::vector<BlockTask> tasks;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t unit = 0; unit < n_items * splits; ++unit) {
+      const Item& it = items[unit / splits];
+      const int64_t split = unit % splits;
       const int64_t c = it.chunk, kvh = it.kvh, R = G * it.qn;
       const int32_t* bt_row = bt + static_cast<int64_t>(req[c]) * s_bt;
-      auto phys_of = [&](int64_t blk) {
-        return static_cast<int64_t>(bt_row[std::min(blk, max_blocks - 1)]);
-      };
-      ql.assign(R * D, 0.f);
-      qg.resize(R * D);
-      qr.resize(R * D);
-      m.assign(R, kNegInf);
-      l.assign(R, 0.f);
-      acc.assign(R * D, 0.f);
-      lo.resize(R);
-      hi.resize(R);
-      w.resize(R);
-      pos.resize(R);
+      float* m = part_m.data() + unit * R_max;
+      float* l = part_l.data() + unit * R_max;
+      float* acc = part_acc.data() + unit * R_max * D;
+      std::fill(m, m + R, kNegInf);
+      std::fill(l, l + R, 0.f);
+      std::fill(acc, acc + R * D, 0.f);
       // Rows: r = i * G + gg, query t0 + i, head kvh * G + gg.
       for (int64_t i = 0; i < it.qn; ++i) {
         const int64_t p = c0[c] + it.t0 + i;
@@ -412,7 +436,7 @@ void attend_impl(const torch::Tensor& query, const torch::Tensor& kv_cache, cons
             rotate(ql.data() + r * D, qg.data() + r * D, cosp + a * cos_t.stride(0), sinp + a * sin_t.stride(0),
                    -1.f, half);
           }
-          if (geo.sinks_on) {  // the sink starts the row's softmax: one more term in the denominator
+          if (geo.sinks_on && split == 0) {  // the sink starts the row's softmax (once per row)
             m[r] = sink[h];
             l[r] = 1.f;
           }
@@ -421,106 +445,112 @@ void attend_impl(const torch::Tensor& query, const torch::Tensor& kv_cache, cons
       const int64_t p_first = c0[c] + it.t0, p_last = p_first + it.qn - 1;
       const int64_t w_first = std::max<int64_t>(0, p_first - geo.n_local + 1);
       const int64_t w_last = std::max<int64_t>(0, p_last - geo.n_local + 1);
-      if (geo.scores_on) keep.assign(R * it.span, kNegInf);
-
-      // Local window [w(p), p]: keys and queries as stored.
-      for (int64_t r = 0; r < R; ++r) {
-        lo[r] = w[r];
-        hi[r] = pos[r] + 1;
-      }
-      for (int64_t blk = w_first / B; blk <= p_last / B; ++blk) {
-        const int64_t j0 = blk * B;
-        const int64_t a = std::max<int64_t>(w_first - j0, 0), b = std::min<int64_t>(p_last + 1 - j0, B);
-        run.load_block(phys_of(blk), kvh, a, b, j0, false);
-        // lo/hi in block offsets
-        std::vector<int64_t> blo(R), bhi(R);
-        for (int64_t r = 0; r < R; ++r) {
-          blo[r] = lo[r] - j0;
-          bhi[r] = hi[r] - j0;
-        }
-        run.attend_block(ql.data(), R, a, b, blo.data(), bhi.data(), m.data(), l.data(), acc.data(),
-                         geo.scores_on ? keep.data() : nullptr, it.span, j0 - w_first);
-      }
-
-      // Global keys: everything before w(p) (init, remainder), or a whole selected unit.
-      std::vector<int64_t> glo(R), ghi(R);
       const int64_t cand = ncand[c];
       const int64_t nsel = std::min<int64_t>(cand, geo.topk);
       const int64_t gap = (cand - nsel) * B;  // ordered: how far the init blocks move forward
-      auto global_block = [&](int64_t blk, int64_t a, int64_t b, bool all_rows, int64_t shift) {
-        const int64_t j0 = blk * B;
-        for (int64_t r = 0; r < R; ++r) {
-          glo[r] = 0;
-          ghi[r] = all_rows ? B : w[r] - j0;
-        }
-        const float* qq = qg.data();
-        if (geo.ordered && shift != 0) {  // <q, R(shift) k> = <R(-shift) q, k>
-          for (int64_t r = 0; r < R; ++r)
-            rotate(ql.data() + r * D, qr.data() + r * D, cosp + shift * cos_t.stride(0),
-                   sinp + shift * sin_t.stride(0), -1.f, half);
-          qq = qr.data();
-        }
-        run.load_block(phys_of(blk), kvh, a, b, j0, !geo.ordered);
-        run.attend_block(qq, R, a, b, glo.data(), ghi.data(), m.data(), l.data(), acc.data(), nullptr, 0, 0);
-      };
-      // Init [0, min(n_init, w_last)): ordered moves it forward by the unselected candidates.
+
+      // The item's key blocks, in order: local window [w(p), p] (keys and queries as stored);
+      // init [0, min(n_init, w(p))), moved forward by `gap` when ordered; the selected units
+      // (ascending ids, then -1), the unit of rank k by gap + (k - u) * B; the remainder
+      // [n_init + K*B, w(p)), left the window but not yet a candidate (true distances).
+      tasks.clear();
+      for (int64_t blk = w_first / B; blk <= p_last / B; ++blk)
+        tasks.push_back({blk, std::max<int64_t>(w_first - blk * B, 0), std::min<int64_t>(p_last + 1 - blk * B, B),
+                         kLocal, 0});
       const int64_t init_end = std::min(geo.n_init, w_last);
       for (int64_t blk = 0; blk * B < init_end; ++blk)
-        global_block(blk, 0, std::min<int64_t>(B, init_end - blk * B), false, gap);
-      // Selected units (ascending ids, then -1): unit of rank k moves by gap + (k - u) * B.
+        tasks.push_back({blk, 0, std::min<int64_t>(B, init_end - blk * B), kBeforeWindow, gap});
       if (has_sel) {
         const int64_t* srow = sel + c * s_sel + kvh * s_selh;
-        for (int64_t k = 0; k < nsel; ++k) {
-          const int64_t u = srow[k];
-          if (u < 0) continue;
-          global_block(geo.n_init / B + u, 0, B, true, gap + (k - u) * B);
-        }
+        for (int64_t k = 0; k < nsel; ++k)
+          if (srow[k] >= 0) tasks.push_back({geo.n_init / B + srow[k], 0, B, kUnit, gap + (k - srow[k]) * B});
       }
-      // Remainder [n_init + K*B, w_last): left the window, not yet a candidate; true distances.
-      const int64_t r0 = geo.n_init + cand * B;
-      for (int64_t j = r0; j < w_last; j = (j / B + 1) * B) {
-        const int64_t blk = j / B;
-        global_block(blk, j - blk * B, std::min<int64_t>(B, w_last - blk * B), false, 0);
-      }
+      for (int64_t j = geo.n_init + cand * B; j < w_last; j = (j / B + 1) * B)
+        tasks.push_back({j / B, j % B, std::min<int64_t>(B, w_last - j / B * B), kBeforeWindow, 0});
 
-      // Output, then each local key's softmax mass summed over the item's queries.
-      for (int64_t i = 0; i < it.qn; ++i) {
-        const int64_t row = q0[c] + it.t0 + i;
-        for (int64_t gg = 0; gg < G; ++gg) {
-          const int64_t r = i * G + gg;
-          const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-          T* dst = o + row * s_ot + (kvh * G + gg) * s_oh;
-          const float* src = acc.data() + r * D;
-          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d] * inv);
+      float* kp = geo.scores_on ? keep.data() + keep_off[unit / splits] : nullptr;
+      for (size_t t = split; t < tasks.size(); t += splits) {
+        const BlockTask& bt_ = tasks[t];
+        const int64_t j0 = bt_.blk * B;
+        const int64_t phys = bt_row[std::min(bt_.blk, max_blocks - 1)];
+        for (int64_t r = 0; r < R; ++r) {  // the keys row r sees, as offsets in the block
+          lo[r] = bt_.kind == kLocal ? w[r] - j0 : 0;
+          hi[r] = bt_.kind == kLocal ? pos[r] + 1 - j0 : bt_.kind == kUnit ? B : w[r] - j0;
         }
-      }
-      if (geo.scores_on) {
-        float* ms = mass.data() + it.mass_off;
-        for (int64_t r = 0; r < R; ++r) {
-          const float mr = m[r], inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-          const float* kr = keep.data() + r * it.span;
-          float* dst = ms + (r % G) * it.span;
-          int64_t x = 0;
-#if INFLLM_SIMD_WIDTH
-          // masked logits (-inf) become e^-87 * inv, about 1e-38: below anything the scores hold
-          const vfloat mv = vset1(mr), iv = vset1(inv);
-          for (; x + kW <= it.span; x += kW)
-            vstore(dst + x, vfma(vexp_neg(vsub(vload(kr + x), mv)), iv, vload(dst + x)));
-#endif
-          for (; x < it.span; ++x)  // masked logits (-inf) add exactly 0
-            dst[x] += kr[x] == kNegInf ? 0.f : exp_neg(kr[x] - mr) * inv;
+        const float* qq = bt_.kind == kLocal ? ql.data() : qg.data();
+        if (bt_.kind != kLocal && geo.ordered && bt_.shift != 0) {  // <q, R(shift) k> = <R(-shift) q, k>
+          for (int64_t r = 0; r < R; ++r)
+            rotate(ql.data() + r * D, qr.data() + r * D, cosp + bt_.shift * cos_t.stride(0),
+                   sinp + bt_.shift * sin_t.stride(0), -1.f, half);
+          qq = qr.data();
         }
+        run.load_block(phys, kvh, bt_.a, bt_.b, j0, bt_.kind != kLocal && !geo.ordered);
+        const bool keeps = bt_.kind == kLocal && kp != nullptr;
+        run.attend_block(qq, R, bt_.a, bt_.b, lo.data(), hi.data(), m, l, acc, keeps ? kp : nullptr, it.span,
+                         j0 - w_first);
       }
     }
-  });
+  }
+
+  // Phase 2, per item: merge its splits (log-sum-exp), write the output, and turn the kept
+  // local logits into each local key's softmax mass summed over the item's queries.
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t ii = 0; ii < n_items; ++ii) {
+    const Item& it = items[ii];
+    const int64_t R = G * it.qn;
+    float* m = part_m.data() + ii * splits * R_max;
+    float* l = part_l.data() + ii * splits * R_max;
+    float* acc = part_acc.data() + ii * splits * R_max * D;
+    for (int64_t sp = 1; sp < splits; ++sp) {  // into split 0's slots
+      const float* ms = m + sp * R_max;
+      const float* ls = l + sp * R_max;
+      const float* as = acc + sp * R_max * D;
+      for (int64_t r = 0; r < R; ++r) {
+        if (ms[r] == kNegInf) continue;  // this split saw no key of the row
+        const float mx = std::max(m[r], ms[r]);
+        const float f0 = m[r] == kNegInf ? 0.f : std::exp(m[r] - mx), f1 = std::exp(ms[r] - mx);
+        l[r] = l[r] * f0 + ls[r] * f1;
+        for (int64_t d = 0; d < D; ++d) acc[r * D + d] = acc[r * D + d] * f0 + as[r * D + d] * f1;
+        m[r] = mx;
+      }
+    }
+    for (int64_t i = 0; i < it.qn; ++i) {
+      const int64_t row = q0[it.chunk] + it.t0 + i;
+      for (int64_t gg = 0; gg < G; ++gg) {
+        const int64_t r = i * G + gg;
+        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        T* dst = o + row * s_ot + (it.kvh * G + gg) * s_oh;
+        const float* src = acc + r * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d] * inv);
+      }
+    }
+    if (geo.scores_on) {
+      float* ms = mass.data() + it.mass_off;
+      for (int64_t r = 0; r < R; ++r) {
+        const float mr = m[r], inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        const float* kr = keep.data() + keep_off[ii] + r * it.span;
+        float* dst = ms + (r % G) * it.span;
+        int64_t x = 0;
+#if INFLLM_SIMD_WIDTH
+        // masked logits (-inf) become e^-87 * inv, about 1e-38: below anything the scores hold
+        const vfloat mv = vset1(mr), iv = vset1(inv);
+        for (; x + kW <= it.span; x += kW)
+          vstore(dst + x, vfma(vexp_neg(vsub(vload(kr + x), mv)), iv, vload(dst + x)));
+#endif
+        for (; x < it.span; ++x)  // masked logits (-inf) add exactly 0
+          dst[x] += kr[x] == kNegInf ? 0.f : exp_neg(kr[x] - mr) * inv;
+      }
+    }
+  }
 
   if (!geo.scores_on) return;
   // Add the masses in item order; KV heads write disjoint head rows, so they run in parallel.
   float* sc = scores.data_ptr<float>();
   const int64_t s_sb = scores.stride(0), s_sh = scores.stride(1), s_so = scores.stride(2);
-  at::parallel_for(0, geo.Hkv, 1, [&](int64_t kb, int64_t ke) {
+#pragma omp parallel for num_threads(std::min(threads, geo.Hkv)) schedule(static, 1)
+  for (int64_t kvh = 0; kvh < geo.Hkv; ++kvh) {
     for (const Item& it : items) {
-      if (it.kvh < kb || it.kvh >= ke) continue;
+      if (it.kvh != kvh) continue;
       const int32_t* bt_row = bt + static_cast<int64_t>(req[it.chunk]) * s_bt;
       const int64_t p_first = c0[it.chunk] + it.t0;
       const int64_t w_first = std::max<int64_t>(0, p_first - geo.n_local + 1);
@@ -540,7 +570,7 @@ void attend_impl(const torch::Tensor& query, const torch::Tensor& kv_cache, cons
         }
       }
     }
-  });
+  }
 }
 
 }  // namespace
@@ -550,7 +580,8 @@ void attend(const torch::Tensor& query, const torch::Tensor& kv_cache, const tor
             const torch::Tensor& num_cand, const c10::optional<torch::Tensor>& selected, const torch::Tensor& cos,
             const torch::Tensor& sin, torch::Tensor scores, torch::Tensor out,
             const c10::optional<torch::Tensor>& sinks, int64_t block_size, int64_t n_init, int64_t n_local,
-            int64_t topk, bool ordered, bool scores_on, double scale, double softcap, int64_t query_tile) {
+            int64_t topk, bool ordered, bool scores_on, double scale, double softcap, int64_t query_tile,
+            int64_t num_threads) {
   TORCH_CHECK(query.dim() == 3 && kv_cache.dim() == 4 && out.dim() == 3, "infllm native attend: bad ranks");
   const int64_t D = query.size(2);
   TORCH_CHECK(D % 2 == 0 && D <= 512 && kv_cache.size(3) == 2 * D && kv_cache.size(2) == block_size,
@@ -596,7 +627,7 @@ void attend(const torch::Tensor& query, const torch::Tensor& kv_cache, const tor
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kv_cache.scalar_type(), "infllm_attend", [&] {
     attend_impl<scalar_t>(query, kv_cache, block_table, req, c0, length, q0, num_cand, sel, cos, sin, scores, out,
-                          snk, geo, query_tile);
+                          snk, geo, query_tile, num_threads);
   });
 }
 

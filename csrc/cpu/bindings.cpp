@@ -7,7 +7,8 @@ void attend(const torch::Tensor& query, const torch::Tensor& kv_cache, const tor
             const torch::Tensor& num_cand, const c10::optional<torch::Tensor>& selected, const torch::Tensor& cos,
             const torch::Tensor& sin, torch::Tensor scores, torch::Tensor out,
             const c10::optional<torch::Tensor>& sinks, int64_t block_size, int64_t n_init, int64_t n_local,
-            int64_t topk, bool ordered, bool scores_on, double scale, double softcap, int64_t query_tile);
+            int64_t topk, bool ordered, bool scores_on, double scale, double softcap, int64_t query_tile,
+            int64_t num_threads);
 }  // namespace infllm
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -116,7 +116,9 @@ def _cpu_threads(device: torch.device, num_tokens: int) -> Iterator[None]:
         yield
         return
     setter(1)
+    ops_pkg._step_threads = n  # for the native kernels (ops.cpu_threads)
     try:
         yield
     finally:
+        ops_pkg._step_threads = None
         setter(n)

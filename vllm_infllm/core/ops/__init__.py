@@ -32,3 +32,15 @@ def for_device(device: torch.device | str) -> ModuleType:
     from . import torch_ops
 
     return torch_ops
+
+
+# Set by core.runtime._cpu_threads while it runs a small step's torch ops on one thread.
+_step_threads: int | None = None
+
+
+def cpu_threads() -> int:
+    """The intra-op threads this process runs its CPU ops with. Inside a small step, which the
+    runtime runs on one thread (fork/join barriers of dozens of small torch ops cost more than
+    a second thread gains), the count before it lowered it: a native kernel is one fork per
+    layer, and it does gain from every thread."""
+    return _step_threads or torch.get_num_threads()

@@ -20,7 +20,7 @@ import torch
 
 from ..config import InfLLMConfig
 from ..plan import ChunkBatch, LayerMemory
-from . import native, torch_ops
+from . import cpu_threads, native, torch_ops
 
 write_kv = torch_ops.write_kv
 seal_units = torch_ops.seal_units
@@ -87,7 +87,7 @@ def attend(
         chunks.num_cand.contiguous(), sel, _fp32_table(cos), _fp32_table(sin), memory.scores, o,
         None if sinks is None else sinks.float().contiguous(),
         config.block_size, config.n_init, config.n_local, topk, config.positions == "ordered",
-        config.accumulates_scores, float(scale), float(softcap), QUERY_TILE,
+        config.accumulates_scores, float(scale), float(softcap), QUERY_TILE, cpu_threads(),
     )
     if o is not out:  # only the wave's rows were written
         rows = torch.cat([torch.arange(a, a + n) for a, n in zip(chunks.host["q0"], chunks.host["length"],
