@@ -40,11 +40,11 @@ def packed_memory(mem: LayerMemory, Hkv: int, dtype) -> tuple[LayerMemory, torch
     (adapter/side_state.py imports no vLLM), and the pages' K/V slots."""
     from vllm_infllm.adapter.side_state import SideStateLayout, side_state_views
 
-    Hq, D = mem.reprs.shape[1], mem.reprs.shape[2]
-    B = mem.scores.shape[2]
-    extra = SideStateLayout(Hq, D, B, dtype).num_extra_slots()
+    Hq, B = mem.scores.shape[1], mem.scores.shape[2]
+    rows, D = mem.reprs.shape[1], mem.reprs.shape[2]
+    extra = SideStateLayout(Hq, D, B, dtype, rows).num_extra_slots()
     pages = torch.randn(mem.scores.shape[0], Hkv + extra, B, 2 * D).to(dtype)
-    scores, reprs, sealed, _ = side_state_views(pages, Hkv, Hq, D)
+    scores, reprs, sealed, _ = side_state_views(pages, Hkv, Hq, D, rows)
     scores.copy_(mem.scores)
     reprs.copy_(mem.reprs)
     sealed.copy_(mem.sealed)
@@ -124,6 +124,50 @@ def test_attend_softcap_and_sinks(softcap, sinks, dtype):
 def test_attend_on_adapter_pages(dtype):
     """K/V and side state as strided views of vLLM pages (page stride, scores inside the page)."""
     run_both(6, 2, 64, dtype, CFG, packed=True, seed=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("modes", [{}, {"unit_score": "minmax"}, {"unit_score": "max_topk"}])
+@pytest.mark.parametrize("packed", [False, True])
+def test_seal_units_matches_torch_ops(modes, dtype, packed):
+    """Representatives of every newly sealable unit (stale random scores pick the tokens)."""
+    cfg = dataclasses.replace(CFG, **modes)
+    Hq, Hkv, D = 6, 2, 64
+    st = paged_state(Hq, Hkv, D, SEQ_LENS, dtype, cfg, device="cpu", seed=6)
+    st.memory.sealed.fill_(False)
+    cos, sin = rope_table(D, 1024)
+    ref = st.memory.clone()
+    nat = packed_memory(st.memory, Hkv, dtype)[0] if packed else st.memory.clone()
+    for wave in waves(cfg):
+        torch_ops.seal_units(st.kv_cache, ref, st.block_table, wave, cos, sin, cfg)
+        native_ops.seal_units(st.kv_cache, nat, st.block_table, wave, cos, sin, cfg)
+    assert ref.sealed.sum() >= 10 and torch.equal(nat.sealed, ref.sealed)
+    torch.testing.assert_close(nat.reprs.float(), ref.reprs.float(), **TOL[dtype])
+    assert (ref.reprs.float() - st.memory.reprs.float()).abs().max() > 0.1  # something was sealed
+
+
+@pytest.mark.parametrize("modes", [
+    {}, {"selection": "kv_head"}, {"unit_score": "minmax"}, {"unit_score": "minmax", "selection": "kv_head"},
+    {"unit_score": "max_topk"}, {"contiguity": 1}, {"contiguity": 2, "selection": "kv_head"},
+    {"chunking": "step"}, {"chunking": "step", "select_queries": 5}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_select_units_matches_torch_ops(modes, dtype):
+    """The same units for every chunk and selection group (ascending, then -1)."""
+    cfg = dataclasses.replace(CFG, **modes)
+    Hq, Hkv, D = 6, 3, 64
+    st = paged_state(Hq, Hkv, D, SEQ_LENS, dtype, cfg, device="cpu", seed=7)
+    cos, sin = rope_table(D, 1024)
+    query = torch.randn(sum(QUERY_LENS), Hq, D, generator=torch.Generator().manual_seed(8)).to(dtype)
+    chosen = differ = 0
+    for wave in waves(cfg):
+        a = torch_ops.select_units(query, st.memory, st.block_table, wave, cos, sin, cfg, Hkv)
+        b = native_ops.select_units(query, st.memory, st.block_table, wave, cos, sin, cfg, Hkv)
+        assert a.shape == b.shape == (wave.n, cfg.selection_groups(Hkv), cfg.topk)
+        assert torch.equal(a, b), (a, b)
+        chosen += int((a >= 0).sum())
+        differ += sum(len({tuple(r) for r in g}) > 1 for g in a.tolist())
+    assert chosen >= 4 * cfg.topk
+    assert (differ > 0) == (cfg.selection == "kv_head")
 
 
 def test_long_prefill_chunks_take_the_torch_op(monkeypatch):

@@ -7,8 +7,10 @@
                   whose tiles are large matmuls on torch's BLAS: measured on the 2-core dev
                   machine (SmolLM2 geometry, 512 queries, 2 threads), the native loop took
                   127 ms vs 108 ms at 4K and 69 vs 43 ms at 16K.
-    write_kv, seal_units, select_units
-                  the torch ops (a handful of vectorised torch calls per wave; not yet native)
+    seal_units    native: the new candidates' representatives, each unit once (csrc/cpu/select.cpp)
+    select_units  native: q̄, every candidate's score per selection group, the topk by the
+                  same ranking rule (contiguity included), each chunk in parallel
+    write_kv      the torch op (one scatter per layer)
 
 `torch_ops` stays the reference: tests/core/test_native_ops.py checks this module against it
 and the whole runtime against the oracle. Built and loaded by `native.py`.
@@ -23,8 +25,7 @@ from ..plan import ChunkBatch, LayerMemory
 from . import cpu_threads, native, torch_ops
 
 write_kv = torch_ops.write_kv
-seal_units = torch_ops.seal_units
-select_units = torch_ops.select_units
+_UNIT_SCORES = {"mean_topk": 0, "minmax": 1, "max_topk": 2}  # csrc/cpu/select.cpp's UnitScore
 
 #: Queries per work item (rows = queries x the G heads of a KV head).
 QUERY_TILE = 16
@@ -77,8 +78,7 @@ def attend(
     dtype = kv_cache.dtype
     q = query if query.dtype == dtype and query.stride(2) == 1 else query.to(dtype).contiguous()
     o = out if out.dtype == dtype and out.stride(2) == 1 else torch.empty(out.shape, dtype=dtype)
-    bt = block_table if block_table.dtype == torch.int32 and block_table.stride(1) == 1 else \
-        block_table.to(torch.int32).contiguous()
+    bt = _table32(block_table)
     topk = config.topk if selected is not None else 0
     sel = selected.contiguous() if topk else None
     mod.attend(
@@ -93,3 +93,58 @@ def attend(
         rows = torch.cat([torch.arange(a, a + n) for a, n in zip(chunks.host["q0"], chunks.host["length"],
                                                                   strict=True)])
         out.index_copy_(0, rows, o.index_select(0, rows).to(out.dtype))
+
+
+def _fields(chunks: ChunkBatch, *names: str) -> list[torch.Tensor]:
+    return [getattr(chunks, name).contiguous() for name in names]
+
+
+def _table32(block_table: torch.Tensor) -> torch.Tensor:
+    if block_table.dtype == torch.int32 and block_table.stride(1) == 1:
+        return block_table
+    return block_table.to(torch.int32).contiguous()
+
+
+def seal_units(
+    kv_cache: torch.Tensor,
+    memory: LayerMemory,
+    block_table: torch.Tensor,
+    chunks: ChunkBatch,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    config: InfLLMConfig,
+) -> None:
+    """Arguments and semantics as `torch_ops.seal_units`."""
+    if chunks.n == 0 or chunks.max_cand == 0:
+        return
+    native.load().seal_units(
+        kv_cache, memory.reprs, memory.scores, memory.sealed, _table32(block_table),
+        *_fields(chunks, "req", "num_cand"), _fp32_table(cos), _fp32_table(sin), config.block_size, config.n_init,
+        config.chunk, config.repr_topk, _UNIT_SCORES[config.unit_score], cpu_threads(),
+    )
+
+
+def select_units(
+    query: torch.Tensor,
+    memory: LayerMemory,
+    block_table: torch.Tensor,
+    chunks: ChunkBatch,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    config: InfLLMConfig,
+    num_kv_heads: int,
+) -> torch.Tensor:
+    """Arguments and result as `torch_ops.select_units`."""
+    S = config.selection_groups(num_kv_heads)
+    selected = torch.empty(chunks.n, S, config.topk, dtype=torch.long)
+    if chunks.n == 0:
+        return selected
+    reprs = memory.reprs
+    q = query if query.dtype == reprs.dtype and query.stride(2) == 1 else query.to(reprs.dtype).contiguous()
+    native.load().select_units(
+        q, reprs, _table32(block_table), *_fields(chunks, "req", "c0", "length", "q0", "num_cand"),
+        _fp32_table(cos), _fp32_table(sin), selected, num_kv_heads, config.block_size, config.n_init,
+        config.n_local, config.topk, config.repr_topk, _UNIT_SCORES[config.unit_score], S, config.contiguity,
+        config.select_queries, config.chunking == "aligned", cpu_threads(),
+    )
+    return selected

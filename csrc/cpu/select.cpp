@@ -1,0 +1,295 @@
+// Sealing and selection for one wave of selection chunks (CPU): the native counterparts of
+// `seal_units` and `select_units` in vllm_infllm/core/ops/torch_ops.py (the reference they are
+// tested against). Semantics: docs/design.md sections 2.3, 2.4 and 2.7.
+//
+// seal_units: every not-yet-sealed unit among the last `chunk / B + 2` candidates of each chunk
+//   gets its representative rows: per query head, the mean raw key of its repr_topk tokens with
+//   the largest fp32 scores (unit_score="mean_topk"), those keys apart, most-attended first
+//   ("max_topk"), or per KV head the per-channel min and max of the unit's raw keys ("minmax").
+//   Raw = un-rotated by R(-j) with the model's table. Units are gathered first (two chunks may
+//   share a prefix-cached block) and sealed once each, in parallel.
+// select_units: q̄ = the mean over the chunk's selecting queries of R(n_local-1-p) q(p) (one
+//   query with chunking="aligned", the last select_queries with "step" and m > 0, else all);
+//   each candidate scored against the representatives, per selection group (the layer, or each
+//   KV head); the topk best (contiguity c > 0: ranked by the best score within c units, then own
+//   score, then position), returned ascending, then -1.
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "simd.h"
+
+namespace infllm {
+namespace {
+
+// R(sign * a) for NeoX halves from table row c/s (sign -1: sine negated), in place.
+inline void rotate_inplace(float* x, const float* c, const float* s, float sign, int64_t half) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half], sn = sign * s[i];
+    x[i] = a * c[i] - b * sn;
+    x[i + half] = b * c[i] + a * sn;
+  }
+}
+
+inline float dotf(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+enum UnitScore : int64_t { kMeanTopk = 0, kMinmax = 1, kMaxTopk = 2 };
+
+template <typename T>
+void seal_impl(const torch::Tensor& kv_cache, torch::Tensor& reprs, const torch::Tensor& scores,
+               torch::Tensor& sealed, const torch::Tensor& block_table, const torch::Tensor& req_t,
+               const torch::Tensor& ncand_t, const torch::Tensor& cos_t, const torch::Tensor& sin_t, int64_t B,
+               int64_t n_init, int64_t chunk, int64_t repr_topk, int64_t unit_score, int64_t num_threads) {
+  const int64_t n = req_t.size(0), Hkv = kv_cache.size(1), D = kv_cache.size(3) / 2, half = D / 2;
+  const int64_t Hq = scores.size(1), G = Hq / Hkv, init_blocks = n_init / B;
+  const int32_t* req = req_t.data_ptr<int32_t>();
+  const int32_t* ncand = ncand_t.data_ptr<int32_t>();
+  const int32_t* bt = block_table.data_ptr<int32_t>();
+  const int64_t s_bt = block_table.stride(0);
+  bool* seal = sealed.data_ptr<bool>();
+  const int64_t s_seal = sealed.stride(0);
+  // Units to seal: (physical block, unit index), each block once.
+  std::vector<std::pair<int64_t, int64_t>> todo;
+  const int64_t window = chunk / B + 2;
+  for (int64_t c = 0; c < n; ++c) {
+    for (int64_t u = std::max<int64_t>(0, ncand[c] - window); u < ncand[c]; ++u) {
+      const int64_t phys = bt[req[c] * s_bt + init_blocks + u];
+      if (seal[phys * s_seal]) continue;
+      bool seen = false;
+      for (const auto& x : todo) seen |= x.first == phys;
+      if (!seen) todo.emplace_back(phys, u);
+    }
+  }
+  if (todo.empty()) return;
+  const T* kv = kv_cache.data_ptr<T>();
+  const int64_t s_cb = kv_cache.stride(0), s_ch = kv_cache.stride(1), s_co = kv_cache.stride(2);
+  const float* sc = scores.data_ptr<float>();
+  const int64_t s_sb = scores.stride(0), s_sh = scores.stride(1), s_so = scores.stride(2);
+  T* rp = reprs.data_ptr<T>();
+  const int64_t s_rb = reprs.stride(0), s_rr = reprs.stride(1);
+  const float* cosp = cos_t.data_ptr<float>();
+  const float* sinp = sin_t.data_ptr<float>();
+  const int64_t s_cos = cos_t.stride(0), s_sin = sin_t.stride(0);
+
+#pragma omp parallel for num_threads(std::max<int64_t>(1, num_threads)) schedule(dynamic, 1)
+  for (int64_t t = 0; t < static_cast<int64_t>(todo.size()); ++t) {
+    const int64_t phys = todo[t].first, u = todo[t].second;
+    const int64_t j0 = n_init + u * B;  // position of the unit's first token
+    std::vector<float> key(D), out(D);
+    auto raw_key = [&](int64_t kvh, int64_t o) {  // un-rotated K of offset o
+      const T* row = kv + phys * s_cb + kvh * s_ch + o * s_co;
+      for (int64_t d = 0; d < D; ++d) key[d] = static_cast<float>(row[d]);
+      rotate_inplace(key.data(), cosp + (j0 + o) * s_cos, sinp + (j0 + o) * s_sin, -1.f, half);
+    };
+    if (unit_score == kMinmax) {
+      std::vector<float> lo(D), hi(D);
+      for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
+        std::fill(lo.begin(), lo.end(), std::numeric_limits<float>::infinity());
+        std::fill(hi.begin(), hi.end(), -std::numeric_limits<float>::infinity());
+        for (int64_t o = 0; o < B; ++o) {
+          raw_key(kvh, o);
+          for (int64_t d = 0; d < D; ++d) {  // a NaN key makes the box NaN (as torch's amin/amax)
+            const float x = key[d];
+            if (!std::isnan(lo[d]) && (std::isnan(x) || x < lo[d])) lo[d] = x;
+            if (!std::isnan(hi[d]) && (std::isnan(x) || x > hi[d])) hi[d] = x;
+          }
+        }
+        T* r0 = rp + phys * s_rb + (2 * kvh) * s_rr;
+        T* r1 = rp + phys * s_rb + (2 * kvh + 1) * s_rr;
+        for (int64_t d = 0; d < D; ++d) {
+          r0[d] = static_cast<T>(lo[d]);
+          r1[d] = static_cast<T>(hi[d]);
+        }
+      }
+    } else {
+      std::vector<int64_t> order(B);
+      for (int64_t h = 0; h < Hq; ++h) {
+        const float* s = sc + phys * s_sb + h * s_sh;
+        std::iota(order.begin(), order.end(), 0);
+        // the repr_topk most-attended tokens, most-attended first (ties: earlier offset); a NaN
+        // score ranks first, as in torch.topk, so a broken key shows in the representatives
+        std::partial_sort(order.begin(), order.begin() + repr_topk, order.end(), [&](int64_t a, int64_t b) {
+          const float x = s[a * s_so], y = s[b * s_so];
+          if (std::isnan(x) != std::isnan(y)) return std::isnan(x);
+          return x > y || ((x == y || std::isnan(x)) && a < b);
+        });
+        std::fill(out.begin(), out.end(), 0.f);
+        for (int64_t i = 0; i < repr_topk; ++i) {
+          raw_key(h / G, order[i]);
+          if (unit_score == kMaxTopk) {
+            T* r = rp + phys * s_rb + (h * repr_topk + i) * s_rr;
+            for (int64_t d = 0; d < D; ++d) r[d] = static_cast<T>(key[d]);
+          } else {
+            for (int64_t d = 0; d < D; ++d) out[d] += key[d];
+          }
+        }
+        if (unit_score == kMeanTopk) {
+          T* r = rp + phys * s_rb + h * s_rr;
+          for (int64_t d = 0; d < D; ++d) r[d] = static_cast<T>(out[d] / static_cast<float>(repr_topk));
+        }
+      }
+    }
+    seal[phys * s_seal] = true;
+  }
+}
+
+template <typename T, typename R>
+void select_impl(const torch::Tensor& query, const torch::Tensor& reprs, const torch::Tensor& block_table,
+                 const torch::Tensor& req_t, const torch::Tensor& c0_t, const torch::Tensor& len_t,
+                 const torch::Tensor& q0_t, const torch::Tensor& ncand_t, const torch::Tensor& cos_t,
+                 const torch::Tensor& sin_t, torch::Tensor& selected, int64_t Hkv, int64_t B, int64_t n_init,
+                 int64_t n_local, int64_t topk, int64_t repr_topk, int64_t unit_score, int64_t groups,
+                 int64_t contiguity, int64_t used_queries, bool aligned, int64_t num_threads) {
+  const int64_t n = req_t.size(0), Hq = query.size(1), D = query.size(2), half = D / 2;
+  const int64_t G = Hq / Hkv, init_blocks = n_init / B, heads_per_group = Hq / groups;
+  const int32_t* req = req_t.data_ptr<int32_t>();
+  const int32_t* c0 = c0_t.data_ptr<int32_t>();
+  const int32_t* len = len_t.data_ptr<int32_t>();
+  const int32_t* q0 = q0_t.data_ptr<int32_t>();
+  const int32_t* ncand = ncand_t.data_ptr<int32_t>();
+  const int32_t* bt = block_table.data_ptr<int32_t>();
+  const int64_t s_bt = block_table.stride(0);
+  const T* q = query.data_ptr<T>();
+  const int64_t s_qt = query.stride(0), s_qh = query.stride(1);
+  const R* rp = reprs.data_ptr<R>();
+  const int64_t s_rb = reprs.stride(0), s_rr = reprs.stride(1);
+  const float* cosp = cos_t.data_ptr<float>();
+  const float* sinp = sin_t.data_ptr<float>();
+  const int64_t s_cos = cos_t.stride(0), s_sin = sin_t.stride(0);
+  int64_t* out = selected.data_ptr<int64_t>();  // [n, groups, topk], contiguous
+  const float kInf = std::numeric_limits<float>::infinity();
+
+#pragma omp parallel for num_threads(std::max<int64_t>(1, num_threads)) schedule(dynamic, 1)
+  for (int64_t c = 0; c < n; ++c) {
+    int64_t* dst = out + c * groups * topk;
+    std::fill(dst, dst + groups * topk, -1);
+    const int64_t K = ncand[c];
+    if (K == 0 || len[c] == 0) continue;
+    if (K <= topk) {  // every candidate
+      for (int64_t g = 0; g < groups; ++g)
+        for (int64_t u = 0; u < K; ++u) dst[g * topk + u] = u;
+      continue;
+    }
+    // q̄: the mean of R(n_local-1-p) q(p) over the selecting queries, fp32 [Hq, D]
+    int64_t first = 0, used = len[c];
+    if (aligned) {
+      used = 1;
+    } else if (used_queries > 0 && used_queries < used) {
+      first = used - used_queries;
+      used = used_queries;
+    }
+    std::vector<float> qbar(Hq * D, 0.f), row(D);
+    for (int64_t i = first; i < first + used; ++i) {
+      const int64_t p = c0[c] + i, a = p >= n_local ? p - (n_local - 1) : 0;
+      for (int64_t h = 0; h < Hq; ++h) {
+        const T* src = q + (q0[c] + i) * s_qt + h * s_qh;
+        for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(src[d]);
+        rotate_inplace(row.data(), cosp + a * s_cos, sinp + a * s_sin, -1.f, half);
+        for (int64_t d = 0; d < D; ++d) qbar[h * D + d] += row[d];
+      }
+    }
+    if (used > 1)
+      for (auto& x : qbar) x /= static_cast<float>(used);
+    // Scores [groups, K]
+    std::vector<float> score(groups * K, 0.f), r(D);
+    for (int64_t u = 0; u < K; ++u) {
+      const R* base = rp + static_cast<int64_t>(bt[req[c] * s_bt + init_blocks + u]) * s_rb;
+      for (int64_t h = 0; h < Hq; ++h) {
+        const float* qh = qbar.data() + h * D;
+        float v;
+        if (unit_score == kMinmax) {  // Quest: sum_d max(q lo, q hi) with h's KV head's box
+          const R* lo = base + (2 * (h / G)) * s_rr;
+          const R* hi = base + (2 * (h / G) + 1) * s_rr;
+          v = 0.f;
+          for (int64_t d = 0; d < D; ++d)
+            v += std::max(qh[d] * static_cast<float>(lo[d]), qh[d] * static_cast<float>(hi[d]));
+        } else if (unit_score == kMaxTopk) {  // h's best-matching key of the unit
+          v = -kInf;
+          for (int64_t i = 0; i < repr_topk; ++i) {
+            const R* k = base + (h * repr_topk + i) * s_rr;
+            for (int64_t d = 0; d < D; ++d) r[d] = static_cast<float>(k[d]);
+            v = std::max(v, dotf(qh, r.data(), D));
+          }
+        } else {
+          const R* k = base + h * s_rr;
+          for (int64_t d = 0; d < D; ++d) r[d] = static_cast<float>(k[d]);
+          v = dotf(qh, r.data(), D);
+        }
+        score[(h / heads_per_group) * K + u] += v;
+      }
+    }
+    // Top-k per group: rank by (near, own score, position); NaN ranks first (as torch.topk).
+    std::vector<int64_t> order(K);
+    std::vector<float> near(K);
+    for (int64_t g = 0; g < groups; ++g) {
+      float* s = score.data() + g * K;
+      for (int64_t u = 0; u < K; ++u)
+        if (std::isnan(s[u])) s[u] = kInf;
+      for (int64_t u = 0; u < K; ++u) {
+        float best = s[u];
+        for (int64_t x = std::max<int64_t>(0, u - contiguity); x <= std::min<int64_t>(K - 1, u + contiguity); ++x)
+          best = std::max(best, s[x]);
+        near[u] = best;
+      }
+      std::iota(order.begin(), order.end(), 0);
+      std::partial_sort(order.begin(), order.begin() + topk, order.end(), [&](int64_t a, int64_t b) {
+        if (near[a] != near[b]) return near[a] > near[b];
+        if (s[a] != s[b]) return s[a] > s[b];
+        return a < b;
+      });
+      std::sort(order.begin(), order.begin() + topk);
+      std::copy(order.begin(), order.begin() + topk, dst + g * topk);
+    }
+  }
+}
+
+}  // namespace
+
+void seal_units(const torch::Tensor& kv_cache, torch::Tensor reprs, const torch::Tensor& scores, torch::Tensor sealed,
+                const torch::Tensor& block_table, const torch::Tensor& req, const torch::Tensor& num_cand,
+                const torch::Tensor& cos, const torch::Tensor& sin, int64_t block_size, int64_t n_init, int64_t chunk,
+                int64_t repr_topk, int64_t unit_score, int64_t num_threads) {
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.stride(3) == 1 && reprs.stride(2) == 1,
+              "infllm native seal: kv_cache [blocks, Hkv, B, 2*D] and reprs with contiguous rows");
+  TORCH_CHECK(reprs.scalar_type() == kv_cache.scalar_type() && scores.scalar_type() == at::kFloat &&
+                  sealed.scalar_type() == at::kBool,
+              "infllm native seal: reprs in the cache dtype, fp32 scores, bool sealed flags");
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && req.scalar_type() == at::kInt &&
+                  num_cand.scalar_type() == at::kInt && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
+              "infllm native seal: int32 tables, fp32 rotary table");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kv_cache.scalar_type(), "infllm_seal", [&] {
+    seal_impl<scalar_t>(kv_cache, reprs, scores, sealed, block_table, req, num_cand, cos, sin, block_size, n_init,
+                        chunk, repr_topk, unit_score, num_threads);
+  });
+}
+
+void select_units(const torch::Tensor& query, const torch::Tensor& reprs, const torch::Tensor& block_table,
+                  const torch::Tensor& req, const torch::Tensor& c0, const torch::Tensor& length,
+                  const torch::Tensor& q0, const torch::Tensor& num_cand, const torch::Tensor& cos,
+                  const torch::Tensor& sin, torch::Tensor selected, int64_t num_kv_heads, int64_t block_size,
+                  int64_t n_init, int64_t n_local, int64_t topk, int64_t repr_topk, int64_t unit_score,
+                  int64_t groups, int64_t contiguity, int64_t select_queries, bool aligned, int64_t num_threads) {
+  TORCH_CHECK(query.stride(2) == 1 && reprs.stride(2) == 1 && selected.is_contiguous() &&
+                  selected.scalar_type() == at::kLong,
+              "infllm native select: contiguous rows, int64 [n, groups, topk] output");
+  TORCH_CHECK(query.scalar_type() == reprs.scalar_type(), "infllm native select: query and reprs share a dtype");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
+              "infllm native select: fp32 rotary table");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "infllm_select", [&] {
+    select_impl<scalar_t, scalar_t>(query, reprs, block_table, req, c0, length, q0, num_cand, cos, sin, selected,
+                                    num_kv_heads, block_size, n_init, n_local, topk, repr_topk, unit_score, groups,
+                                    contiguity, select_queries, aligned, num_threads);
+  });
+}
+
+}  // namespace infllm
