@@ -19,6 +19,12 @@ void select_units(const torch::Tensor& query, const torch::Tensor& reprs, const 
                   const torch::Tensor& sin, torch::Tensor selected, int64_t num_kv_heads, int64_t block_size,
                   int64_t n_init, int64_t n_local, int64_t topk, int64_t repr_topk, int64_t unit_score,
                   int64_t groups, int64_t contiguity, int64_t select_queries, bool aligned, int64_t num_threads);
+void write_kv(torch::Tensor kv_cache, const torch::Tensor& key, const torch::Tensor& value,
+              const torch::Tensor& slot_mapping, c10::optional<torch::Tensor> scores,
+              c10::optional<torch::Tensor> sealed);
+void hold_selections(torch::Tensor selected, torch::Tensor chosen, const torch::Tensor& block_table,
+                     const torch::Tensor& req, const torch::Tensor& c0, const torch::Tensor& length,
+                     const torch::Tensor& a0, int64_t block_size, int64_t chunk);
 }  // namespace infllm
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -26,4 +32,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend", &infllm::attend, "InfLLM attention of one wave over the paged cache (see csrc/cpu/attend.cpp)");
   m.def("seal_units", &infllm::seal_units, "representatives of a wave's new candidates (csrc/cpu/select.cpp)");
   m.def("select_units", &infllm::select_units, "each chunk's topk candidates (csrc/cpu/select.cpp)");
+  m.def("write_kv", &infllm::write_kv, "scatter K/V into the paged cache, reset reused blocks (csrc/cpu/select.cpp)");
+  m.def("hold_selections", &infllm::hold_selections, "aligned chunks' stored selections (csrc/cpu/select.cpp)");
 }

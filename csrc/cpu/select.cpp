@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -290,6 +291,77 @@ void select_units(const torch::Tensor& query, const torch::Tensor& reprs, const 
                                     num_kv_heads, block_size, n_init, n_local, topk, repr_topk, unit_score, groups,
                                     contiguity, select_queries, aligned, num_threads);
   });
+}
+
+}  // namespace infllm
+
+namespace infllm {
+
+// kv_cache[slot / B, :, slot % B] = (K, V) for every slot >= 0; a block written at offset 0
+// holds a new sequence's tokens: its fp32 scores are zeroed and its sealed flag cleared. The
+// native counterpart of torch_ops.write_kv (one scatter, no index tensors).
+void write_kv(torch::Tensor kv_cache, const torch::Tensor& key, const torch::Tensor& value,
+              const torch::Tensor& slot_mapping, c10::optional<torch::Tensor> scores,
+              c10::optional<torch::Tensor> sealed) {
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.stride(3) == 1 && key.stride(2) == 1 && value.stride(2) == 1,
+              "infllm native write_kv: contiguous head dims");
+  TORCH_CHECK(key.scalar_type() == kv_cache.scalar_type() && value.scalar_type() == kv_cache.scalar_type(),
+              "infllm native write_kv: key, value and cache share a dtype");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(),
+              "infllm native write_kv: int64 slot mapping");
+  const int64_t T = slot_mapping.size(0), Hkv = kv_cache.size(1), B = kv_cache.size(2), D = kv_cache.size(3) / 2;
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  float* sc = scores.has_value() ? scores->data_ptr<float>() : nullptr;
+  bool* seal = sealed.has_value() ? sealed->data_ptr<bool>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kv_cache.scalar_type(), "infllm_write_kv", [&] {
+    scalar_t* kv = kv_cache.data_ptr<scalar_t>();
+    const scalar_t* k = key.data_ptr<scalar_t>();
+    const scalar_t* v = value.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t slot = slots[t];
+      if (slot < 0) continue;  // padding
+      const int64_t blk = slot / B, off = slot % B;
+      for (int64_t h = 0; h < Hkv; ++h) {
+        scalar_t* dst = kv + blk * kv_cache.stride(0) + h * kv_cache.stride(1) + off * kv_cache.stride(2);
+        std::memcpy(dst, k + t * key.stride(0) + h * key.stride(1), D * sizeof(scalar_t));
+        std::memcpy(dst + D, v + t * value.stride(0) + h * value.stride(1), D * sizeof(scalar_t));
+      }
+      if (off == 0 && sc != nullptr) {
+        for (int64_t h = 0; h < scores->size(1); ++h)
+          for (int64_t o = 0; o < scores->size(2); ++o)
+            sc[blk * scores->stride(0) + h * scores->stride(1) + o * scores->stride(2)] = 0.f;
+        seal[blk * sealed->stride(0)] = false;
+      }
+    }
+  });
+}
+
+// chunking="aligned": a chunk an earlier step started (a0 < c0) takes the selection stored at
+// the block of a0; a fresh chunk at a multiple of `chunk` stores its own there (see
+// ops/ranking.py: hold_selections, the reference). Chunks in wave order.
+void hold_selections(torch::Tensor selected, torch::Tensor chosen, const torch::Tensor& block_table,
+                     const torch::Tensor& req, const torch::Tensor& c0, const torch::Tensor& length,
+                     const torch::Tensor& a0, int64_t block_size, int64_t chunk) {
+  TORCH_CHECK(selected.is_contiguous() && selected.scalar_type() == at::kLong && chosen.scalar_type() == at::kInt &&
+                  chosen.stride(2) == 1 && chosen.stride(1) == chosen.size(2),
+              "infllm native hold_selections: int64 [n, S, topk] selections, int32 chosen rows");
+  const int64_t n = selected.size(0), per = selected.size(1) * selected.size(2);
+  int64_t* sel = selected.data_ptr<int64_t>();
+  int32_t* ch = chosen.data_ptr<int32_t>();
+  const int32_t* bt = block_table.data_ptr<int32_t>();
+  const int32_t* rq = req.data_ptr<int32_t>();
+  const int32_t* c = c0.data_ptr<int32_t>();
+  const int32_t* len = length.data_ptr<int32_t>();
+  const int32_t* a = a0.data_ptr<int32_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t phys = bt[rq[i] * block_table.stride(0) + a[i] / block_size];
+    int32_t* held = ch + phys * chosen.stride(0);
+    if (a[i] < c[i]) {
+      for (int64_t x = 0; x < per; ++x) sel[i * per + x] = held[x];
+    } else if (a[i] % chunk == 0 && len[i] > 0) {
+      for (int64_t x = 0; x < per; ++x) held[x] = static_cast<int32_t>(sel[i * per + x]);
+    }
+  }
 }
 
 }  // namespace infllm

@@ -170,6 +170,49 @@ def test_select_units_matches_torch_ops(modes, dtype):
     assert (differ > 0) == (cfg.selection == "kv_head")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_matches_torch_ops(dtype):
+    """Strided key/value views, padding slots, a block started afresh (its scores and sealed
+    flag reset), on the adapter's page layout."""
+    g = torch.Generator().manual_seed(1)
+    Hq, Hkv, D, B = 4, 2, 64, 16
+    st = paged_state(Hq, Hkv, D, [60, 40], dtype, CFG, device="cpu", seed=9)
+    st.memory.sealed.fill_(True)
+    qkv = torch.randn(7, 3, Hkv, D, generator=g).to(dtype)
+    key, value = qkv[:, 1], qkv[:, 2]
+    slots = torch.tensor([5 * B + 3, -1, 2 * B, 2 * B + 1, -1, 4 * B, 1 * B + 15])
+    ref_kv, ref_mem = st.kv_cache.clone(), st.memory.clone()
+    torch_ops.write_kv(ref_kv, key, value, slots, ref_mem)
+    mem, pages = packed_memory(st.memory, Hkv, dtype)
+    pages[:, :Hkv] = st.kv_cache
+    native_ops.write_kv(pages[:, :Hkv], key, value, slots, mem)
+    assert torch.equal(pages[:, :Hkv], ref_kv)
+    assert torch.equal(mem.scores, ref_mem.scores) and torch.equal(mem.sealed, ref_mem.sealed)
+    assert not ref_mem.sealed[2] and not ref_mem.sealed[4] and ref_mem.sealed[5]
+
+
+def test_hold_selections_matches_torch_ops():
+    """chunking="aligned" across steps: a prompt cut into pieces that start inside chunks."""
+    cfg = dataclasses.replace(CFG, chunking="aligned")
+    Hq, Hkv, D = 4, 2, 64
+    st = paged_state(Hq, Hkv, D, [224, 200], torch.float32, cfg, device="cpu", seed=10)
+    assert st.memory.chosen is not None
+    cos, sin = rope_table(D, 1024)
+    query = torch.randn(64, Hq, D, generator=torch.Generator().manual_seed(2))
+    ref = st.memory.clone()
+    held = 0
+    # step 1: positions 96..143 of request 0 (chunks [96, 128) and [128, 160) start fresh),
+    # request 1 decodes; step 2: positions 144..160 continue the chunk at 128
+    for qsl, seqs in (([0, 48, 49], [144, 200]), ([0, 17, 18], [161, 201])):
+        for wave in plan_step(qsl, seqs, cfg, prompt_lens=[224, 150]).waves:
+            sel = torch_ops.select_units(query, ref, st.block_table, wave, cos, sin, cfg, Hkv)
+            a = torch_ops.hold_selections(sel.clone(), ref, st.block_table, wave, cfg)
+            b = native_ops.hold_selections(sel.clone(), st.memory, st.block_table, wave, cfg)
+            assert torch.equal(a, b)
+            held += int((wave.a0 < wave.c0).sum())
+    assert torch.equal(st.memory.chosen, ref.chosen) and held >= 1
+
+
 def test_long_prefill_chunks_take_the_torch_op(monkeypatch):
     """In serving, waves with chunks longer than NATIVE_MAX_QUERIES run torch_ops.attend."""
     monkeypatch.setattr(native_ops, "NATIVE_MAX_QUERIES", 16)
@@ -203,6 +246,7 @@ def test_unbuildable_kernels_fail_loudly_or_warn_once(monkeypatch, caplog, tmp_p
     runs the torch ops (never silently)."""
     monkeypatch.setattr(native, "_loaded", None)
     monkeypatch.setattr(native, "_failure", None)
+    monkeypatch.setattr(ops_pkg, "_cpu_choice", None)  # for_device's cached decision
     monkeypatch.setattr(native, "_warned", False)
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("VLLM_INFLLM_BUILD_DIR", str(tmp_path / "build"))
@@ -213,6 +257,7 @@ def test_unbuildable_kernels_fail_loudly_or_warn_once(monkeypatch, caplog, tmp_p
                                                            "VLLM_INFLLM_CPU_KERNEL=torch"):
             ops_pkg.for_device("cpu")
         monkeypatch.setenv(native.ENV, "auto")
+        ops_pkg._cpu_choice = None
         with caplog.at_level(logging.WARNING, logger="vllm.infllm"):
             assert ops_pkg.for_device("cpu") is torch_ops
             assert ops_pkg.for_device("cpu") is torch_ops

@@ -24,7 +24,6 @@ import torch
 
 from . import ops as ops_pkg
 from .config import InfLLMConfig
-from .ops.ranking import hold_selections
 from .plan import LayerMemory, StepPlan
 
 
@@ -74,7 +73,7 @@ def infllm_forward(
                 selected = ops.select_units(
                     query, memory, block_table, wave, cos, sin, config, kv_cache.shape[1]
                 )
-                selected = hold_selections(selected, memory, block_table, wave, config)
+                selected = ops.hold_selections(selected, memory, block_table, wave, config)
             else:
                 selected = None
             ops.attend(query, kv_cache, memory, block_table, wave, selected, cos, sin, config, scale, out,

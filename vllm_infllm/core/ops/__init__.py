@@ -5,12 +5,13 @@
     native_ops  the CPU path: the native kernels of csrc/cpu (built by `native.py`)
     triton_ops  Triton kernels: the CUDA path (imports triton; tested in its interpreter on CPU)
 
-Each module has write_kv, seal_units, select_units and attend (docs/design.md section 3.4);
-`core.runtime.infllm_forward` drives them wave by wave.
+Each module has write_kv, seal_units, select_units, hold_selections and attend (docs/design.md
+section 3.4); `core.runtime.infllm_forward` drives them wave by wave.
 """
 
 from __future__ import annotations
 
+import os
 from types import ModuleType
 
 import torch
@@ -23,15 +24,21 @@ def for_device(device: torch.device | str) -> ModuleType:
         from . import triton_ops
 
         return triton_ops
+    global _cpu_choice
+    env = os.environ.get("VLLM_INFLLM_CPU_KERNEL")
+    if _cpu_choice is not None and _cpu_choice[0] == env:  # called twice per layer: decided once
+        return _cpu_choice[1]
     from . import native
 
     if native.available():
-        from . import native_ops
+        from . import native_ops as chosen
+    else:
+        from . import torch_ops as chosen
+    _cpu_choice = (env, chosen)
+    return chosen
 
-        return native_ops
-    from . import torch_ops
 
-    return torch_ops
+_cpu_choice: tuple[str | None, ModuleType] | None = None  # (VLLM_INFLLM_CPU_KERNEL, module)
 
 
 # Set by core.runtime._cpu_threads while it runs a small step's torch ops on one thread.

@@ -10,7 +10,9 @@
     seal_units    native: the new candidates' representatives, each unit once (csrc/cpu/select.cpp)
     select_units  native: q̄, every candidate's score per selection group, the topk by the
                   same ranking rule (contiguity included), each chunk in parallel
-    write_kv      the torch op (one scatter per layer)
+    write_kv, hold_selections
+                  native: the K/V scatter (and the reset of reused blocks), and chunking="aligned"'s
+                  stored selections, without index tensors
 
 `torch_ops` stays the reference: tests/core/test_native_ops.py checks this module against it
 and the whole runtime against the oracle. Built and loaded by `native.py`.
@@ -24,7 +26,6 @@ from ..config import InfLLMConfig
 from ..plan import ChunkBatch, LayerMemory
 from . import cpu_threads, native, torch_ops
 
-write_kv = torch_ops.write_kv
 _UNIT_SCORES = {"mean_topk": 0, "minmax": 1, "max_topk": 2}  # csrc/cpu/select.cpp's UnitScore
 
 #: Queries per work item (rows = queries x the G heads of a KV head).
@@ -147,4 +148,39 @@ def select_units(
         config.n_local, config.topk, config.repr_topk, _UNIT_SCORES[config.unit_score], S, config.contiguity,
         config.select_queries, config.chunking == "aligned", cpu_threads(),
     )
+    return selected
+
+
+def write_kv(
+    kv_cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    memory: LayerMemory | None,
+) -> None:
+    """Arguments and semantics as `torch_ops.write_kv`."""
+    n = slot_mapping.shape[0]
+    k, v = key[:n], value[:n]
+    if k.dtype != kv_cache.dtype or k.stride(-1) != 1:
+        k = k.to(kv_cache.dtype).contiguous()
+    if v.dtype != kv_cache.dtype or v.stride(-1) != 1:
+        v = v.to(kv_cache.dtype).contiguous()
+    native.load().write_kv(kv_cache, k, v, slot_mapping.to(torch.long).contiguous(),
+                           None if memory is None else memory.scores, None if memory is None else memory.sealed)
+
+
+def hold_selections(
+    selected: torch.Tensor,
+    memory: LayerMemory,
+    block_table: torch.Tensor,
+    chunks: ChunkBatch,
+    config: InfLLMConfig,
+) -> torch.Tensor:
+    """Arguments and semantics as `ranking.hold_selections` (in place; returns `selected`)."""
+    if config.chunking != "aligned" or config.topk == 0:
+        return selected
+    if memory.chosen is None:
+        return torch_ops.hold_selections(selected, memory, block_table, chunks, config)  # raises its error
+    native.load().hold_selections(selected, memory.chosen, _table32(block_table),
+                                  *_fields(chunks, "req", "c0", "length", "a0"), config.block_size, config.chunk)
     return selected

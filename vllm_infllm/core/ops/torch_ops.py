@@ -17,6 +17,7 @@ import torch
 from ..config import InfLLMConfig
 from ..plan import ChunkBatch, LayerMemory
 from ..rope import global_query_shift, rotate, rotate_rows
+from .ranking import hold_selections as hold_selections  # the op of every module (chunking="aligned")
 from .ranking import top_units
 
 # Upper bound on elements of one padded logits tensor (tiles x heads x queries x keys).

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from ..config import InfLLMConfig
 from ..plan import ChunkBatch, LayerMemory
+from .ranking import hold_selections as hold_selections  # device ops, no host sync
 from .ranking import top_units
 
 _LOG2E = 1.4426950408889634
