@@ -23,11 +23,6 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3,
        torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
 
 
-@pytest.fixture(autouse=True)
-def every_wave_native(monkeypatch):
-    monkeypatch.setattr(native_ops, "NATIVE_MAX_QUERIES", 1 << 30)
-
-
 def waves(cfg=CFG):
     qsl = [0]
     for n in QUERY_LENS:
@@ -211,24 +206,6 @@ def test_hold_selections_matches_torch_ops():
             assert torch.equal(a, b)
             held += int((wave.a0 < wave.c0).sum())
     assert torch.equal(st.memory.chosen, ref.chosen) and held >= 1
-
-
-def test_long_prefill_chunks_take_the_torch_op(monkeypatch):
-    """In serving, waves with chunks longer than NATIVE_MAX_QUERIES run torch_ops.attend."""
-    monkeypatch.setattr(native_ops, "NATIVE_MAX_QUERIES", 16)
-    calls = []
-    real = torch_ops.attend
-    monkeypatch.setattr(torch_ops, "attend", lambda *a, **k: calls.append(a[4].max_len) or real(*a, **k))
-    st = paged_state(4, 2, 64, SEQ_LENS, torch.float32, CFG, device="cpu")
-    cos, sin = rope_table(64, 1024)
-    query = torch.randn(sum(QUERY_LENS), 4, 64)
-    lens = []
-    for wave in waves():
-        lens.append(wave.max_len)
-        selected = torch_ops.select_units(query, st.memory, st.block_table, wave, cos, sin, CFG, 2)
-        native_ops.attend(query, st.kv_cache, st.memory, st.block_table, wave, selected, cos, sin, CFG, 0.125,
-                          torch.zeros_like(query))
-    assert lens == [31, 1, 1] and calls == [31]  # the prefill chunk's wave only
 
 
 def test_kernel_choice_by_env(monkeypatch, caplog):

@@ -2,9 +2,7 @@
 prefill pieces (not aligned to `chunk`) and decodes, random block tables, GQA, several layers,
 recycled blocks with stale state.
 
-Every test runs twice: on the torch ops (the reference) and on the native kernels (csrc/cpu),
-the latter with every wave native, prefill included (in serving, long prefill chunks take the
-torch op: `native_ops.NATIVE_MAX_QUERIES`)."""
+Every test runs twice: on the torch ops (the reference) and on the native kernels (csrc/cpu)."""
 
 import dataclasses
 
@@ -21,10 +19,6 @@ from vllm_infllm.testing import make_request, max_abs_err, run_oracle, run_paged
 @pytest.fixture(autouse=True, params=["torch", "native"])
 def cpu_kernel(request, monkeypatch):
     monkeypatch.setenv("VLLM_INFLLM_CPU_KERNEL", request.param)
-    if request.param == "native":
-        from vllm_infllm.core.ops import native_ops
-
-        monkeypatch.setattr(native_ops, "NATIVE_MAX_QUERIES", 1 << 30)
     return request.param
 
 
