@@ -22,6 +22,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -36,12 +37,6 @@ inline void rotate_inplace(float* x, const float* c, const float* s, float sign,
     x[i] = a * c[i] - b * sn;
     x[i + half] = b * c[i] + a * sn;
   }
-}
-
-inline float dotf(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
 }
 
 enum UnitScore : int64_t { kMeanTopk = 0, kMinmax = 1, kMaxTopk = 2 };
@@ -170,18 +165,30 @@ void select_impl(const torch::Tensor& query, const torch::Tensor& reprs, const t
   int64_t* out = selected.data_ptr<int64_t>();  // [n, groups, topk], contiguous
   const float kInf = std::numeric_limits<float>::infinity();
 
-#pragma omp parallel for num_threads(std::max<int64_t>(1, num_threads)) schedule(dynamic, 1)
+  const int nt = static_cast<int>(std::max<int64_t>(1, num_threads));
+  // Chunks with more candidates than topk score them: slots [off[c], off[c+1]) of `score`
+  // (groups x K each); the others take all their candidates.
+  std::vector<int64_t> off(n + 1, 0);
   for (int64_t c = 0; c < n; ++c) {
     int64_t* dst = out + c * groups * topk;
     std::fill(dst, dst + groups * topk, -1);
     const int64_t K = ncand[c];
-    if (K == 0 || len[c] == 0) continue;
-    if (K <= topk) {  // every candidate
+    const bool scoring = K > topk && len[c] > 0;
+    if (!scoring && len[c] > 0)
       for (int64_t g = 0; g < groups; ++g)
         for (int64_t u = 0; u < K; ++u) dst[g * topk + u] = u;
-      continue;
-    }
-    // q̄: the mean of R(n_local-1-p) q(p) over the selecting queries, fp32 [Hq, D]
+    off[c + 1] = off[c] + (scoring ? K : 0);
+  }
+  const int64_t total = off[n];
+  if (total == 0) return;
+  std::vector<int32_t> chunk_of(total);
+  for (int64_t c = 0; c < n; ++c) std::fill(chunk_of.begin() + off[c], chunk_of.begin() + off[c + 1], c);
+
+  // q̄ of each scoring chunk: the mean of R(n_local-1-p) q(p) over its selecting queries, fp32.
+  std::vector<float> qbars(n * Hq * D, 0.f);
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t c = 0; c < n; ++c) {
+    if (off[c + 1] == off[c]) continue;
     int64_t first = 0, used = len[c];
     if (aligned) {
       used = 1;
@@ -189,7 +196,8 @@ void select_impl(const torch::Tensor& query, const torch::Tensor& reprs, const t
       first = used - used_queries;
       used = used_queries;
     }
-    std::vector<float> qbar(Hq * D, 0.f), row(D);
+    float* qbar = qbars.data() + c * Hq * D;
+    std::vector<float> row(D);
     for (int64_t i = first; i < first + used; ++i) {
       const int64_t p = c0[c] + i, a = p >= n_local ? p - (n_local - 1) : 0;
       for (int64_t h = 0; h < Hq; ++h) {
@@ -200,40 +208,62 @@ void select_impl(const torch::Tensor& query, const torch::Tensor& reprs, const t
       }
     }
     if (used > 1)
-      for (auto& x : qbar) x /= static_cast<float>(used);
-    // Scores [groups, K]
-    std::vector<float> score(groups * K, 0.f), r(D);
-    for (int64_t u = 0; u < K; ++u) {
+      for (int64_t x = 0; x < Hq * D; ++x) qbar[x] /= static_cast<float>(used);
+  }
+
+  // Every (chunk, candidate) scored in parallel: a decode of one request spreads its candidates
+  // over the threads. score[groups * off[c] + g * K + u].
+  std::vector<float> score(groups * total, 0.f);
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<float> r(D), ones(D, 1.f);
+#pragma omp for schedule(static)
+    for (int64_t x = 0; x < total; ++x) {
+      const int64_t c = chunk_of[x], u = x - off[c], K = off[c + 1] - off[c];
+      const float* qbar = qbars.data() + c * Hq * D;
       const R* base = rp + static_cast<int64_t>(bt[req[c] * s_bt + init_blocks + u]) * s_rb;
+      float* sc = score.data() + groups * off[c];
       for (int64_t h = 0; h < Hq; ++h) {
-        const float* qh = qbar.data() + h * D;
+        const float* qh = qbar + h * D;
         float v;
         if (unit_score == kMinmax) {  // Quest: sum_d max(q lo, q hi) with h's KV head's box
           const R* lo = base + (2 * (h / G)) * s_rr;
           const R* hi = base + (2 * (h / G) + 1) * s_rr;
-          v = 0.f;
           for (int64_t d = 0; d < D; ++d)
-            v += std::max(qh[d] * static_cast<float>(lo[d]), qh[d] * static_cast<float>(hi[d]));
+            r[d] = std::max(qh[d] * static_cast<float>(lo[d]), qh[d] * static_cast<float>(hi[d]));
+          v = dot(r.data(), ones.data(), D);
         } else if (unit_score == kMaxTopk) {  // h's best-matching key of the unit
           v = -kInf;
           for (int64_t i = 0; i < repr_topk; ++i) {
             const R* k = base + (h * repr_topk + i) * s_rr;
             for (int64_t d = 0; d < D; ++d) r[d] = static_cast<float>(k[d]);
-            v = std::max(v, dotf(qh, r.data(), D));
+            v = std::max(v, dot(qh, r.data(), D));
           }
         } else {
           const R* k = base + h * s_rr;
-          for (int64_t d = 0; d < D; ++d) r[d] = static_cast<float>(k[d]);
-          v = dotf(qh, r.data(), D);
+          if constexpr (std::is_same_v<R, float>) {
+            v = dot(qh, k, D);
+          } else {
+            for (int64_t d = 0; d < D; ++d) r[d] = static_cast<float>(k[d]);
+            v = dot(qh, r.data(), D);
+          }
         }
-        score[(h / heads_per_group) * K + u] += v;
+        sc[(h / heads_per_group) * K + u] += v;
       }
     }
-    // Top-k per group: rank by (near, own score, position); NaN ranks first (as torch.topk).
+  }
+
+  // Top-k per chunk and group: rank by (near, own score, position); NaN ranks first (as
+  // torch.topk), so a broken unit is attended and shows.
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t c = 0; c < n; ++c) {
+    const int64_t K = off[c + 1] - off[c];
+    if (K == 0) continue;
+    int64_t* dst = out + c * groups * topk;
     std::vector<int64_t> order(K);
     std::vector<float> near(K);
     for (int64_t g = 0; g < groups; ++g) {
-      float* s = score.data() + g * K;
+      float* s = score.data() + groups * off[c] + g * K;
       for (int64_t u = 0; u < K; ++u)
         if (std::isnan(s[u])) s[u] = kInf;
       for (int64_t u = 0; u < K; ++u) {
