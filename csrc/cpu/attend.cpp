@@ -17,14 +17,15 @@
 // Work items are (chunk, KV head, query tile); each reads its K/V blocks in place through the
 // block table, converts them to fp32 once per block and serves the G query heads of that KV
 // head from them (GQA). Items run in parallel (OpenMP, the caller's thread count; a decode with
-// fewer items than threads splits each item's blocks and merges the parts). The local keys' mass is kept
-// per item and added to `scores` afterwards, item by item in a fixed order, by KV head: two
-// requests may share a prefix-cached block, so no score is written by two threads, and sums do
-// not depend on scheduling.
+// fewer items than threads splits each item's blocks and merges the parts). The local keys'
+// mass is kept per item and added to `scores` afterwards, item by item in a fixed order, by KV
+// head: two requests may share a prefix-cached block, so no score is written by two threads,
+// and sums do not depend on scheduling.
 //
-// All arithmetic is fp32; caches and queries may be fp32, bf16 or fp16. Loops over the head dim
-// are written to be vectorised by the compiler (built with -O3 -march=native when it can, see
-// vllm_infllm/core/ops/native.py).
+// All arithmetic is fp32; caches and queries may be fp32, bf16 or fp16. Head sizes 64, 128 and
+// 256 run a per-row micro-kernel over AVX-512 or AVX2 registers (simd.h; built with -O3
+// -march=native where the compiler takes it, see vllm_infllm/core/ops/native.py); other head
+// sizes, and builds without those ISAs, run the portable loops below.
 
 #include <torch/extension.h>
 
