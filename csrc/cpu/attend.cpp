@@ -29,6 +29,7 @@
 
 #include <torch/extension.h>
 
+#include "ops.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -53,17 +54,6 @@ inline void load_row(const T* __restrict src, float* __restrict dst, int64_t n) 
 inline void axpy(float alpha, const float* __restrict x, float* __restrict y, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
-
-// x <- R(sign * a) x for NeoX halves, with c/s the table row of |a| (sign -1: sine negated).
-inline void rotate(const float* __restrict x, float* __restrict y, const float* __restrict c,
-                   const float* __restrict s, float sign, int64_t half) {
-#pragma omp simd
-  for (int64_t i = 0; i < half; ++i) {
-    const float a = x[i], b = x[i + half], sn = sign * s[i];
-    y[i] = a * c[i] - b * sn;
-    y[i + half] = b * c[i] + a * sn;
-  }
 }
 
 // Rows fetched ahead of the first pass over a block (a block's rows are 4 KB pages apart at

@@ -25,19 +25,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "ops.h"
 #include "simd.h"
 
 namespace infllm {
 namespace {
-
-// R(sign * a) for NeoX halves from table row c/s (sign -1: sine negated), in place.
-inline void rotate_inplace(float* x, const float* c, const float* s, float sign, int64_t half) {
-  for (int64_t i = 0; i < half; ++i) {
-    const float a = x[i], b = x[i + half], sn = sign * s[i];
-    x[i] = a * c[i] - b * sn;
-    x[i + half] = b * c[i] + a * sn;
-  }
-}
 
 enum UnitScore : int64_t { kMeanTopk = 0, kMinmax = 1, kMaxTopk = 2 };
 
@@ -85,7 +77,7 @@ void seal_impl(const torch::Tensor& kv_cache, torch::Tensor& reprs, const torch:
     auto raw_key = [&](int64_t kvh, int64_t o) {  // un-rotated K of offset o
       const T* row = kv + phys * s_cb + kvh * s_ch + o * s_co;
       for (int64_t d = 0; d < D; ++d) key[d] = static_cast<float>(row[d]);
-      rotate_inplace(key.data(), cosp + (j0 + o) * s_cos, sinp + (j0 + o) * s_sin, -1.f, half);
+      rotate(key.data(), key.data(), cosp + (j0 + o) * s_cos, sinp + (j0 + o) * s_sin, -1.f, half);
     };
     if (unit_score == kMinmax) {
       std::vector<float> lo(D), hi(D);
@@ -203,7 +195,7 @@ void select_impl(const torch::Tensor& query, const torch::Tensor& reprs, const t
       for (int64_t h = 0; h < Hq; ++h) {
         const T* src = q + (q0[c] + i) * s_qt + h * s_qh;
         for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(src[d]);
-        rotate_inplace(row.data(), cosp + a * s_cos, sinp + a * s_sin, -1.f, half);
+        rotate(row.data(), row.data(), cosp + a * s_cos, sinp + a * s_sin, -1.f, half);
         for (int64_t d = 0; d < D; ++d) qbar[h * D + d] += row[d];
       }
     }

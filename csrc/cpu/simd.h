@@ -40,6 +40,17 @@ inline float exp_neg(float x) {
   return y;
 }
 
+// y <- R(sign * a) x for NeoX halves, with c/s the table row of |a| (sign -1: sine negated).
+// y may be x: element i reads x[i] and x[i + half] before it writes them.
+inline void rotate(const float* x, float* y, const float* c, const float* s, float sign, int64_t half) {
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half], sn = sign * s[i];
+    y[i] = a * c[i] - b * sn;
+    y[i + half] = b * c[i] + a * sn;
+  }
+}
+
 #if defined(__AVX512F__)
 #define INFLLM_SIMD_WIDTH 16
 using vfloat = __m512;

@@ -16,6 +16,8 @@ from types import ModuleType
 
 import torch
 
+_cpu_choice: tuple[str | None, ModuleType] | None = None  # (VLLM_INFLLM_CPU_KERNEL, module)
+
 
 def for_device(device: torch.device | str) -> ModuleType:
     """The op module for tensors on `device`: Triton kernels on CUDA; on CPU the native kernels,
@@ -37,8 +39,6 @@ def for_device(device: torch.device | str) -> ModuleType:
     _cpu_choice = (env, chosen)
     return chosen
 
-
-_cpu_choice: tuple[str | None, ModuleType] | None = None  # (VLLM_INFLLM_CPU_KERNEL, module)
 
 
 # Set by core.runtime._cpu_threads while it runs a small step's torch ops on one thread.
