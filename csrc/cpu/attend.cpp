@@ -127,6 +127,198 @@ inline void row_block(const float* __restrict qr, const float* __restrict k, int
   for (int i = 0; i < N; ++i) vstore(accr + i * kW, a[i]);
   l += sum;
 }
+
+// ---- The tiled kernel: a prefill item's rows across the vector lanes ----
+// A prefill item has G * qn rows that all read the same key blocks. Held transposed (row r of
+// channel d at qt[d * Rp + r], Rp the rows padded to whole vectors), a block's logits are outer
+// products: channel d of key o broadcast against the query columns, so a logit costs D / W
+// multiply-adds and no horizontal sum; the values update has the same shape
+// (acc[d][rows] += p[o][rows] * v[o][d]). Each step holds NV row vectors times KB keys (or DB
+// channels) of accumulators in registers. Used for items of at least kTiledMinQueries queries;
+// a decode (one query: W - 1 of W lanes would be padding) keeps the per-row kernel above.
+#if INFLLM_SIMD_WIDTH == 16
+constexpr int kAccRegs = 24;  // accumulators, of 32 zmm registers (the rest: query columns, a broadcast)
+constexpr int kMaxRowVecs = 4;
+#else
+constexpr int kAccRegs = 12;  // of 16 ymm registers
+constexpr int kMaxRowVecs = 2;
+#endif
+constexpr int64_t kTiledMinQueries = kW / 2;
+
+constexpr int pow2_floor(int x) { return x >= 16 ? 16 : x >= 8 ? 8 : x >= 4 ? 4 : x >= 2 ? 2 : 1; }
+
+// st[(o + kk) * Rp + lanes] = logits of keys o .. o + KB - 1 for NV row vectors (qt, st: the
+// group's first column; rows pre-scaled).
+template <int D, int NV, int KB>
+inline void logits_keys(const float* __restrict qt, int64_t Rp, const float* __restrict k, int64_t ks, int64_t o,
+                        float* __restrict st) {
+  vfloat acc[KB][NV];
+#pragma GCC unroll 32
+  for (int kk = 0; kk < KB; ++kk)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[kk][v] = vset1(0.f);
+  const float* kr = k + o * ks;
+  for (int d = 0; d < D; ++d) {
+    vfloat q[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) q[v] = vload(qt + d * Rp + v * kW);
+#pragma GCC unroll 32
+    for (int kk = 0; kk < KB; ++kk) {
+      const vfloat x = vset1(kr[kk * ks + d]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[kk][v] = vfma(q[v], x, acc[kk][v]);
+    }
+  }
+#pragma GCC unroll 32
+  for (int kk = 0; kk < KB; ++kk)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) vstore(st + (o + kk) * Rp + v * kW, acc[kk][v]);
+}
+
+template <int D, int NV>
+inline void logits_tile(const float* qt, int64_t Rp, const float* k, int64_t ks, int64_t a, int64_t b, float* st) {
+  constexpr int KB = kAccRegs / NV;
+  int64_t o = a;
+  for (; o + KB <= b; o += KB) logits_keys<D, NV, KB>(qt, Rp, k, ks, o, st);
+  for (; o < b; ++o) logits_keys<D, NV, 1>(qt, Rp, k, ks, o, st);
+}
+
+// acc[d * Rp + lanes] <- acc * alpha + sum over keys [a, b) of p[o * Rp + lanes] * v[o][d], for
+// NV row vectors (acct, pt, alpha: the group's first column).
+template <int D, int NV>
+inline void values_tile(const float* __restrict pt, int64_t Rp, const float* __restrict val, int64_t vs, int64_t a,
+                        int64_t b, const float* __restrict alpha, float* __restrict acct) {
+  constexpr int DB = pow2_floor(kAccRegs / NV);
+  vfloat al[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) al[v] = vload(alpha + v * kW);
+  for (int d0 = 0; d0 < D; d0 += DB) {
+    vfloat acc[DB][NV];
+#pragma GCC unroll 16
+    for (int dd = 0; dd < DB; ++dd)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[dd][v] = vmul(vload(acct + (d0 + dd) * Rp + v * kW), al[v]);
+    for (int64_t o = a; o < b; ++o) {
+      vfloat p[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) p[v] = vload(pt + o * Rp + v * kW);
+      const float* vr = val + o * vs + d0;
+#pragma GCC unroll 16
+      for (int dd = 0; dd < DB; ++dd) {
+        const vfloat x = vset1(vr[dd]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[dd][v] = vfma(p[v], x, acc[dd][v]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int dd = 0; dd < DB; ++dd)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) vstore(acct + (d0 + dd) * Rp + v * kW, acc[dd][v]);
+  }
+}
+
+// The online-softmax step of row vector `vi` over the block's logits st[o * Rp + vi * kW],
+// o in [a, b): soft-capping, the per-row key ranges [lo, hi) (when `masked`), the kept local
+// logits (keep: key o at keep[(o - a) * Rp], or null), the new max and sum, and alpha, the factor the
+// accumulator is rescaled by. Masked keys get p = 0 exactly, as the per-row kernel skips them.
+inline void softmax_vec(float* st, int64_t Rp, int64_t a, int64_t b, int64_t vi, const float* loT, const float* hiT,
+                        bool masked, bool softcap_on, float cap, float* mT, float* lT, float* alpha, float* keep) {
+  const int64_t c = vi * kW;
+  const vfloat lo = vload(loT + c), hi = vload(hiT + c);
+  vfloat mx = vset1(kNegInf);
+  for (int64_t o = a; o < b; ++o) {
+    float* sp = st + o * Rp + c;
+    vfloat x = vload(sp);
+    if (softcap_on) x = vsoftcap(x, cap);
+    if (masked) x = vkeep_range(x, vset1(static_cast<float>(o)), lo, hi, kNegInf);
+    if (softcap_on || masked) vstore(sp, x);
+    if (keep != nullptr) vstore(keep + (o - a) * Rp + c, x);
+    mx = vmax(mx, x);
+  }
+  const vfloat m_old = vload(mT + c);
+  const vfloat m_new = vmax(m_old, mx);
+  const vfloat m_safe = vreplace_eq(m_new, kNegInf, 0.f);  // a row with no key yet: p and alpha ~ 0
+  const vfloat al = vexp_neg(vsub(m_old, m_safe));         // m_old = -inf: acc and l are 0 anyway
+  vfloat sum = vset1(0.f);
+  for (int64_t o = a; o < b; ++o) {
+    float* sp = st + o * Rp + c;
+    vfloat p = vexp_neg(vsub(vload(sp), m_safe));
+    if (masked) p = vkeep_range(p, vset1(static_cast<float>(o)), lo, hi, 0.f);
+    vstore(sp, p);
+    sum = vadd(sum, p);
+  }
+  vstore(mT + c, m_new);
+  vstore(lT + c, vfma(vload(lT + c), al, sum));
+  vstore(alpha + c, al);
+}
+
+// Rotation of transposed query columns: yt <- R(sign * a) xt (rotate() above, rows in the lanes).
+inline void rotate_cols(const float* xt, float* yt, const float* c, const float* s, float sign, int64_t half,
+                        int64_t Rp) {
+  for (int64_t i = 0; i < half; ++i) {
+    const vfloat ci = vset1(c[i]), sn = vset1(sign * s[i]);
+    for (int64_t u = 0; u < Rp; u += kW) {
+      const vfloat a = vload(xt + i * Rp + u), b = vload(xt + (i + half) * Rp + u);
+      vstore(yt + i * Rp + u, vsub(vmul(a, ci), vmul(b, sn)));
+      vstore(yt + (i + half) * Rp + u, vfma(a, sn, vmul(b, ci)));
+    }
+  }
+}
+
+// The local keys' softmax mass of a tiled item, once its softmax is final: ms[gg * span + x] +=
+// sum over the item's queries of head gg of e^(logit - m) / l, from the logits it kept key-major
+// (key x at keep[x * Rp], rows in the transposed order rt = gg * qn_pad + i, so a head's queries
+// are whole vectors). m, l: final, in the row layout r = i * G + gg. Padding rows kept -inf.
+inline void tiled_mass(const float* keep, int64_t Rp, int64_t G, int64_t qn, int64_t span, const float* m,
+                       const float* l, float* mt, float* iv, float* ms) {
+  const int64_t qn_pad = Rp / G;
+  std::fill(mt, mt + Rp, 0.f);
+  std::fill(iv, iv + Rp, 0.f);
+  for (int64_t i = 0; i < qn; ++i)
+    for (int64_t gg = 0; gg < G; ++gg) {
+      const int64_t r = i * G + gg, rt = gg * qn_pad + i;
+      mt[rt] = m[r] == kNegInf ? 0.f : m[r];
+      iv[rt] = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    }
+  for (int64_t x = 0; x < span; ++x) {
+    for (int64_t gg = 0; gg < G; ++gg) {
+      vfloat sum = vset1(0.f);
+      for (int64_t u = gg * qn_pad; u < (gg + 1) * qn_pad; u += kW)
+        sum = vfma(vexp_neg(vsub(vload(keep + x * Rp + u), vload(mt + u))), vload(iv + u), sum);
+      ms[gg * span + x] += vsum(sum);
+    }
+  }
+}
+
+// One block for a tiled item: row groups of up to kMaxRowVecs vectors, each logits -> softmax
+// -> values while the block's rows are in L1.
+template <int D>
+void tiled_block(const float* qt, int64_t Rp, const float* k, int64_t ks, const float* val, int64_t vs, int64_t a,
+                 int64_t b, const float* loT, const float* hiT, bool masked, bool softcap_on, float cap, float* st,
+                 float* mT, float* lT, float* alpha, float* acct, float* keep) {
+  const int64_t NVt = Rp / kW;
+  for (int64_t v0 = 0; v0 < NVt; v0 += kMaxRowVecs) {
+    const int64_t nv = std::min<int64_t>(kMaxRowVecs, NVt - v0), c = v0 * kW;
+    switch (nv) {
+      case 1: logits_tile<D, 1>(qt + c, Rp, k, ks, a, b, st + c); break;
+      case 2: logits_tile<D, 2>(qt + c, Rp, k, ks, a, b, st + c); break;
+#if INFLLM_SIMD_WIDTH == 16
+      case 3: logits_tile<D, 3>(qt + c, Rp, k, ks, a, b, st + c); break;
+      case 4: logits_tile<D, 4>(qt + c, Rp, k, ks, a, b, st + c); break;
+#endif
+    }
+    for (int64_t vi = v0; vi < v0 + nv; ++vi)
+      softmax_vec(st, Rp, a, b, vi, loT, hiT, masked, softcap_on, cap, mT, lT, alpha, keep);
+    switch (nv) {
+      case 1: values_tile<D, 1>(st + c, Rp, val, vs, a, b, alpha + c, acct + c); break;
+      case 2: values_tile<D, 2>(st + c, Rp, val, vs, a, b, alpha + c, acct + c); break;
+#if INFLLM_SIMD_WIDTH == 16
+      case 3: values_tile<D, 3>(st + c, Rp, val, vs, a, b, alpha + c, acct + c); break;
+      case 4: values_tile<D, 4>(st + c, Rp, val, vs, a, b, alpha + c, acct + c); break;
+#endif
+    }
+  }
+}
 #endif
 
 struct Geometry {
@@ -139,6 +331,7 @@ struct Geometry {
 struct Item {
   int64_t chunk, kvh, t0, qn;  // queries [t0, t0 + qn) of the chunk
   int64_t mass_off, span;      // this item's local-mass slice (span keys from w(first query))
+  int64_t rp;                  // tiled kernel: rows padded to whole vectors (0: the per-row kernel)
 };
 
 // A block of keys an item attends: offsets [a, b) of logical block blk.
@@ -215,6 +408,18 @@ struct ItemRunner {
     k = kbuf.data();
     k_stride = D;
   }
+
+#if INFLLM_SIMD_WIDTH
+  std::vector<float> tbuf;  // the tiled kernel's logits, key o at tbuf[o * Rp]
+
+  void attend_block_tiled(const float* qt, int64_t Rp, int64_t a, int64_t b, const float* loT, const float* hiT,
+                          bool masked, float* mT, float* lT, float* alpha, float* acct, float* keep) {
+    if (tbuf.size() < static_cast<size_t>(g.B * Rp)) tbuf.resize(g.B * Rp);
+    auto run = g.D == 64 ? &tiled_block<64> : g.D == 128 ? &tiled_block<128> : &tiled_block<256>;
+    run(qt, Rp, k, k_stride, v, v_stride, a, b, loT, hiT, masked, g.softcap_on, g.softcap, tbuf.data(), mT, lT,
+        alpha, acct, keep);
+  }
+#endif
 
   // Logits of rows [0, R) against keys [a, b) of the loaded block; row r sees keys
   // [max(a, lo[r]), min(b, hi[r])). Then the online-softmax update of (m, l, acc).
@@ -317,29 +522,41 @@ void attend_impl(const torch::Tensor& query, const torch::Tensor& kv_cache, cons
   // logits of its local keys, R rows x span, for the score pass after its softmax is final.
   std::vector<Item> items;
   int64_t mass_total = 0, keep_total = 0;
-  std::vector<int64_t> keep_off;
   for (int64_t c = 0; c < n; ++c) {
     for (int64_t kvh = 0; kvh < geo.Hkv; ++kvh) {
       for (int64_t t0 = 0; t0 < len[c]; t0 += query_tile) {
-        Item it{c, kvh, t0, std::min<int64_t>(query_tile, len[c] - t0), 0, 0};
+        Item it{c, kvh, t0, std::min<int64_t>(query_tile, len[c] - t0), 0, 0, 0};
+#if INFLLM_SIMD_WIDTH
+        if ((D == 64 || D == 128 || D == 256) && it.qn >= kTiledMinQueries)
+          it.rp = G * ((it.qn + kW - 1) / kW * kW);
+#endif
         if (geo.scores_on) {
           const int64_t p_first = c0[c] + t0, p_last = p_first + it.qn - 1;
           it.span = p_last - std::max<int64_t>(0, p_first - geo.n_local + 1) + 1;
           it.mass_off = mass_total;
           mass_total += G * it.span;
-          keep_off.push_back(keep_total);
-          keep_total += G * it.qn * it.span;
         }
         items.push_back(it);
       }
     }
   }
   const int64_t n_items = static_cast<int64_t>(items.size());
-  std::vector<float> mass(mass_total, 0.f), keep(keep_total, kNegInf);
   // Few items (a decode of few requests) leave threads idle: split each item's key blocks
   // among `splits` units (every splits-th block), whose partial softmaxes are merged.
   const int64_t threads = std::max<int64_t>(1, num_threads);
   const int64_t splits = n_items >= 2 * threads ? 1 : std::min<int64_t>(kMaxSplits, (2 * threads + n_items - 1) / n_items);
+  // Where the local logits wait for the final softmax. A tiled item that is not split finishes
+  // its softmax in one unit: it keeps them in its thread's buffer (L2-sized: Rp x span) and
+  // adds its mass right there. Every other item keeps them here until phase 2 (its rows write
+  // only the keys they see, hence the -inf fill).
+  const bool mass_in_unit = splits == 1;
+  std::vector<int64_t> keep_off(n_items, -1);
+  for (int64_t ii = 0; ii < n_items && geo.scores_on; ++ii) {
+    if (items[ii].rp && mass_in_unit) continue;
+    keep_off[ii] = keep_total;
+    keep_total += (items[ii].rp ? items[ii].rp : G * items[ii].qn) * items[ii].span;
+  }
+  std::vector<float> mass(mass_total, 0.f), keep(keep_total, kNegInf);
   const int64_t R_max = G * query_tile;
   std::vector<float> part_m(n_items * splits * R_max), part_l(n_items * splits * R_max);
   std::vector<float> part_acc(n_items * splits * R_max * D);
@@ -356,6 +573,12 @@ void attend_impl(const torch::Tensor& query, const torch::Tensor& kv_cache, cons
     std::vector<float> ql(R_max * D), qg(R_max * D), qr(R_max * D);
     std::vector<int64_t> lo(R_max), hi(R_max), w(R_max), pos(R_max);
     std::vector<BlockTask> tasks;
+#if INFLLM_SIMD_WIDTH  // the tiled kernel's transposed rows (row rt = gg * qn_pad + i, pads zero)
+    const int64_t Rp_max = G * ((query_tile + kW - 1) / kW * kW);
+    std::vector<float> qlT(D * Rp_max), qgT(D * Rp_max), qrT(D * Rp_max), accT(D * Rp_max);
+    std::vector<float> mT(Rp_max), lT(Rp_max), alphaT(Rp_max), loT(Rp_max), hiT(Rp_max);
+    std::vector<float> keep_unit;  // a tiled, unsplit item's kept logits (every entry written)
+#endif
 #pragma omp for schedule(dynamic, 1)
     for (int64_t unit = 0; unit < n_items * splits; ++unit) {
       const Item& it = items[unit / splits];
@@ -390,6 +613,27 @@ void attend_impl(const torch::Tensor& query, const torch::Tensor& kv_cache, cons
           }
         }
       }
+      const int64_t Rp = it.rp, qn_pad = Rp / G;
+#if INFLLM_SIMD_WIDTH
+      if (Rp) {  // transpose the rows (pre-scaled) and their softmax state
+        std::fill(qlT.begin(), qlT.begin() + D * Rp, 0.f);
+        std::fill(qgT.begin(), qgT.begin() + D * Rp, 0.f);
+        std::fill(accT.begin(), accT.begin() + D * Rp, 0.f);
+        std::fill(mT.begin(), mT.begin() + Rp, kNegInf);
+        std::fill(lT.begin(), lT.begin() + Rp, 0.f);
+        for (int64_t i = 0; i < it.qn; ++i) {
+          for (int64_t gg = 0; gg < G; ++gg) {
+            const int64_t r = i * G + gg, rt = gg * qn_pad + i;
+            for (int64_t d = 0; d < D; ++d) {
+              qlT[d * Rp + rt] = ql[r * D + d] * geo.scale;
+              qgT[d * Rp + rt] = qg[r * D + d] * geo.scale;
+            }
+            mT[rt] = m[r];
+            lT[rt] = l[r];
+          }
+        }
+      }
+#endif
       const int64_t p_first = c0[c] + it.t0, p_last = p_first + it.qn - 1;
       const int64_t w_first = std::max<int64_t>(0, p_first - geo.n_local + 1);
       const int64_t w_last = std::max<int64_t>(0, p_last - geo.n_local + 1);
@@ -416,7 +660,14 @@ void attend_impl(const torch::Tensor& query, const torch::Tensor& kv_cache, cons
       for (int64_t j = geo.n_init + cand * B; j < w_last; j = (j / B + 1) * B)
         tasks.push_back({j / B, j % B, std::min<int64_t>(B, w_last - j / B * B), kBeforeWindow, 0});
 
-      float* kp = geo.scores_on ? keep.data() + keep_off[unit / splits] : nullptr;
+      const int64_t ko = keep_off[unit / splits];
+      float* kp = ko >= 0 ? keep.data() + ko : nullptr;
+#if INFLLM_SIMD_WIDTH
+      if (geo.scores_on && Rp && mass_in_unit) {
+        if (keep_unit.size() < static_cast<size_t>(Rp * it.span)) keep_unit.resize(Rp * it.span);
+        kp = keep_unit.data();
+      }
+#endif
       for (size_t t = split; t < tasks.size(); t += splits) {
         const BlockTask& bt_ = tasks[t];
         const int64_t j0 = bt_.blk * B;
@@ -425,6 +676,33 @@ void attend_impl(const torch::Tensor& query, const torch::Tensor& kv_cache, cons
           lo[r] = bt_.kind == kLocal ? w[r] - j0 : 0;
           hi[r] = bt_.kind == kLocal ? pos[r] + 1 - j0 : bt_.kind == kUnit ? B : w[r] - j0;
         }
+        const bool keeps = bt_.kind == kLocal && kp != nullptr;
+#if INFLLM_SIMD_WIDTH
+        if (Rp) {
+          // Key ranges as floats (exact: clamped to the block) in the transposed row order;
+          // padding rows see no key.
+          bool masked = false;
+          std::fill(loT.begin(), loT.begin() + Rp, 0.f);
+          std::fill(hiT.begin(), hiT.begin() + Rp, 0.f);
+          for (int64_t i = 0; i < it.qn; ++i)
+            for (int64_t gg = 0; gg < G; ++gg) {
+              const int64_t r = i * G + gg, rt = gg * qn_pad + i;
+              loT[rt] = static_cast<float>(std::clamp<int64_t>(lo[r], 0, B));
+              hiT[rt] = static_cast<float>(std::clamp<int64_t>(hi[r], 0, B));
+            }
+          for (int64_t rt = 0; rt < Rp; ++rt) masked |= loT[rt] > bt_.a || hiT[rt] < bt_.b;
+          const float* qq = bt_.kind == kLocal ? qlT.data() : qgT.data();
+          if (bt_.kind != kLocal && geo.ordered && bt_.shift != 0) {
+            rotate_cols(qlT.data(), qrT.data(), cosp + bt_.shift * cos_t.stride(0), sinp + bt_.shift * sin_t.stride(0),
+                        -1.f, half, Rp);
+            qq = qrT.data();
+          }
+          run.load_block(phys, kvh, bt_.a, bt_.b, j0, bt_.kind != kLocal && !geo.ordered);
+          run.attend_block_tiled(qq, Rp, bt_.a, bt_.b, loT.data(), hiT.data(), masked, mT.data(), lT.data(),
+                                 alphaT.data(), accT.data(), keeps ? kp + (j0 + bt_.a - w_first) * Rp : nullptr);
+          continue;
+        }
+#endif
         const float* qq = bt_.kind == kLocal ? ql.data() : qg.data();
         if (bt_.kind != kLocal && geo.ordered && bt_.shift != 0) {  // <q, R(shift) k> = <R(-shift) q, k>
           for (int64_t r = 0; r < R; ++r)
@@ -433,10 +711,22 @@ void attend_impl(const torch::Tensor& query, const torch::Tensor& kv_cache, cons
           qq = qr.data();
         }
         run.load_block(phys, kvh, bt_.a, bt_.b, j0, bt_.kind != kLocal && !geo.ordered);
-        const bool keeps = bt_.kind == kLocal && kp != nullptr;
         run.attend_block(qq, R, bt_.a, bt_.b, lo.data(), hi.data(), m, l, acc, keeps ? kp : nullptr, it.span,
                          j0 - w_first);
       }
+#if INFLLM_SIMD_WIDTH
+      if (Rp) {  // back to the row layout the merge and the output read
+        for (int64_t i = 0; i < it.qn; ++i)
+          for (int64_t gg = 0; gg < G; ++gg) {
+            const int64_t r = i * G + gg, rt = gg * qn_pad + i;
+            m[r] = mT[rt];
+            l[r] = lT[rt];
+            for (int64_t d = 0; d < D; ++d) acc[r * D + d] = accT[d * Rp + rt];
+          }
+        if (geo.scores_on && mass_in_unit)  // the softmax is final: the mass now, from L2
+          tiled_mass(kp, Rp, G, it.qn, it.span, m, l, alphaT.data(), loT.data(), mass.data() + it.mass_off);
+      }
+#endif
     }
   }
 
@@ -472,7 +762,15 @@ void attend_impl(const torch::Tensor& query, const torch::Tensor& kv_cache, cons
         for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d] * inv);
       }
     }
-    if (geo.scores_on) {
+    if (geo.scores_on && it.rp) {
+#if INFLLM_SIMD_WIDTH
+      if (!mass_in_unit) {  // a tiled item that was split: its splits are merged now
+        std::vector<float> mt(it.rp), iv(it.rp);
+        tiled_mass(keep.data() + keep_off[ii], it.rp, G, it.qn, it.span, m, l, mt.data(), iv.data(),
+                   mass.data() + it.mass_off);
+      }
+#endif
+    } else if (geo.scores_on) {
       float* ms = mass.data() + it.mass_off;
       for (int64_t r = 0; r < R; ++r) {
         const float mr = m[r], inv = l[r] > 0.f ? 1.f / l[r] : 0.f;

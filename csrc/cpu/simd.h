@@ -65,6 +65,23 @@ inline vfloat vmax(vfloat a, vfloat b) { return _mm512_max_ps(a, b); }
 inline float vsum(vfloat a) { return _mm512_reduce_add_ps(a); }
 inline vfloat vround(vfloat x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline vfloat vpow2i(vfloat p, vfloat n) { return _mm512_scalef_ps(p, n); }  // p * 2^n
+// x where lo <= o < hi, else `fill` (lane by lane; the bounds are small integers held exactly)
+inline vfloat vkeep_range(vfloat x, vfloat o, vfloat lo, vfloat hi, float fill) {
+  const __mmask16 in = _mm512_cmp_ps_mask(lo, o, _CMP_LE_OQ) & _mm512_cmp_ps_mask(o, hi, _CMP_LT_OQ);
+  return _mm512_mask_blend_ps(in, _mm512_set1_ps(fill), x);
+}
+// x, with the lanes that equal `value` replaced by `rep`
+inline vfloat vreplace_eq(vfloat x, float value, float rep) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(value), _CMP_EQ_OQ), x, _mm512_set1_ps(rep));
+}
+inline vfloat vabs(vfloat x) { return _mm512_abs_ps(x); }
+inline vfloat vdiv(vfloat a, vfloat b) { return _mm512_div_ps(a, b); }
+// |m| with the sign of s
+inline vfloat vcopysign(vfloat m, vfloat s) {
+  const __m512i sign = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u));
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_andnot_si512(sign, _mm512_castps_si512(m)),
+                                             _mm512_and_si512(sign, _mm512_castps_si512(s))));
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 #define INFLLM_SIMD_WIDTH 8
 using vfloat = __m256;
@@ -87,6 +104,19 @@ inline vfloat vpow2i(vfloat p, vfloat n) {  // p * 2^n: n added to the exponent 
   const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
   return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
 }
+inline vfloat vkeep_range(vfloat x, vfloat o, vfloat lo, vfloat hi, float fill) {
+  const __m256 in = _mm256_and_ps(_mm256_cmp_ps(lo, o, _CMP_LE_OQ), _mm256_cmp_ps(o, hi, _CMP_LT_OQ));
+  return _mm256_blendv_ps(_mm256_set1_ps(fill), x, in);
+}
+inline vfloat vreplace_eq(vfloat x, float value, float rep) {
+  return _mm256_blendv_ps(x, _mm256_set1_ps(rep), _mm256_cmp_ps(x, _mm256_set1_ps(value), _CMP_EQ_OQ));
+}
+inline vfloat vabs(vfloat x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), x); }
+inline vfloat vdiv(vfloat a, vfloat b) { return _mm256_div_ps(a, b); }
+inline vfloat vcopysign(vfloat m, vfloat s) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  return _mm256_or_ps(_mm256_andnot_ps(sign, m), _mm256_and_ps(sign, s));
+}
 #else
 #define INFLLM_SIMD_WIDTH 0
 #endif
@@ -108,6 +138,15 @@ inline vfloat vexp_neg(vfloat x) {
   p = vfma(p, r, vset1(1.f));
   p = vfma(p, r, vset1(1.f));
   return vpow2i(p, n);
+}
+
+// Logit soft-capping on every lane: cap * tanh(x / cap), tanh(y) = (1 - e^-2|y|) / (1 + e^-2|y|)
+// with y's sign (the scalar form in attend.cpp's per-row kernel).
+inline vfloat vsoftcap(vfloat x, float cap) {
+  const vfloat y = vdiv(x, vset1(cap));
+  const vfloat e = vexp_neg(vmul(vabs(y), vset1(-2.f)));
+  const vfloat th = vdiv(vsub(vset1(1.f), e), vadd(vset1(1.f), e));
+  return vmul(vcopysign(th, y), vset1(cap));
 }
 #endif
 
