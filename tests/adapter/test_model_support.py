@@ -77,6 +77,25 @@ def test_pure_rotation_tables_are_accepted_and_made_neox(name):
     torch.testing.assert_close(sin.float(), want_sin, rtol=0, atol=1e-5)
 
 
+def test_a_bf16_models_table_is_accepted():
+    """vLLM builds a model with its dtype as torch's default (bf16 for most checkpoints), and the
+    table is checked right then: the check once built its fp32 comparison in that default dtype
+    and refused every bf16 model with "Float did not match BFloat16"."""
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    from vllm_infllm.adapter.model_support import RotaryTable
+
+    with set_current_vllm_config(_CONFIG["vllm"]), set_default_torch_dtype(torch.bfloat16):
+        rope = get_rope(64, max_position=1024, is_neox_style=True, rope_parameters={"rope_theta": 10000.0},
+                        dtype=torch.bfloat16)
+        table = RotaryTable.of(rope)
+    cos, sin = table.tables(torch.device("cpu"))
+    a, b = 300, 123  # still a rotation table, to bf16's precision
+    torch.testing.assert_close(cos[a + b].float(), (cos[a] * cos[b] - sin[a] * sin[b]).float(), rtol=0, atol=3e-2)
+
+
 @pytest.mark.parametrize("name", list(REFUSED))
 def test_other_tables_are_refused_with_the_reason(name):
     from vllm_infllm.adapter.model_support import rope_rejection_reason

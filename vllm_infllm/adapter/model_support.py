@@ -117,9 +117,12 @@ class RotaryTable:
         self._key: tuple | None = None
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
         # The table must start at the identity times the attention factor: a rotation by 0.
+        # (fp32 explicitly: vLLM builds the model under its dtype as torch's default, bf16 for
+        # most checkpoints.)
         row0 = table[0].float()
         half = rope.rotary_dim // 2
-        want = torch.cat((torch.full((half,), self.attention_factor), torch.zeros(half)))
+        want = torch.cat((torch.full((half,), self.attention_factor, dtype=torch.float32),
+                          torch.zeros(half, dtype=torch.float32)))
         if not torch.allclose(row0.cpu(), want, rtol=1e-2, atol=1e-2):
             raise ValueError(
                 f"infllm does not support this model: the rotary table of {type(rope).__name__} does "
