@@ -218,11 +218,15 @@ inline void values_tile(const float* __restrict pt, int64_t Rp, const float* __r
 }
 
 // The online-softmax step of row vector `vi` over the block's logits st[o * Rp + vi * kW],
-// o in [a, b): soft-capping, the per-row key ranges [lo, hi) (when `masked`), the kept local
-// logits (keep: key o at keep[(o - a) * Rp], or null), the new max and sum, and alpha, the factor the
-// accumulator is rescaled by. Masked keys get p = 0 exactly, as the per-row kernel skips them.
+// o in [a, b): soft-capping, the per-row key ranges [lo, hi) (when `masked`), the new max and
+// sum, and alpha, the factor the accumulator is rescaled by. Masked keys get p = 0 exactly, as
+// the per-row kernel skips them. A local block also keeps its probabilities (key o at
+// keep[(o - a) * Rp]) and the max they are relative to (keep_m[Rp]): a key's final softmax mass
+// is p * e^(keep_m - m) / l once the row's m and l are final (tiled_mass), one exp per row and
+// block instead of one per key.
 inline void softmax_vec(float* st, int64_t Rp, int64_t a, int64_t b, int64_t vi, const float* loT, const float* hiT,
-                        bool masked, bool softcap_on, float cap, float* mT, float* lT, float* alpha, float* keep) {
+                        bool masked, bool softcap_on, float cap, float* mT, float* lT, float* alpha, float* keep,
+                        float* keep_m) {
   const int64_t c = vi * kW;
   const vfloat lo = vload(loT + c), hi = vload(hiT + c);
   vfloat mx = vset1(kNegInf);
@@ -232,7 +236,6 @@ inline void softmax_vec(float* st, int64_t Rp, int64_t a, int64_t b, int64_t vi,
     if (softcap_on) x = vsoftcap(x, cap);
     if (masked) x = vkeep_range(x, vset1(static_cast<float>(o)), lo, hi, kNegInf);
     if (softcap_on || masked) vstore(sp, x);
-    if (keep != nullptr) vstore(keep + (o - a) * Rp + c, x);
     mx = vmax(mx, x);
   }
   const vfloat m_old = vload(mT + c);
@@ -245,8 +248,10 @@ inline void softmax_vec(float* st, int64_t Rp, int64_t a, int64_t b, int64_t vi,
     vfloat p = vexp_neg(vsub(vload(sp), m_safe));
     if (masked) p = vkeep_range(p, vset1(static_cast<float>(o)), lo, hi, 0.f);
     vstore(sp, p);
+    if (keep != nullptr) vstore(keep + (o - a) * Rp + c, p);
     sum = vadd(sum, p);
   }
+  if (keep != nullptr) vstore(keep_m + c, m_safe);
   vstore(mT + c, m_new);
   vstore(lT + c, vfma(vload(lT + c), al, sum));
   vstore(alpha + c, al);
@@ -266,26 +271,53 @@ inline void rotate_cols(const float* xt, float* yt, const float* c, const float*
 }
 
 // The local keys' softmax mass of a tiled item, once its softmax is final: ms[gg * span + x] +=
-// sum over the item's queries of head gg of e^(logit - m) / l, from the logits it kept key-major
-// (key x at keep[x * Rp], rows in the transposed order rt = gg * qn_pad + i, so a head's queries
-// are whole vectors). m, l: final, in the row layout r = i * G + gg. Padding rows kept -inf.
-inline void tiled_mass(const float* keep, int64_t Rp, int64_t G, int64_t qn, int64_t span, const float* m,
-                       const float* l, float* mt, float* iv, float* ms) {
+// sum over the item's queries of head gg of p * e^(m_block - m) / l, from what softmax_vec kept
+// key-major (key x at keep[x * Rp], rows in the transposed order rt = gg * qn_pad + i, so a
+// head's queries are whole vectors; then each local block's max, Rp per block). Keys x count
+// from w_first, the window start of the item's first query. m, l: final, in the row layout
+// r = i * G + gg. Padding rows kept p = 0 and weigh 0.
+inline int64_t tiled_keep_size(int64_t Rp, int64_t span, int64_t w_first, int64_t B) {
+  return Rp * (span + (w_first + span - 1) / B - w_first / B + 1);
+}
+
+inline void tiled_mass(const float* keep, int64_t Rp, int64_t G, int64_t qn, int64_t span, int64_t w_first, int64_t B,
+                       const float* m, const float* l, float* mt, float* f, float* ms) {
   const int64_t qn_pad = Rp / G;
   std::fill(mt, mt + Rp, 0.f);
-  std::fill(iv, iv + Rp, 0.f);
+  std::fill(f, f + Rp, 0.f);
   for (int64_t i = 0; i < qn; ++i)
     for (int64_t gg = 0; gg < G; ++gg) {
       const int64_t r = i * G + gg, rt = gg * qn_pad + i;
       mt[rt] = m[r] == kNegInf ? 0.f : m[r];
-      iv[rt] = l[r] > 0.f ? 1.f / l[r] : 0.f;
+      f[rt] = l[r] > 0.f ? 1.f / l[r] : 0.f;  // 1 / l, then times the block's e^(m_block - m)
     }
-  for (int64_t x = 0; x < span; ++x) {
-    for (int64_t gg = 0; gg < G; ++gg) {
-      vfloat sum = vset1(0.f);
-      for (int64_t u = gg * qn_pad; u < (gg + 1) * qn_pad; u += kW)
-        sum = vfma(vexp_neg(vsub(vload(keep + x * Rp + u), vload(mt + u))), vload(iv + u), sum);
-      ms[gg * span + x] += vsum(sum);
+  const float* keep_m = keep + Rp * span;
+  for (int64_t blk = w_first / B, bi = 0; blk * B < w_first + span; ++blk, ++bi) {
+    const float* mb = keep_m + bi * Rp;
+    float* fb = f + Rp;  // this block's factors (f holds Rp more floats: the caller's scratch)
+    for (int64_t u = 0; u < Rp; u += kW) vstore(fb + u, vmul(vload(f + u), vexp_neg(vsub(vload(mb + u), vload(mt + u)))));
+    const int64_t xa = std::max(blk * B, w_first) - w_first, xb = std::min((blk + 1) * B, w_first + span) - w_first;
+    int64_t x = xa;
+    for (; x + kW <= xb; x += kW) {  // kW keys at once: their kW row sums reduced together
+      for (int64_t gg = 0; gg < G; ++gg) {
+        vfloat sums[kW];
+        for (int j = 0; j < kW; ++j) {
+          vfloat sum = vset1(0.f);
+          for (int64_t u = gg * qn_pad; u < (gg + 1) * qn_pad; u += kW)
+            sum = vfma(vload(keep + (x + j) * Rp + u), vload(fb + u), sum);
+          sums[j] = sum;
+        }
+        float* dst = ms + gg * span + x;
+        vstore(dst, vadd(vload(dst), vsum_each(sums)));
+      }
+    }
+    for (; x < xb; ++x) {
+      for (int64_t gg = 0; gg < G; ++gg) {
+        vfloat sum = vset1(0.f);
+        for (int64_t u = gg * qn_pad; u < (gg + 1) * qn_pad; u += kW)
+          sum = vfma(vload(keep + x * Rp + u), vload(fb + u), sum);
+        ms[gg * span + x] += vsum(sum);
+      }
     }
   }
 }
@@ -295,7 +327,7 @@ inline void tiled_mass(const float* keep, int64_t Rp, int64_t G, int64_t qn, int
 template <int D>
 void tiled_block(const float* qt, int64_t Rp, const float* k, int64_t ks, const float* val, int64_t vs, int64_t a,
                  int64_t b, const float* loT, const float* hiT, bool masked, bool softcap_on, float cap, float* st,
-                 float* mT, float* lT, float* alpha, float* acct, float* keep) {
+                 float* mT, float* lT, float* alpha, float* acct, float* keep, float* keep_m) {
   const int64_t NVt = Rp / kW;
   for (int64_t v0 = 0; v0 < NVt; v0 += kMaxRowVecs) {
     const int64_t nv = std::min<int64_t>(kMaxRowVecs, NVt - v0), c = v0 * kW;
@@ -308,7 +340,7 @@ void tiled_block(const float* qt, int64_t Rp, const float* k, int64_t ks, const 
 #endif
     }
     for (int64_t vi = v0; vi < v0 + nv; ++vi)
-      softmax_vec(st, Rp, a, b, vi, loT, hiT, masked, softcap_on, cap, mT, lT, alpha, keep);
+      softmax_vec(st, Rp, a, b, vi, loT, hiT, masked, softcap_on, cap, mT, lT, alpha, keep, keep_m);
     switch (nv) {
       case 1: values_tile<D, 1>(st + c, Rp, val, vs, a, b, alpha + c, acct + c); break;
       case 2: values_tile<D, 2>(st + c, Rp, val, vs, a, b, alpha + c, acct + c); break;
@@ -413,11 +445,11 @@ struct ItemRunner {
   std::vector<float> tbuf;  // the tiled kernel's logits, key o at tbuf[o * Rp]
 
   void attend_block_tiled(const float* qt, int64_t Rp, int64_t a, int64_t b, const float* loT, const float* hiT,
-                          bool masked, float* mT, float* lT, float* alpha, float* acct, float* keep) {
+                          bool masked, float* mT, float* lT, float* alpha, float* acct, float* keep, float* keep_m) {
     if (tbuf.size() < static_cast<size_t>(g.B * Rp)) tbuf.resize(g.B * Rp);
     auto run = g.D == 64 ? &tiled_block<64> : g.D == 128 ? &tiled_block<128> : &tiled_block<256>;
     run(qt, Rp, k, k_stride, v, v_stride, a, b, loT, hiT, masked, g.softcap_on, g.softcap, tbuf.data(), mT, lT,
-        alpha, acct, keep);
+        alpha, acct, keep, keep_m);
   }
 #endif
 
@@ -554,7 +586,9 @@ void attend_impl(const torch::Tensor& query, const torch::Tensor& kv_cache, cons
   for (int64_t ii = 0; ii < n_items && geo.scores_on; ++ii) {
     if (items[ii].rp && mass_in_unit) continue;
     keep_off[ii] = keep_total;
-    keep_total += (items[ii].rp ? items[ii].rp : G * items[ii].qn) * items[ii].span;
+    const Item& it = items[ii];
+    const int64_t w_first = std::max<int64_t>(0, c0[it.chunk] + it.t0 - geo.n_local + 1);
+    keep_total += it.rp ? tiled_keep_size(it.rp, it.span, w_first, B) : G * it.qn * it.span;
   }
   std::vector<float> mass(mass_total, 0.f), keep(keep_total, kNegInf);
   const int64_t R_max = G * query_tile;
@@ -576,8 +610,8 @@ void attend_impl(const torch::Tensor& query, const torch::Tensor& kv_cache, cons
 #if INFLLM_SIMD_WIDTH  // the tiled kernel's transposed rows (row rt = gg * qn_pad + i, pads zero)
     const int64_t Rp_max = G * ((query_tile + kW - 1) / kW * kW);
     std::vector<float> qlT(D * Rp_max), qgT(D * Rp_max), qrT(D * Rp_max), accT(D * Rp_max);
-    std::vector<float> mT(Rp_max), lT(Rp_max), alphaT(Rp_max), loT(Rp_max), hiT(Rp_max);
-    std::vector<float> keep_unit;  // a tiled, unsplit item's kept logits (every entry written)
+    std::vector<float> mT(Rp_max), lT(Rp_max), alphaT(Rp_max), loT(Rp_max), hiT(Rp_max), scratch(3 * Rp_max);
+    std::vector<float> keep_unit;  // a tiled, unsplit item's kept probabilities (every entry written)
 #endif
 #pragma omp for schedule(dynamic, 1)
     for (int64_t unit = 0; unit < n_items * splits; ++unit) {
@@ -664,7 +698,9 @@ void attend_impl(const torch::Tensor& query, const torch::Tensor& kv_cache, cons
       float* kp = ko >= 0 ? keep.data() + ko : nullptr;
 #if INFLLM_SIMD_WIDTH
       if (geo.scores_on && Rp && mass_in_unit) {
-        if (keep_unit.size() < static_cast<size_t>(Rp * it.span)) keep_unit.resize(Rp * it.span);
+        const int64_t w0 = std::max<int64_t>(0, c0[c] + it.t0 - geo.n_local + 1);
+        const size_t need = tiled_keep_size(Rp, it.span, w0, B);
+        if (keep_unit.size() < need) keep_unit.resize(need);
         kp = keep_unit.data();
       }
 #endif
@@ -699,7 +735,8 @@ void attend_impl(const torch::Tensor& query, const torch::Tensor& kv_cache, cons
           }
           run.load_block(phys, kvh, bt_.a, bt_.b, j0, bt_.kind != kLocal && !geo.ordered);
           run.attend_block_tiled(qq, Rp, bt_.a, bt_.b, loT.data(), hiT.data(), masked, mT.data(), lT.data(),
-                                 alphaT.data(), accT.data(), keeps ? kp + (j0 + bt_.a - w_first) * Rp : nullptr);
+                                 alphaT.data(), accT.data(), keeps ? kp + (j0 + bt_.a - w_first) * Rp : nullptr,
+                                 keeps ? kp + (it.span + bt_.blk - w_first / B) * Rp : nullptr);
           continue;
         }
 #endif
@@ -724,7 +761,8 @@ void attend_impl(const torch::Tensor& query, const torch::Tensor& kv_cache, cons
             for (int64_t d = 0; d < D; ++d) acc[r * D + d] = accT[d * Rp + rt];
           }
         if (geo.scores_on && mass_in_unit)  // the softmax is final: the mass now, from L2
-          tiled_mass(kp, Rp, G, it.qn, it.span, m, l, alphaT.data(), loT.data(), mass.data() + it.mass_off);
+          tiled_mass(kp, Rp, G, it.qn, it.span, w_first, B, m, l, scratch.data(), scratch.data() + Rp,
+                     mass.data() + it.mass_off);
       }
 #endif
     }
@@ -765,8 +803,10 @@ void attend_impl(const torch::Tensor& query, const torch::Tensor& kv_cache, cons
     if (geo.scores_on && it.rp) {
 #if INFLLM_SIMD_WIDTH
       if (!mass_in_unit) {  // a tiled item that was split: its splits are merged now
-        std::vector<float> mt(it.rp), iv(it.rp);
-        tiled_mass(keep.data() + keep_off[ii], it.rp, G, it.qn, it.span, m, l, mt.data(), iv.data(),
+        std::vector<float> scratch(3 * it.rp);
+        const int64_t w_first = std::max<int64_t>(0, c0[it.chunk] + it.t0 - geo.n_local + 1);
+        tiled_mass(keep.data() + keep_off[ii], it.rp, G, it.qn, it.span, w_first, B, m, l, scratch.data(),
+                   scratch.data() + it.rp,
                    mass.data() + it.mass_off);
       }
 #endif
