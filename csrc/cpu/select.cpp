@@ -131,6 +131,9 @@ void seal_impl(const torch::Tensor& kv_cache, torch::Tensor& reprs, const torch:
   }
 }
 
+// Candidates ahead whose representatives are prefetched.
+constexpr int64_t kPrefetchAhead = 2;
+
 template <typename T, typename R>
 void select_impl(const torch::Tensor& query, const torch::Tensor& reprs, const torch::Tensor& block_table,
                  const torch::Tensor& req_t, const torch::Tensor& c0_t, const torch::Tensor& len_t,
@@ -206,6 +209,9 @@ void select_impl(const torch::Tensor& query, const torch::Tensor& reprs, const t
   // Every (chunk, candidate) scored in parallel: a decode of one request spreads its candidates
   // over the threads. score[groups * off[c] + g * K + u].
   std::vector<float> score(groups * total, 0.f);
+  // A unit's representative rows as one span of bytes to prefetch (rows s_rr apart).
+  const int64_t repr_rows = unit_score == kMinmax ? 2 * Hkv : unit_score == kMaxTopk ? Hq * repr_topk : Hq;
+  const int64_t repr_bytes = ((repr_rows - 1) * s_rr + D) * static_cast<int64_t>(sizeof(R));
 #pragma omp parallel num_threads(nt)
   {
     std::vector<float> r(D), ones(D, 1.f);
@@ -214,6 +220,12 @@ void select_impl(const torch::Tensor& query, const torch::Tensor& reprs, const t
       const int64_t c = chunk_of[x], u = x - off[c], K = off[c + 1] - off[c];
       const float* qbar = qbars.data() + c * Hq * D;
       const R* base = rp + static_cast<int64_t>(bt[req[c] * s_bt + init_blocks + u]) * s_rb;
+      if (x + kPrefetchAhead < total) {  // each candidate sits in its own KV page: fetch ahead
+        const int64_t xn = x + kPrefetchAhead, cn = chunk_of[xn];
+        const char* nb =
+            reinterpret_cast<const char*>(rp + static_cast<int64_t>(bt[req[cn] * s_bt + init_blocks + xn - off[cn]]) * s_rb);
+        for (int64_t b = 0; b < repr_bytes; b += 64) __builtin_prefetch(nb + b, 0, 3);
+      }
       float* sc = score.data() + groups * off[c];
       for (int64_t h = 0; h < Hq; ++h) {
         const float* qh = qbar + h * D;

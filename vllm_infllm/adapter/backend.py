@@ -372,6 +372,7 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
         self.rotary: RotaryTable | None = None
         self._memory_key: tuple | None = None
         self._memory: LayerMemory | None = None
+        self._kv_slots: torch.Tensor | None = None
 
     def bind_rotary(self, table: RotaryTable) -> None:
         """This layer's rotary table (model_support.bind_rotary_tables finds it in the model)."""
@@ -390,8 +391,12 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
         return self.rotary
 
     def _layer_memory(self, kv_cache: torch.Tensor) -> LayerMemory:
-        """Typed views of this layer's side state inside its pages (cached per tensor)."""
-        key = (kv_cache.data_ptr(), tuple(kv_cache.shape), kv_cache.stride(), kv_cache.dtype)
+        return self._layer_state(kv_cache)[1]
+
+    def _layer_state(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, LayerMemory]:
+        """This layer's K/V slots and the typed views of its side state inside its pages (cached
+        per tensor: every layer asks twice per step)."""
+        key = (kv_cache.data_ptr(), kv_cache.shape, kv_cache.stride(), kv_cache.dtype)
         if self._memory_key != key:
             if self.infllm_config is None:
                 raise RuntimeError("infllm: no InfLLM config (the impl was built outside a vLLM config)")
@@ -402,8 +407,9 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
             )
             self._memory = LayerMemory(reprs=reprs, scores=scores, sealed=sealed.view(torch.bool),
                                        chosen=chosen)
+            self._kv_slots = kv_cache[:, : self.num_kv_heads]
             self._memory_key = key
-        return self._memory
+        return self._kv_slots, self._memory
 
     def do_kv_cache_update(
         self,
@@ -420,10 +426,8 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
             return
         n = min(slot_mapping.shape[0], key.shape[0])
         key = self._rotary().layout.to_neox(key[:n])  # the ops' NeoX channel order (core/rope.py)
-        infllm_ops.for_device(key.device).write_kv(
-            kv_cache[:, : self.num_kv_heads], key, value[:n], slot_mapping[:n],
-            self._layer_memory(kv_cache),
-        )
+        kv_slots, memory = self._layer_state(kv_cache)
+        infllm_ops.for_device(key.device).write_kv(kv_slots, key, value[:n], slot_mapping[:n], memory)
 
     def forward(
         self,
@@ -446,13 +450,14 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
             return output.fill_(0)
         rotary = self._rotary()
         cos, sin = rotary.tables(query.device)
+        kv_slots, memory = self._layer_state(kv_cache)
         try:
             infllm_forward(
                 rotary.layout.to_neox(query),
-                kv_cache[:, : self.num_kv_heads],
+                kv_slots,
                 attn_metadata.block_table,
                 attn_metadata.plan,
-                self._layer_memory(kv_cache),
+                memory,
                 cos,
                 sin,
                 attn_metadata.infllm_config,

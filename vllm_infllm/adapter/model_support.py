@@ -141,16 +141,19 @@ class RotaryTable:
         """cos, sin `[rows, D/2]` as the ops read them (views of vLLM's buffer when the model's
         table already is a full-width NeoX table of pure rotations)."""
         cache = rotary_cache(self.rope)[0]
+        # Built once per buffer and device (every layer asks at every step).
+        key = (cache.data_ptr(), cache.dtype, cache.device, tuple(cache.shape), device)
+        if self._key == key:
+            return self._tables
         if cache.device != device:
             cache = cache.to(device)
         half = self.layout.rotary_dim // 2
         if self.layout.is_canonical and self.attention_factor == 1.0:
-            return cache[:, :half], cache[:, half:]
-        key = (cache.data_ptr(), cache.dtype, cache.device, tuple(cache.shape))
-        if self._key != key:  # divide out the attention factor in fp32; pad the passed channels
+            self._tables = cache[:, :half], cache[:, half:]
+        else:  # divide out the attention factor in fp32; pad the passed channels
             f = cache.float() / self.attention_factor
             self._tables = self.layout.canonical_table(f[:, :half].contiguous(), f[:, half:].contiguous())
-            self._key = key
+        self._key = key
         return self._tables
 
 

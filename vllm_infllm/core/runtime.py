@@ -66,7 +66,8 @@ def infllm_forward(
         )
     if ops is None:
         ops = ops_pkg.for_device(query.device)
-    with _cpu_threads(query.device, plan.num_tokens):
+    one_thread = getattr(ops, "SMALL_STEPS_ON_ONE_THREAD", False)
+    with _cpu_threads(query.device, plan.num_tokens) if one_thread else contextlib.nullcontext():
         for wave in plan.waves:
             if config.topk > 0:
                 ops.seal_units(kv_cache, memory, block_table, wave, cos, sin, config)
@@ -96,7 +97,8 @@ SINGLE_THREAD_MAX_TOKENS = _env_int("VLLM_INFLLM_SINGLE_THREAD_MAX_TOKENS", 16)
 
 @contextlib.contextmanager
 def _cpu_threads(device: torch.device, num_tokens: int) -> Iterator[None]:
-    """Run a small step's CPU ops on one thread, then restore the thread count.
+    """Run a small step's CPU ops on one thread, then restore the thread count (the torch ops:
+    `torch_ops.SMALL_STEPS_ON_ONE_THREAD`).
 
     A decode step is ~60 small ops per layer; with vLLM's 2 bound OpenMP threads each op pays a
     fork/join barrier. Measured in the engine (SmolLM2, 4K context, 2-core CPU, two runs each):

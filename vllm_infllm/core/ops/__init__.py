@@ -22,7 +22,8 @@ _cpu_choice: tuple[str | None, ModuleType] | None = None  # (VLLM_INFLLM_CPU_KER
 def for_device(device: torch.device | str) -> ModuleType:
     """The op module for tensors on `device`: Triton kernels on CUDA; on CPU the native kernels,
     or the torch ops (VLLM_INFLLM_CPU_KERNEL, see `native.py`)."""
-    if torch.device(device).type == "cuda":
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if kind == "cuda":
         from . import triton_ops
 
         return triton_ops

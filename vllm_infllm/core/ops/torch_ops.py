@@ -21,6 +21,11 @@ from .ranking import hold_selections as hold_selections  # the op of every modul
 from .ranking import top_units
 
 # Upper bound on elements of one padded logits tensor (tiles x heads x queries x keys).
+#: Decode-sized steps run these ops on one thread (core.runtime._cpu_threads): dozens of small
+#: torch ops per layer each pay an OpenMP fork/join. The native kernels fork once per layer and
+#: take every thread, so they do not ask for it.
+SMALL_STEPS_ON_ONE_THREAD = True
+
 _LOGITS_BUDGET = 1 << 24
 _QUERY_TILE = 128
 
