@@ -65,6 +65,12 @@ inline void prefetch_row(const float* p, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 3);
 }
 
+// Floats a tiled item keeps for its score pass: Rp probabilities per local key, then the max
+// of each local block per row (tiled_mass).
+inline int64_t tiled_keep_size(int64_t Rp, int64_t span, int64_t w_first, int64_t B) {
+  return Rp * (span + (w_first + span - 1) / B - w_first / B + 1);
+}
+
 #if INFLLM_SIMD_WIDTH
 // One row's online-softmax step over keys [ka, kb) of a block, head dim D a multiple of the
 // vector width: the query (pre-scaled) sits in registers while the logits are taken, the
@@ -276,10 +282,6 @@ inline void rotate_cols(const float* xt, float* yt, const float* c, const float*
 // head's queries are whole vectors; then each local block's max, Rp per block). Keys x count
 // from w_first, the window start of the item's first query. m, l: final, in the row layout
 // r = i * G + gg. Padding rows kept p = 0 and weigh 0.
-inline int64_t tiled_keep_size(int64_t Rp, int64_t span, int64_t w_first, int64_t B) {
-  return Rp * (span + (w_first + span - 1) / B - w_first / B + 1);
-}
-
 inline void tiled_mass(const float* keep, int64_t Rp, int64_t G, int64_t qn, int64_t span, int64_t w_first, int64_t B,
                        const float* m, const float* l, float* mt, float* f, float* ms) {
   const int64_t qn_pad = Rp / G;

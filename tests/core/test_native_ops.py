@@ -244,3 +244,35 @@ def test_unbuildable_kernels_fail_loudly_or_warn_once(monkeypatch, caplog, tmp_p
         assert len(warnings) == 1 and "no-such-compiler" in warnings[0].getMessage()
     finally:
         native._march_native.cache_clear()
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and f" {flag}" in line for line in f)
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_kernels_built_for_other_machines_match_torch_ops(isa, monkeypatch):
+    """The kernels as other machines build them, compiled for real (about 45 s each) and run
+    through the same comparisons: AVX2 + FMA without AVX-512 (8-lane micro-kernels, tiled prefill
+    from 4 queries) and no vector ISA at all (the portable loops, as on an ARM server). The
+    build here otherwise only ever compiles the one path this CPU selects."""
+    if isa == "avx2" and not (_cpu_has("avx2") and _cpu_has("fma")):
+        pytest.skip("this CPU cannot run AVX2 + FMA code")
+    arch = {"avx2": ["-mavx2", "-mfma"], "portable": []}[isa]
+    flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", *arch]
+    monkeypatch.setattr(native, "cflags", lambda: flags)
+    monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setattr(native, "_failure", None)
+    assert native.load().__name__.endswith(native._key())  # built with these flags, not the default ones
+    for Hq, Hkv, D, dtype in [(9, 3, 64, torch.float32), (8, 1, 256, torch.bfloat16), (6, 3, 48, torch.float32)]:
+        assert run_both(Hq, Hkv, D, dtype, CFG) > 0.1
+    for modes in [{"positions": "ordered", "selection": "kv_head"}, {"unit_score": "minmax"}]:
+        run_both(6, 2, 64, torch.float32, dataclasses.replace(CFG, **modes), seed=1)
+    run_both(4, 2, 64, torch.float32, CFG, softcap=2.0, sinks=True, seed=2)
+    test_seal_units_matches_torch_ops({"unit_score": "max_topk"}, torch.float32, True)
+    test_select_units_matches_torch_ops({}, torch.float32)
