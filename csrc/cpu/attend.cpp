@@ -23,9 +23,11 @@
 // and sums do not depend on scheduling.
 //
 // All arithmetic is fp32; caches and queries may be fp32, bf16 or fp16. Head sizes 64, 128 and
-// 256 run a per-row micro-kernel over AVX-512 or AVX2 registers (simd.h; built with -O3
-// -march=native where the compiler takes it, see vllm_infllm/core/ops/native.py); other head
-// sizes, and builds without those ISAs, run the portable loops below.
+// 256 run micro-kernels over AVX-512 or AVX2 registers (simd.h; built with -O3 -march=native
+// where the compiler takes it, see vllm_infllm/core/ops/native.py): a per-row kernel for items of
+// few queries (decode), and for prefill items a tiled one with the rows across the vector lanes
+// (logits and values as outer products, no horizontal sums). Other head sizes, and builds without
+// those ISAs, run the portable loops below.
 
 #include <torch/extension.h>
 
