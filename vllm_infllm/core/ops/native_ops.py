@@ -1,10 +1,11 @@
 """Paged InfLLM ops on the native CPU kernels (`csrc/cpu/`), same signatures as `torch_ops`.
 
     attend        one fused pass per (chunk, KV head, query tile) over the paged cache,
-                  reading K/V in place through the block table (csrc/cpu/attend.cpp); decode
-                  and prefill alike (a 512-query prefill chunk, SmolLM2 geometry, 2 threads,
-                  the 2-core dev machine: 89 ms vs the torch op's 102 at 4K dense, 28 vs 41 ms
-                  at 16K with n_local 1024 / topk 4)
+                  reading K/V in place through the block table (csrc/cpu/attend.cpp): a
+                  per-row micro-kernel for decode, a tiled one (rows across the vector lanes)
+                  for prefill (a 512-query chunk, SmolLM2 geometry, 2 threads, the 2-core dev
+                  machine: 27 ms at 4K dense, where the torch op takes 102; 15 ms at 32K with
+                  n_local 1024 / topk 4)
     seal_units    native: the new candidates' representatives, each unit once (csrc/cpu/select.cpp)
     select_units  native: q̄, every candidate's score per selection group, the topk by the
                   same ranking rule (contiguity included), each chunk in parallel
@@ -27,7 +28,7 @@ from . import cpu_threads, native, torch_ops
 _UNIT_SCORES = {"mean_topk": 0, "minmax": 1, "max_topk": 2}  # csrc/cpu/select.cpp's UnitScore
 
 #: Queries per work item (rows = queries x the G heads of a KV head); 4 and 32 measured within
-#: 10% of it on the prefill above.
+#: 10% of it on the prefill above (with the per-row kernel, before the tiled one).
 QUERY_TILE = 16
 
 _tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
