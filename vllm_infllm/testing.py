@@ -20,6 +20,7 @@ import torch
 
 from .core import ops as ops_pkg
 from .core.config import InfLLMConfig
+from .core.offload import UnitStore, offloadable_units
 from .core.plan import LayerMemory, plan_step
 from .core.reference import ReferenceTrace, infllm_reference_trace
 from .core.rope import RopeLayout
@@ -169,6 +170,15 @@ class PagedRun:
     caches: list  # per layer [num_blocks, Hkv, B, 2D]
     memories: list  # per layer LayerMemory
     block_table: torch.Tensor  # [num_requests, width]
+    store: UnitStore | None = None  # offload=True: the units that left the pool (keyed by request index)
+    poisoned: list[int] = dataclasses.field(default_factory=list)  # their pool blocks (see run_paged)
+
+
+#: What run_paged(offload=True) leaves in an offloaded unit's pool block, as if another request
+#: had taken it: K/V a large finite value (a read with any weight moves the output; masked
+#: reads, which the torch ops make of whole blocks, weigh it by exactly 0), representatives NaN
+#: (a unit scored from them ranks first), side state these values (a test checks no op wrote it).
+POISON_KV, POISON_SCORE, POISON_CHOSEN = 1e4, -7.0, 777
 
 
 def run_paged(
@@ -187,6 +197,9 @@ def run_paged(
     rope: RopeLayout | None = None,
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
+    offload: bool = False,
+    slab_units: int = 4,
+    offload_path: str | None = None,
 ) -> PagedRun:
     """Run all requests through the paged runtime, step by step like vLLM's scheduler would.
 
@@ -197,6 +210,11 @@ def run_paged(
     `rope`: the model's RoPE layout (`cos, sin` are then its `[rows, rotary_dim/2]` table): q and
     k are rotated as the model does, then permuted to full-width NeoX as the adapter does.
     `softcap`, `sinks`: the model's softmax variants, passed to the runtime.
+    `offload`: between steps, every unit `offloadable_units` allows leaves the pool for a
+    `UnitStore` (slabs of `slab_units`, K/V in files under `offload_path` if given), as the
+    block manager frees it; its pool block is then
+    poisoned (POISON_*), so any later read of it shows in the outputs and any write in
+    `PagedRun.poisoned`'s blocks.
     """
     B = config.block_size
     Hq, D = requests[0].q.shape[1:]
@@ -232,6 +250,11 @@ def run_paged(
 
     outs = [[torch.zeros(r.total, Hq, D) for r in requests] for _ in range(layers)]
     done = [0] * len(requests)
+    store = None
+    if offload:
+        store = UnitStore(layers, Hkv, B, D, config.repr_rows(Hq, Hkv), dtype, slab_units=slab_units,
+                          path=offload_path)
+    moved, poisoned = [0] * len(requests), []
     ops_mod = ops
     for step in range(max(len(r.pieces) for r in requests)):
         active = [i for i, r in enumerate(requests) if step < len(r.pieces)]
@@ -250,6 +273,7 @@ def run_paged(
             block_table[i, torch.arange(a, b, device=device) // B].long().cpu() * B + torch.arange(a, b) % B
             for i, a, b in rows
         ])
+        slot_table = None if store is None else store.slot_table(active, bt.shape[1], device)
         for layer in range(layers):
             qkv = [layer_qkv(requests[i], layer) for i, _, _ in rows]
             q = torch.cat([x[0][a:b] for x, (_, a, b) in zip(qkv, rows, strict=True)])
@@ -263,12 +287,32 @@ def run_paged(
             out = torch.zeros(T, Hq, D, dtype=dtype, device=device)
             infllm_forward(q, caches[layer], bt, plan, memories[layer], table[0].to(device),
                            table[1].to(device), config, D**-0.5, out, ops=ops_mod, softcap=softcap,
-                           sinks=None if sinks is None else sinks.to(device))
+                           sinks=None if sinks is None else sinks.to(device),
+                           store=None if store is None else store.view(layer, slot_table))
             for s, (i, a, b) in enumerate(rows):
                 outs[layer][i][a:b] = out[qsl[s] : qsl[s + 1]].float().cpu()
         for i, _, b in rows:
             done[i] = b
-    return PagedRun(outs, caches, memories, block_table)
+            if store is not None:  # the block manager frees what no later step reads in place
+                E = offloadable_units(b, requests[i].prompt_len, config)
+                if E > moved[i]:
+                    logical = list(range(config.init_blocks + moved[i], config.init_blocks + E))
+                    phys = block_table[i, logical].tolist()
+                    slots = store.allocate(i, logical)
+                    for layer in range(layers):
+                        store.write(layer, slots, caches[layer], memories[layer].reprs, phys)
+                        _poison(caches[layer], memories[layer], phys)
+                    moved[i], poisoned = E, poisoned + phys
+    return PagedRun(outs, caches, memories, block_table, store, poisoned)
+
+
+def _poison(kv_cache: torch.Tensor, memory: LayerMemory, blocks: list[int]) -> None:
+    kv_cache[blocks] = POISON_KV
+    memory.reprs[blocks] = float("nan")
+    memory.scores[blocks] = POISON_SCORE
+    memory.sealed[blocks] = False
+    if memory.chosen is not None:
+        memory.chosen[blocks] = POISON_CHOSEN
 
 
 def layer_qkv(request: Request, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

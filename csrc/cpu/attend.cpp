@@ -33,6 +33,7 @@
 
 #include "ops.h"
 #include "simd.h"
+#include "store.h"
 
 #include <algorithm>
 #include <cmath>
@@ -408,27 +409,34 @@ struct ItemRunner {
     sbuf.resize(g.B + 16);  // vector loads may run past the block's last key
   }
 
-  // Keys [a, b) of physical block `phys` (offsets in the block).
+  // Keys [a, b) of physical block `phys` of the pool (offsets in the block).
   // rotate_keys: K row of logical position j0 + o un-rotated by R(-(j0 + o)) (positions="fixed").
   void load_block(int64_t phys, int64_t kvh, int64_t a, int64_t b, int64_t j0, bool rotate_keys) {
+    load_at(kv + phys * s_cb, s_ch, s_co, kvh, a, b, j0, rotate_keys);
+  }
+
+  // The same for a block at `block` whose heads are `ch` and rows `co` apart (the pool's, or
+  // an offloaded unit's in the store).
+  void load_at(const T* block, int64_t ch, int64_t co, int64_t kvh, int64_t a, int64_t b, int64_t j0,
+               bool rotate_keys) {
     const int64_t D = g.D, half = D / 2;
-    const T* base = kv + phys * s_cb + kvh * s_ch;
+    const T* base = block + kvh * ch;
     if constexpr (std::is_same_v<T, float>) {
       v = base + D;
-      v_stride = s_co;
+      v_stride = co;
       if (!rotate_keys) {
         k = base;
-        k_stride = s_co;
+        k_stride = co;
         return;
       }
       for (int64_t o = a; o < b; ++o) {
         const int64_t j = j0 + o;
-        rotate(base + o * s_co, kbuf.data() + o * D, cos + j * s_cos, sin + j * s_sin, -1.f, half);
+        rotate(base + o * co, kbuf.data() + o * D, cos + j * s_cos, sin + j * s_sin, -1.f, half);
       }
     } else {
       float tmp[512];
       for (int64_t o = a; o < b; ++o) {
-        const T* row = base + o * s_co;
+        const T* row = base + o * co;
         if (rotate_keys) {
           load_row(row, tmp, D);
           const int64_t j = j0 + o;
@@ -533,7 +541,7 @@ void attend_impl(const torch::Tensor& query, const torch::Tensor& kv_cache, cons
                  const torch::Tensor& q0_t, const torch::Tensor& ncand_t, const torch::Tensor& selected,
                  const torch::Tensor& cos_t, const torch::Tensor& sin_t, torch::Tensor& scores,
                  torch::Tensor& out, const torch::Tensor& sinks, const Geometry& geo, int64_t query_tile,
-                 int64_t num_threads) {
+                 int64_t num_threads, const StoreSlabs<T>& store) {
   const int64_t n = req_t.size(0);
   const int32_t* req = req_t.data_ptr<int32_t>();
   const int32_t* c0 = c0_t.data_ptr<int32_t>();
@@ -712,6 +720,14 @@ void attend_impl(const torch::Tensor& query, const torch::Tensor& kv_cache, cons
         const BlockTask& bt_ = tasks[t];
         const int64_t j0 = bt_.blk * B;
         const int64_t phys = bt_row[std::min(bt_.blk, max_blocks - 1)];
+        // An offloaded unit (only selected units leave the pool) is read from the store.
+        const int32_t slot = bt_.kind == kUnit ? store.slot(req[c], bt_.blk) : -1;
+        const auto load = [&](bool rotate_keys) {
+          if (slot >= 0)
+            run.load_at(store.unit(slot), store.s_1, store.s_2, kvh, bt_.a, bt_.b, j0, rotate_keys);
+          else
+            run.load_block(phys, kvh, bt_.a, bt_.b, j0, rotate_keys);
+        };
         for (int64_t r = 0; r < R; ++r) {  // the keys row r sees, as offsets in the block
           lo[r] = bt_.kind == kLocal ? w[r] - j0 : 0;
           hi[r] = bt_.kind == kLocal ? pos[r] + 1 - j0 : bt_.kind == kUnit ? B : w[r] - j0;
@@ -737,7 +753,7 @@ void attend_impl(const torch::Tensor& query, const torch::Tensor& kv_cache, cons
                         -1.f, half, Rp);
             qq = qrT.data();
           }
-          run.load_block(phys, kvh, bt_.a, bt_.b, j0, bt_.kind != kLocal && !geo.ordered);
+          load(bt_.kind != kLocal && !geo.ordered);
           run.attend_block_tiled(qq, Rp, bt_.a, bt_.b, loT.data(), hiT.data(), masked, mT.data(), lT.data(),
                                  alphaT.data(), accT.data(), keeps ? kp + (j0 + bt_.a - w_first) * Rp : nullptr,
                                  keeps ? kp + (it.span + bt_.blk - w_first / B) * Rp : nullptr);
@@ -751,7 +767,7 @@ void attend_impl(const torch::Tensor& query, const torch::Tensor& kv_cache, cons
                    sinp + bt_.shift * sin_t.stride(0), -1.f, half);
           qq = qr.data();
         }
-        run.load_block(phys, kvh, bt_.a, bt_.b, j0, bt_.kind != kLocal && !geo.ordered);
+        load(bt_.kind != kLocal && !geo.ordered);
         run.attend_block(qq, R, bt_.a, bt_.b, lo.data(), hi.data(), m, l, acc, keeps ? kp : nullptr, it.span,
                          j0 - w_first);
       }
@@ -871,7 +887,8 @@ void attend(const torch::Tensor& query, const torch::Tensor& kv_cache, const tor
             const torch::Tensor& sin, torch::Tensor scores, torch::Tensor out,
             const c10::optional<torch::Tensor>& sinks, int64_t block_size, int64_t n_init, int64_t n_local,
             int64_t topk, bool ordered, bool scores_on, double scale, double softcap, int64_t query_tile,
-            int64_t num_threads) {
+            int64_t num_threads, const c10::optional<torch::Tensor>& store_slots,
+            const std::vector<torch::Tensor>& store_kv, int64_t store_slab_units) {
   TORCH_CHECK(query.dim() == 3 && kv_cache.dim() == 4 && out.dim() == 3, "infllm native attend: bad ranks");
   const int64_t D = query.size(2);
   TORCH_CHECK(D % 2 == 0 && D <= 512 && kv_cache.size(3) == 2 * D && kv_cache.size(2) == block_size,
@@ -916,8 +933,10 @@ void attend(const torch::Tensor& query, const torch::Tensor& kv_cache, const tor
                 "infllm native attend: sinks must be fp32 [Hq]");
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kv_cache.scalar_type(), "infllm_attend", [&] {
+    const StoreSlabs<scalar_t> store(store_slots, store_kv, store_slab_units, block_table, kv_cache,
+                                     "infllm native attend");
     attend_impl<scalar_t>(query, kv_cache, block_table, req, c0, length, q0, num_cand, sel, cos, sin, scores, out,
-                          snk, geo, query_tile, num_threads);
+                          snk, geo, query_tile, num_threads, store);
   });
 }
 

@@ -23,10 +23,12 @@
 #include <limits>
 #include <numeric>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "ops.h"
 #include "simd.h"
+#include "store.h"
 
 namespace infllm {
 namespace {
@@ -140,7 +142,8 @@ void select_impl(const torch::Tensor& query, const torch::Tensor& reprs, const t
                  const torch::Tensor& q0_t, const torch::Tensor& ncand_t, const torch::Tensor& cos_t,
                  const torch::Tensor& sin_t, torch::Tensor& selected, int64_t Hkv, int64_t B, int64_t n_init,
                  int64_t n_local, int64_t topk, int64_t repr_topk, int64_t unit_score, int64_t groups,
-                 int64_t contiguity, int64_t used_queries, bool aligned, int64_t num_threads) {
+                 int64_t contiguity, int64_t used_queries, bool aligned, int64_t num_threads,
+                 const StoreSlabs<R>& store) {
   const int64_t n = req_t.size(0), Hq = query.size(1), D = query.size(2), half = D / 2;
   const int64_t G = Hq / Hkv, init_blocks = n_init / B, heads_per_group = Hq / groups;
   const int32_t* req = req_t.data_ptr<int32_t>();
@@ -153,7 +156,14 @@ void select_impl(const torch::Tensor& query, const torch::Tensor& reprs, const t
   const T* q = query.data_ptr<T>();
   const int64_t s_qt = query.stride(0), s_qh = query.stride(1);
   const R* rp = reprs.data_ptr<R>();
-  const int64_t s_rb = reprs.stride(0), s_rr = reprs.stride(1);
+  const int64_t s_rb = reprs.stride(0), s_rr_pool = reprs.stride(1);
+  // Candidate u's representative rows (first row, row stride): in its pool block, or in the
+  // store once the unit has left the pool.
+  const auto unit_reprs = [&](int64_t c, int64_t u) -> std::pair<const R*, int64_t> {
+    const int32_t slot = store.slot(req[c], init_blocks + u);
+    if (slot >= 0) return {store.unit(slot), store.s_1};
+    return {rp + static_cast<int64_t>(bt[req[c] * s_bt + init_blocks + u]) * s_rb, s_rr_pool};
+  };
   const float* cosp = cos_t.data_ptr<float>();
   const float* sinp = sin_t.data_ptr<float>();
   const int64_t s_cos = cos_t.stride(0), s_sin = sin_t.stride(0);
@@ -209,9 +219,10 @@ void select_impl(const torch::Tensor& query, const torch::Tensor& reprs, const t
   // Every (chunk, candidate) scored in parallel: a decode of one request spreads its candidates
   // over the threads. score[groups * off[c] + g * K + u].
   std::vector<float> score(groups * total, 0.f);
-  // A unit's representative rows as one span of bytes to prefetch (rows s_rr apart).
+  // A unit's representative rows as one span of bytes to prefetch (rows s_rr_pool apart; a
+  // store's rows are packed, at most as far apart).
   const int64_t repr_rows = unit_score == kMinmax ? 2 * Hkv : unit_score == kMaxTopk ? Hq * repr_topk : Hq;
-  const int64_t repr_bytes = ((repr_rows - 1) * s_rr + D) * static_cast<int64_t>(sizeof(R));
+  const int64_t repr_bytes = ((repr_rows - 1) * s_rr_pool + D) * static_cast<int64_t>(sizeof(R));
 #pragma omp parallel num_threads(nt)
   {
     std::vector<float> r(D), ones(D, 1.f);
@@ -219,11 +230,10 @@ void select_impl(const torch::Tensor& query, const torch::Tensor& reprs, const t
     for (int64_t x = 0; x < total; ++x) {
       const int64_t c = chunk_of[x], u = x - off[c], K = off[c + 1] - off[c];
       const float* qbar = qbars.data() + c * Hq * D;
-      const R* base = rp + static_cast<int64_t>(bt[req[c] * s_bt + init_blocks + u]) * s_rb;
+      const auto [base, s_rr] = unit_reprs(c, u);
       if (x + kPrefetchAhead < total) {  // each candidate sits in its own KV page: fetch ahead
         const int64_t xn = x + kPrefetchAhead, cn = chunk_of[xn];
-        const char* nb =
-            reinterpret_cast<const char*>(rp + static_cast<int64_t>(bt[req[cn] * s_bt + init_blocks + xn - off[cn]]) * s_rb);
+        const char* nb = reinterpret_cast<const char*>(unit_reprs(cn, xn - off[cn]).first);
         for (int64_t b = 0; b < repr_bytes; b += 64) __builtin_prefetch(nb + b, 0, 3);
       }
       float* sc = score.data() + groups * off[c];
@@ -313,7 +323,9 @@ void select_units(const torch::Tensor& query, const torch::Tensor& reprs, const 
                   const torch::Tensor& q0, const torch::Tensor& num_cand, const torch::Tensor& cos,
                   const torch::Tensor& sin, torch::Tensor selected, int64_t num_kv_heads, int64_t block_size,
                   int64_t n_init, int64_t n_local, int64_t topk, int64_t repr_topk, int64_t unit_score,
-                  int64_t groups, int64_t contiguity, int64_t select_queries, bool aligned, int64_t num_threads) {
+                  int64_t groups, int64_t contiguity, int64_t select_queries, bool aligned, int64_t num_threads,
+                  const c10::optional<torch::Tensor>& store_slots, const std::vector<torch::Tensor>& store_reprs,
+                  int64_t store_slab_units) {
   TORCH_CHECK(query.stride(2) == 1 && reprs.stride(2) == 1 && selected.is_contiguous() &&
                   selected.scalar_type() == at::kLong,
               "infllm native select: contiguous rows, int64 [n, groups, topk] output");
@@ -321,9 +333,11 @@ void select_units(const torch::Tensor& query, const torch::Tensor& reprs, const 
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
               "infllm native select: fp32 rotary table");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "infllm_select", [&] {
+    const StoreSlabs<scalar_t> store(store_slots, store_reprs, store_slab_units, block_table, reprs,
+                                     "infllm native select");
     select_impl<scalar_t, scalar_t>(query, reprs, block_table, req, c0, length, q0, num_cand, cos, sin, selected,
                                     num_kv_heads, block_size, n_init, n_local, topk, repr_topk, unit_score, groups,
-                                    contiguity, select_queries, aligned, num_threads);
+                                    contiguity, select_queries, aligned, num_threads, store);
   });
 }
 

@@ -8,6 +8,7 @@
                   per-block side state (LayerMemory) the ops read and write
     runtime.py    one layer's InfLLM attention over a paged KV cache: seal -> select -> attend
     stats.py      what a step attended (queries, memory units, keys), counted from its plan
+    offload.py    memory units outside the KV pool: which may leave it, the store, the ops' view
     ops/          the paged ops, same signatures: torch_ops (CPU, and the reference for the
                   kernels) and triton_ops (CUDA)
 

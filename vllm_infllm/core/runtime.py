@@ -24,6 +24,7 @@ import torch
 
 from . import ops as ops_pkg
 from .config import InfLLMConfig
+from .offload import StoreView
 from .plan import LayerMemory, StepPlan
 
 
@@ -42,6 +43,7 @@ def infllm_forward(
     *,
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
+    store: StoreView | None = None,
 ) -> torch.Tensor:
     """InfLLM attention of one layer; writes `out[:plan.num_tokens]`, updates `memory`.
 
@@ -54,6 +56,8 @@ def infllm_forward(
     ops:          the op module (default: `ops.for_device(query.device)`)
     softcap:      the model's logit soft-capping, s -> softcap * tanh(s / softcap) (0: none)
     sinks:        [Hq] the model's learned sink logits (None: none)
+    store:        this layer's offloaded memory units (core/offload.py; None: every unit is in
+                  the pool): selected units with a store slot are read from it
     """
     if sinks is not None and sinks.shape != (query.shape[1],):
         raise ValueError(f"infllm: sinks {tuple(sinks.shape)} must hold one logit per query head "
@@ -66,19 +70,23 @@ def infllm_forward(
         )
     if ops is None:
         ops = ops_pkg.for_device(query.device)
+    where = {} if store is None else {"store": store}  # only the ops that read units take it
+    if store is not None and store.slots.shape != block_table.shape:
+        raise ValueError(f"infllm: the store's slot table {tuple(store.slots.shape)} must be shaped as the "
+                         f"block table {tuple(block_table.shape)} (UnitStore.slot_table with its width)")
     one_thread = getattr(ops, "SMALL_STEPS_ON_ONE_THREAD", False)
     with _cpu_threads(query.device, plan.num_tokens) if one_thread else contextlib.nullcontext():
         for wave in plan.waves:
             if config.topk > 0:
                 ops.seal_units(kv_cache, memory, block_table, wave, cos, sin, config)
                 selected = ops.select_units(
-                    query, memory, block_table, wave, cos, sin, config, kv_cache.shape[1]
+                    query, memory, block_table, wave, cos, sin, config, kv_cache.shape[1], **where
                 )
                 selected = ops.hold_selections(selected, memory, block_table, wave, config)
             else:
                 selected = None
             ops.attend(query, kv_cache, memory, block_table, wave, selected, cos, sin, config, scale, out,
-                       softcap=softcap, sinks=sinks)
+                       softcap=softcap, sinks=sinks, **where)
     return out
 
 

@@ -37,7 +37,7 @@ logger = logging.getLogger("vllm.infllm")  # under vLLM's handler when it runs i
 
 ENV = "VLLM_INFLLM_CPU_KERNEL"
 MODES = ("auto", "native", "torch")
-SOURCES = ("attend.cpp", "select.cpp", "bindings.cpp", "ops.h", "simd.h")
+SOURCES = ("attend.cpp", "select.cpp", "bindings.cpp", "ops.h", "simd.h", "store.h")
 #: csrc/cpu of this checkout (the package is installed editable by scripts/setup.sh).
 CSRC = Path(__file__).resolve().parents[3] / "csrc" / "cpu"
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..config import InfLLMConfig
+from ..offload import StoreView
 from ..plan import ChunkBatch, LayerMemory
 from . import cpu_threads, native, torch_ops
 
@@ -63,6 +64,7 @@ def attend(
     *,
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
+    store: StoreView | None = None,
 ) -> None:
     """InfLLM attention for every query of the wave; writes `out`, accumulates `memory.scores`.
     Arguments as `torch_ops.attend`."""
@@ -82,11 +84,19 @@ def attend(
         None if sinks is None else sinks.float().contiguous(),
         config.block_size, config.n_init, config.n_local, topk, config.positions == "ordered",
         config.accumulates_scores, float(scale), float(softcap), QUERY_TILE, cpu_threads(),
+        *_store_args(store, "kv"),
     )
     if o is not out:  # only the wave's rows were written
         rows = torch.cat([torch.arange(a, a + n) for a, n in zip(chunks.host["q0"], chunks.host["length"],
                                                                   strict=True)])
         out.index_copy_(0, rows, o.index_select(0, rows).to(out.dtype))
+
+
+def _store_args(store: StoreView | None, part: str) -> tuple:
+    """The kernels' store arguments: slot table, slabs (`part`: "kv" or "reprs"), units per slab."""
+    if store is None:
+        return None, [], 1
+    return _table32(store.slots), getattr(store, part), store.slab_units
 
 
 def _fields(chunks: ChunkBatch, *names: str) -> list[torch.Tensor]:
@@ -127,6 +137,8 @@ def select_units(
     sin: torch.Tensor,
     config: InfLLMConfig,
     num_kv_heads: int,
+    *,
+    store: StoreView | None = None,
 ) -> torch.Tensor:
     """Arguments and result as `torch_ops.select_units`."""
     S = config.selection_groups(num_kv_heads)
@@ -139,7 +151,7 @@ def select_units(
         q, reprs, _table32(block_table), *_fields(chunks, "req", "c0", "length", "q0", "num_cand"),
         _fp32_table(cos), _fp32_table(sin), selected, num_kv_heads, config.block_size, config.n_init,
         config.n_local, config.topk, config.repr_topk, _UNIT_SCORES[config.unit_score], S, config.contiguity,
-        config.select_queries, config.chunking == "aligned", cpu_threads(),
+        config.select_queries, config.chunking == "aligned", cpu_threads(), *_store_args(store, "reprs"),
     )
     return selected
 

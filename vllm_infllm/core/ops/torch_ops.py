@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..config import InfLLMConfig
+from ..offload import StoreView
 from ..plan import ChunkBatch, LayerMemory
 from ..rope import global_query_shift, rotate, rotate_rows
 from .ranking import hold_selections as hold_selections  # the op of every module (chunking="aligned")
@@ -152,6 +153,8 @@ def select_units(
     sin: torch.Tensor,
     config: InfLLMConfig,
     num_kv_heads: int,
+    *,
+    store: StoreView | None = None,
 ) -> torch.Tensor:
     """The topk candidates of each chunk and selection group by sum_h <q̄_h, r_{U,h}>
     (unit_score="minmax": by sum_h sum_d max(q̄_hd lo_d, q̄_hd hi_d), lo/hi of h's KV head;
@@ -160,6 +163,8 @@ def select_units(
     query:        [T, Hq, D] post-RoPE
     memory:       reads `reprs` [num_blocks, R, D] (R = config.repr_rows(Hq, Hkv))
     num_kv_heads: Hkv of the layer (query head h belongs to KV head h // (Hq / Hkv))
+    store:        offloaded units (core/offload.py): a candidate with a store slot is scored by
+                  the store's representatives, not the pool block's
     returns:      [n, S, topk] int64 memory-unit ids (not block ids), ascending, then -1 = none;
                   S = config.selection_groups(Hkv): 1 (one set for the layer, h over all query
                   heads) or Hkv (group g: the G query heads of KV head g)
@@ -182,6 +187,11 @@ def select_units(
         e = min(n, s + step)
         phys = block_table[chunks.req[s:e], config.init_blocks : config.init_blocks + max_k]
         reprs = memory.reprs.index_select(0, phys.flatten().to(torch.long)).float()  # [m*K, R, D]
+        if store is not None:  # offloaded candidates: the store's copy (the pool block is stale)
+            slot = store.slots[chunks.req[s:e], config.init_blocks : config.init_blocks + max_k].flatten()
+            at = (slot >= 0).nonzero().squeeze(1)
+            if at.numel():
+                reprs[at] = store.gather_reprs(slot[at]).float()
         if config.unit_score == "minmax":  # Quest: sum_d max(q̄ lo, q̄ hi) per query head
             Hkv = num_kv_heads
             box = reprs.view(e - s, max_k, Hkv, 1, 2, D)
@@ -225,6 +235,7 @@ def attend(
     *,
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
+    store: StoreView | None = None,
 ) -> None:
     """InfLLM attention for every query of the wave; writes `out`, accumulates `memory.scores`.
 
@@ -236,6 +247,8 @@ def attend(
     out:          [T, Hq, D]; only the wave's query rows are written
     softcap:      logits s -> softcap * tanh(s / softcap) before the softmax (0: none)
     sinks:        [Hq] one logit per query head added to the softmax's denominator (None: none)
+    store:        offloaded units (core/offload.py): a selected unit with a store slot is read
+                  from the store (only selected units can be offloaded: `offloadable_units`)
     """
     tiles = list(_tiles(chunks))
     Hq = query.shape[1]
@@ -243,13 +256,15 @@ def attend(
     group = max(1, _LOGITS_BUDGET // (Hq * min(_QUERY_TILE, chunks.max_len) * span))
     for s in range(0, len(tiles), group):
         _attend_tiles(query, kv_cache, memory, block_table, chunks, selected, cos, sin, config,
-                      scale, out, tiles[s : s + group], softcap, sinks)
+                      scale, out, tiles[s : s + group], softcap, sinks, store)
 
 
-def _gather_blocks(kv_cache, phys, n):
+def _gather_blocks(kv_cache, phys, n, slots=None, store=None):
     """Whole KV blocks -> K, V [Hkv, n, m*B, D] fp32 (strided views of one copy).
 
     phys: [n*m] block ids read by every KV head, or [1 | Hkv, n*m] (one row per KV head).
+    slots, store: the blocks' store slots, shaped as phys (-1 = in the pool), and the store
+    (StoreView) that holds those with a slot: their rows are overwritten with the store's copy.
 
     index_select copies whole blocks (contiguous rows of the cache), far cheaper on CPU than
     gathering token by token; the head-major copy makes (Hkv, n) one batch axis for bmm.
@@ -262,6 +277,13 @@ def _gather_blocks(kv_cache, phys, n):
     kv = kv_cache.new_empty(Hkv, n * m, B, D2)
     for h in range(Hkv):  # per head: whole-row copies straight into the head-major layout
         torch.index_select(kv_cache[:, h], 0, phys[h % phys.shape[0]], out=kv[h])
+    if slots is not None:
+        for h in range(Hkv):
+            if h < slots.shape[0]:  # one row for every head, or one per head
+                at = (slots[h] >= 0).nonzero().squeeze(1)
+                rows = store.gather_kv(slots[h][at]) if at.numel() else None
+            if rows is not None:
+                kv[h].index_copy_(0, at, rows[:, h])
     kv = kv.float().view(Hkv, n, m * B, D2)
     return kv[..., : D2 // 2], kv[..., D2 // 2 :]
 
@@ -354,7 +376,7 @@ def _softcap_(s: torch.Tensor, softcap: float) -> torch.Tensor:
 
 
 def _attend_tiles(query, kv_cache, memory, block_table, chunks, selected, cos, sin, config,
-                  scale, out, tiles, softcap=0.0, sinks=None) -> None:
+                  scale, out, tiles, softcap=0.0, sinks=None, store=None) -> None:
     """One softmax per query over its local window and its global keys (init, selected units,
     remainder [R0, w(p)), all at relative distance n_local-1), on whole gathered blocks.
     """
@@ -385,6 +407,7 @@ def _attend_tiles(query, kv_cache, memory, block_table, chunks, selected, cos, s
     # Global keys: init + remainder blocks (fixed for the step), then this layer's selection:
     # one set for all KV heads (S = 1) or one per KV head (S = Hkv), as [S, n, blocks].
     blk, phys, shift = geo["fix_blk"][None], geo["fix_phys"][None], geo["fix_shift"][None]
+    slots = None  # store slots of the global blocks (init and remainder are always in the pool)
     units = selected[geo["chunk_of_tile"]] if (selected is not None and config.topk > 0) else None
     if units is not None:
         units = units.transpose(0, 1)  # [S, n, topk], ascending per row, then -1
@@ -393,6 +416,11 @@ def _attend_tiles(query, kv_cache, memory, block_table, chunks, selected, cos, s
         uphys = geo["bt"][None].expand(S, -1, -1).gather(2, ublk)
         blk = torch.cat((blk.expand(S, -1, -1), ublk), 2)
         phys = torch.cat((phys.expand(S, -1, -1), uphys), 2)
+        if store is not None:
+            # Empty slots (-1, masked) read unit 0 as the pool path does: from the store when
+            # it left the pool, whose block may now hold anything, even NaN.
+            uslot = store.slots.index_select(0, geo["req"]).long()[None].expand(S, -1, -1).gather(2, ublk)
+            slots = torch.cat((torch.full_like(geo["fix_phys"][None], -1).expand(S, -1, -1), uslot), 2)
         if ordered:  # the unit of rank k moves forward by (K - nsel + k - u) blocks (>= 0)
             rank = torch.arange(units.shape[2], device=units.device)
             ushift = (geo["cand"][:, None] - geo["nsel"][:, None] + rank - units) * config.block_size
@@ -400,7 +428,8 @@ def _attend_tiles(query, kv_cache, memory, block_table, chunks, selected, cos, s
             shift = torch.cat((shift.expand(S, -1, -1), ushift), 2)
     s_glob = v_glob = None
     if blk.shape[2]:
-        k_glob, v_glob = _gather_blocks(kv_cache, phys.flatten(1), n)
+        k_glob, v_glob = _gather_blocks(kv_cache, phys.flatten(1), n,
+                                        None if slots is None else slots.flatten(1), store)
         if ordered:  # one rotation row per block: R(shift), a whole number of blocks
             rows = shift.flatten()
             c = cos.index_select(0, rows).float().view(*shift.shape, 1, D // 2)

@@ -468,6 +468,15 @@ def _score_max_kernel(
     tl.store(dst, acc, mask=u < MAX_CAND)
 
 
+def _no_store(store) -> None:
+    if store is not None:
+        raise NotImplementedError(
+            "infllm: offloaded memory units (a store) are read by the CPU ops only; the Triton path "
+            "would read them from pinned host memory in the kernel (docs/offload-plan.md), not built "
+            "yet. Fix: leave 'offload' out of the infllm config on CUDA."
+        )
+
+
 def select_units(
     query: torch.Tensor,
     memory: LayerMemory,
@@ -477,6 +486,8 @@ def select_units(
     sin: torch.Tensor,
     config: InfLLMConfig,
     num_kv_heads: int,
+    *,
+    store=None,
 ) -> torch.Tensor:
     """The topk candidates of each chunk and selection group by sum_h <q̄_h, r_{U,h}>
     (unit_score "minmax" and "max_topk": as torch_ops.select_units).
@@ -488,6 +499,7 @@ def select_units(
     returns:      [n, S, topk] int64 memory-unit ids (not block ids), ascending, then -1 = none;
                   S = config.selection_groups(Hkv) (as torch_ops.select_units)
     """
+    _no_store(store)
     n, topk, max_k = chunks.n, config.topk, chunks.max_cand
     device = query.device
     S = config.selection_groups(num_kv_heads)
@@ -1023,6 +1035,7 @@ def attend(
     *,
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
+    store=None,
 ) -> None:
     """InfLLM attention for every query of the wave; writes `out`, accumulates `memory.scores`.
 
@@ -1039,6 +1052,7 @@ def attend(
     flash-decoding (attend splits, merge, split score pass) when that leaves SMs idle; prefill
     waves run query tiles that write the LSE, then `_window_scores_kernel`.
     """
+    _no_store(store)
     n = chunks.n
     if n == 0:
         return
