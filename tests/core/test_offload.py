@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vllm_infllm.core.config import InfLLMConfig
-from vllm_infllm.core.offload import UnitStore, offloadable_units
+from vllm_infllm.core.offload import UnitStore, max_blocks_held, offloadable_units, units_to_release
 from vllm_infllm.core.plan import LayerMemory, plan_step
 from vllm_infllm.core.rope import rope_table
 from vllm_infllm.core.runtime import infllm_forward
@@ -160,6 +160,30 @@ def test_offloadable_units_are_never_candidates_to_seal_nor_outside_the_past(cfg
                 a0 = cfg.selection_start(p, L) if cfg.chunking == "aligned" else p
                 assert max(0, cfg.num_candidates(a0) - window) >= E
         assert offloadable_units(0, L, cfg) == 0
+
+
+@pytest.mark.parametrize("cfg", [InfLLMConfig(n_local=1024, topk=4), InfLLMConfig(),
+                                 InfLLMConfig(**SMALL, topk=3, chunking="step"),
+                                 InfLLMConfig(n_init=0, n_local=48, block_size=16, chunk=48, topk=2)])
+def test_blocks_held_by_a_request_stay_under_the_bound_at_any_length(cfg):
+    """A request that releases units as units_to_release says holds at most max_blocks_held
+    blocks at every step, prompt and decode, whatever the step sizes (brute force), and the
+    bound is not loose by more than a few blocks."""
+    B = cfg.block_size
+    for cache in (0, 2 * cfg.topk):
+        for T in (1, cfg.chunk, 3 * B + 5, 2048):
+            bound = max_blocks_held(cfg, cache, T)
+            for L in (1, 700, 5000, 40_000):
+                P = 0
+                while P < L + 3000:
+                    t = min(T, max(1, L - P)) if P < L else 1  # prefill steps of up to T, then decodes
+                    held = -(-(P + t) // B) - units_to_release(P, L, cfg, cache)
+                    assert held <= bound, (cache, T, L, P)
+                    P += t if P < L else 37  # decode: sample every 37th position
+            assert bound - max(-(-(P + T) // B) - units_to_release(P, L, cfg, cache)
+                               for P in range(20_000, 20_000 + cfg.chunk + B)) <= cfg.chunk // B + 3
+    with pytest.raises(ValueError, match="cache_units=-1 must be >= 0"):
+        units_to_release(100, 100, cfg, -1)
 
 
 def test_the_store_releases_slabs_and_memory(tmp_path):

@@ -6,6 +6,8 @@ in vLLM's KV pool. Three pieces:
 
     offloadable_units  the rule: how many of a request's units (from unit 0) no op will read
                        through the block table again, given the tokens it has processed
+                       (units_to_release keeps a cache of the last ones; max_blocks_held
+                       bounds what a request then holds in the pool)
     UnitStore          the store: the offloaded units' K/V (process memory, or files under a
                        directory) and their representative keys (always in memory, so
                        selection never touches the K/V store), in slots grouped into slabs
@@ -50,6 +52,32 @@ def offloadable_units(processed: int, prompt_len: int | None, config: InfLLMConf
         return 0
     a = config.selection_start(processed - 1, prompt_len)
     return max(0, config.num_candidates(a) - (config.chunk // config.block_size + 2))
+
+
+def units_to_release(processed: int, prompt_len: int | None, config: InfLLMConfig, cache_units: int) -> int:
+    """R: units [0, R) of a request that leave the pool after `processed` tokens: every unit
+    `offloadable_units` allows but the `cache_units` most recent, which stay as a cache of the
+    units that left the window last (first in, first out)."""
+    if cache_units < 0:
+        raise ValueError(f"infllm offload: cache_units={cache_units} must be >= 0 (e.g. 2 x topk)")
+    return max(0, offloadable_units(processed, prompt_len, config) - cache_units)
+
+
+def max_blocks_held(config: InfLLMConfig, cache_units: int, max_new_tokens: int) -> int:
+    """An upper bound on the KV-pool blocks one request holds at any step, whatever its length,
+    when units leave as `units_to_release` says and a step adds at most `max_new_tokens` tokens
+    (the scheduler's token budget): what vLLM's admission cap and the start-up memory check
+    need (a request of any length is admitted with this many blocks).
+
+    With P processed and T new tokens a request holds ceil((P + T) / B) - R blocks, and
+    R >= K - W - c with W = chunk // B + 2, c = cache_units and K = num_candidates(a) for
+    a >= P - chunk, so K >= (P - chunk - n_local - n_init - B + 2) / B. Hence
+    held <= (T + chunk + n_local + n_init + 2B - 3) / B + W + c: init, window, one chunk, the
+    step's tokens, the seal window and the cache.
+    """
+    B = config.block_size
+    return ((max_new_tokens + config.chunk + config.n_local + config.n_init + 2 * B - 3) // B
+            + config.chunk // B + 2 + cache_units)
 
 
 @dataclasses.dataclass
