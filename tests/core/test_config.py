@@ -1,6 +1,6 @@
 import pytest
 
-from vllm_infllm.core.config import InfLLMConfig, InfLLMConfigError
+from vllm_infllm.core.config import InfLLMConfig, InfLLMConfigError, OffloadConfig
 
 
 def test_defaults_are_the_papers_but_load_independent():
@@ -81,3 +81,18 @@ def test_candidate_rule():
     assert c.num_candidates(63 + 47) == 0  # w = 47: unit 0 ends at 48
     assert c.num_candidates(63 + 48) == 1
     assert c.num_candidates(63 + 80) == 3
+
+
+def test_offload_config_defaults_and_errors():
+    cfg = InfLLMConfig(topk=4)
+    assert OffloadConfig.from_dict({}, cfg) == OffloadConfig(cache_units=8, path=None)  # 2 x topk
+    assert OffloadConfig.from_dict({"cache_units": 0, "path": "/x"}, cfg) == OffloadConfig(0, "/x")
+    for values, words in [({"cache_unit": 3}, "Did you mean 'cache_units'"),
+                          ({"cache_units": -1}, "must be an integer >= 0"),
+                          ({"cache_units": True}, "must be an integer >= 0"),
+                          ({"path": 3}, "must be a directory name"),
+                          ([1], "must be a JSON object")]:
+        with pytest.raises(InfLLMConfigError, match=words):
+            OffloadConfig.from_dict(values, cfg)
+    with pytest.raises(InfLLMConfigError, match="offload needs memory units to read"):
+        OffloadConfig.from_dict({}, InfLLMConfig(topk=0))

@@ -252,3 +252,53 @@ class InfLLMConfig:
         return (
             self.n_init + self.n_local + self.topk * self.block_size + self.block_size + self.chunk
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadConfig:
+    """`additional_config={"infllm": {..., "offload": {...}}}`: sealed memory units that left the
+    local window leave vLLM's KV pool for a host store (docs/design.md section 3.7).
+
+    cache_units: units per request kept in the pool after they could leave (the last ones to
+                 leave the window; default 2 x topk)
+    path:        a directory for the store's K/V (sparse files; default process memory)
+    """
+
+    cache_units: int
+    path: str | None = None
+
+    @classmethod
+    def from_dict(cls, values: Any, config: InfLLMConfig) -> OffloadConfig:
+        if values is None:
+            values = {}
+        if not isinstance(values, Mapping):
+            raise InfLLMConfigError(
+                f"infllm config: offload must be a JSON object such as {{\"cache_units\": 8}} (or {{}} for "
+                f"the defaults), got {type(values).__name__}: {values!r}."
+            )
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise InfLLMConfigError(
+                    f"infllm config: unknown offload key {key!r}.{hint} Valid keys: {', '.join(names)}."
+                )
+        cache = values.get("cache_units", 2 * config.topk)
+        if isinstance(cache, bool) or not isinstance(cache, int) or cache < 0:
+            raise InfLLMConfigError(
+                f"infllm config: offload.cache_units={cache!r} must be an integer >= 0; e.g. "
+                f"{2 * config.topk} (2 x topk, the default)."
+            )
+        path = values.get("path")
+        if path is not None and not isinstance(path, str):
+            raise InfLLMConfigError(
+                f"infllm config: offload.path={path!r} must be a directory name (a string), or left out "
+                "to keep offloaded units in process memory."
+            )
+        if config.topk == 0:
+            raise InfLLMConfigError(
+                "infllm config: offload needs memory units to read (topk > 0); with topk=0 the units "
+                "that leave the window are never read. Fix: set topk, or drop offload."
+            )
+        return cls(cache_units=cache, path=path)
