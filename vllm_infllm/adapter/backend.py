@@ -40,17 +40,17 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, KVCacheLayout, SlidingWindowSpec
 
 from ..core import ops as infllm_ops
-from ..core.config import InfLLMConfig
+from ..core.config import InfLLMConfig, OffloadConfig
 from ..core.plan import LayerMemory, PlanBuffers, StepPlan, plan_decode_step, plan_step
 from ..core.runtime import infllm_forward
 from ..core.stats import step_stats
-from . import prompt_lengths
+from . import offload, prompt_lengths
 from .cpu_tuning import tune_cpu_malloc
 from .kv_cache import InfLLMAttentionSpec
 from .metrics import InfLLMMetrics
 from .model_support import RotaryTable, layer_rejection_reasons
 from .side_state import num_side_state_slots, padded_page_bytes, side_state_bytes, side_state_views
-from .vllm_config import INFLLM_BLOCK_SIZE, infllm_config_from_vllm
+from .vllm_config import INFLLM_BLOCK_SIZE, infllm_config_from_vllm, offload_config_from_vllm
 from .window import make_window_builder, make_window_impl
 
 
@@ -72,6 +72,9 @@ class InfLLMMetadata:
     num_prefill_tokens: int
     infllm_config: InfLLMConfig
     plan: StepPlan  # selection chunks of this step, shared by every layer
+    # Offload: the store slot of each row's logical blocks (the block table's twin; None when
+    # none of the step's requests has a unit in the store), adapter/offload.py.
+    store_slots: torch.Tensor | None = None
 
 
 class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
@@ -103,6 +106,12 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
                 f"{INFLLM_BLOCK_SIZE}"
             )
         self.infllm_config = infllm_config_from_vllm(vllm_config)
+        self.offload_config = offload_config_from_vllm(vllm_config)
+        if self.offload_config is not None and torch.device(device).type != "cpu":
+            raise ValueError(
+                "infllm: offload runs on the CPU path only for now (the Triton kernels cannot read "
+                "the host store yet); drop 'offload' from the infllm config on this device"
+            )
         # The runner's prompt lengths: the aligned plan needs them, and the statistics skip
         # the dummy runs they mark.
         prompt_lengths.install()
@@ -180,6 +189,12 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
             plan = plan_step(qsl, seq_lens, self.infllm_config, device=self.device, prompt_lens=prompt_lens)
         if prompt_lengths.current() is not prompt_lengths.DUMMY:
             self.metrics.record(step_stats(plan, self.infllm_config))
+        store_slots = None
+        if self.offload_config is not None:
+            rows = prompt_lengths.request_ids()
+            if rows is not None:
+                store_slots = offload.WORKER.slot_table(rows[: cm.num_reqs], cm.block_table_tensor.shape[1],
+                                                        self.device)
         return InfLLMMetadata(
             num_actual_tokens=int(cm.query_start_loc_cpu[cm.num_reqs]),
             num_reqs=cm.num_reqs,
@@ -197,6 +212,7 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
             num_prefill_tokens=npt,
             infllm_config=self.infllm_config,
             plan=plan,
+            store_slots=store_slots,
         )
 
     def _prompt_lens(self, seq_lens: list[int]) -> list[int] | None:
@@ -269,13 +285,16 @@ class InfLLMAttentionBackend(AttentionBackend):
         chosen_ints = spec.num_kv_heads * infllm.topk if chosen is not None else 0
         rows = infllm.repr_rows(num_q_heads, spec.num_kv_heads)
         side = side_state_bytes(num_q_heads, spec.head_size, spec.dtype, spec.num_kv_heads, chosen_ints, rows)
+        offload, in_flight = _offload_config()
         if type(spec) is FullAttentionSpec and spec.block_size == INFLLM_BLOCK_SIZE and spec.page_size_padded is None:
             page = padded_page_bytes(spec.num_kv_heads, spec.head_size, spec.dtype, side, spec.head_size_v)
-            return InfLLMAttentionSpec.from_spec(spec, infllm, page_size_padded=page, infllm_side_state_bytes=side)
+            return InfLLMAttentionSpec.from_spec(spec, infllm, offload, in_flight, page_size_padded=page,
+                                                 infllm_side_state_bytes=side)
         extra = num_side_state_slots(num_q_heads, spec.head_size, spec.dtype, spec.head_size_v,
                                      spec.num_kv_heads, chosen_ints, rows)
         if type(spec) is FullAttentionSpec:
-            return InfLLMAttentionSpec.from_spec(spec, infllm, num_head_slots=spec.num_kv_heads + extra)
+            return InfLLMAttentionSpec.from_spec(spec, infllm, offload, in_flight,
+                                                 num_head_slots=spec.num_kv_heads + extra)
         return dataclasses.replace(spec, num_head_slots=spec.num_kv_heads + extra)
 
     @classmethod
@@ -295,6 +314,16 @@ def _infllm_config() -> InfLLMConfig:
     if cfg is not None and cfg.model_config is not None:
         return infllm_config_from_vllm(cfg)
     return InfLLMAttentionImpl._last_config or InfLLMConfig()
+
+
+def _offload_config() -> tuple[OffloadConfig | None, int]:
+    """The offload config for `customize_spec` and the tokens a step may have in flight (what
+    a request's pool blocks grow by before the manager frees), from the current vLLM config,
+    else from the layers built last (as `_infllm_config`)."""
+    cfg = get_current_vllm_config_or_none()
+    if cfg is not None and cfg.model_config is not None:
+        return offload_config_from_vllm(cfg), int(cfg.max_in_flight_tokens)
+    return InfLLMAttentionImpl._last_offload
 
 
 def _num_q_heads(spec: AttentionSpec) -> int:
@@ -317,6 +346,8 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
     _q_heads_by_kv_heads: ClassVar[dict[int, set[int]]] = {}
     #: The InfLLM config of the layer built last (customize_spec's fallback, as above).
     _last_config: ClassVar[InfLLMConfig | None] = None
+    #: Its offload config and in-flight tokens (the same fallback).
+    _last_offload: ClassVar[tuple[OffloadConfig | None, int]] = (None, 0)
 
     def __init__(
         self,
@@ -365,8 +396,10 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
             tune_cpu_malloc()
         # Fail while the model is built, not at the first step; keep it for the side state.
         self.infllm_config = infllm_config_from_vllm(cfg) if cfg is not None else None
+        self.offload_config = offload_config_from_vllm(cfg) if cfg is not None else None
         if self.infllm_config is not None:
             InfLLMAttentionImpl._last_config = self.infllm_config
+            InfLLMAttentionImpl._last_offload = (offload_config_from_vllm(cfg), int(cfg.max_in_flight_tokens))
         # The rotary table of this layer's own attention module: bound once vLLM has built the
         # model (model_support.bind_rotary_tables), before any step.
         self.rotary: RotaryTable | None = None
@@ -465,6 +498,8 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
                 output,
                 softcap=self.softcap,
                 sinks=self.sinks,
+                store=None if attn_metadata.store_slots is None
+                else offload.WORKER.view(layer.layer_name, attn_metadata.store_slots),
             )
         except Exception as e:
             # vLLM stops its engine on any error in a model step (every request in flight fails

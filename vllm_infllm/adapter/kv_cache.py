@@ -35,7 +35,8 @@ from vllm.v1.core.kv_cache_utils import resolve_block_hashes
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from ..core.config import InfLLMConfig
+from ..core.config import InfLLMConfig, OffloadConfig
+from ..core.offload import max_blocks_held, units_to_release
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,6 +51,11 @@ class InfLLMAttentionSpec(FullAttentionSpec):
     # False when the representatives need no attention mass (minmax, or no memory at all).
     infllm_scores_matter: bool = True
     infllm_side_state_bytes: int = 0
+    # Offload (docs/design.md section 3.7): units kept per request after they could leave the
+    # pool (-1: offload off), and the blocks a request then holds at most (its admission cap).
+    infllm_n_init: int = 0
+    infllm_offload_cache: int = -1
+    infllm_offload_max_blocks: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,26 +72,44 @@ class InfLLMAttentionSpec(FullAttentionSpec):
         if self.page_size_padded is None or self.page_size_padded < need:
             raise ValueError(f"infllm: page_size_padded {self.page_size_padded} < K/V + side state = {need} bytes")
 
+    @property
+    def offloads(self) -> bool:
+        return self.infllm_offload_cache >= 0
+
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        # With offload a request of any length holds at most the cap (start-up memory check,
+        # concurrency estimate): units that left the window are in the store.
+        full = super().max_memory_usage_bytes(vllm_config)
+        if not self.offloads:
+            return full
+        return min(full, self.infllm_offload_max_blocks * self.page_size_bytes)
+
     @classmethod
-    def from_spec(cls, spec: FullAttentionSpec, config: InfLLMConfig, **changes: Any) -> InfLLMAttentionSpec:
+    def from_spec(cls, spec: FullAttentionSpec, config: InfLLMConfig, offload: OffloadConfig | None = None,
+                  max_in_flight_tokens: int = 0, **changes: Any) -> InfLLMAttentionSpec:
         values = {f.name: getattr(spec, f.name) for f in dataclasses.fields(FullAttentionSpec)}
         values.update(changes)
+        off = {}
+        if offload is not None:
+            off = dict(infllm_offload_cache=offload.cache_units,
+                       infllm_offload_max_blocks=max_blocks_held(config, offload.cache_units, max_in_flight_tokens))
         return cls(**values, infllm_n_local=config.n_local, infllm_chunk=config.chunk,
-                   infllm_scores_matter=config.accumulates_scores)
+                   infllm_scores_matter=config.accumulates_scores, infllm_n_init=config.n_init, **off)
 
     @classmethod
     def merge(cls, specs: list[InfLLMAttentionSpec]) -> InfLLMAttentionSpec:
         if not all(isinstance(s, InfLLMAttentionSpec) for s in specs):
             raise ValueError("infllm: a KV cache group mixes InfLLM and other attention layers")
-        infllm = {(s.infllm_n_local, s.infllm_chunk, s.infllm_scores_matter, s.infllm_side_state_bytes)
-                  for s in specs}
+        infllm = {(s.infllm_n_local, s.infllm_chunk, s.infllm_scores_matter, s.infllm_side_state_bytes,
+                   s.infllm_n_init, s.infllm_offload_cache, s.infllm_offload_max_blocks) for s in specs}
         if len(infllm) != 1:
             raise ValueError(f"infllm: the layers of one KV cache group disagree on the InfLLM config: {infllm}")
         base = FullAttentionSpec.merge(specs)  # checks every common field
-        n_local, chunk, scores_matter, side = infllm.pop()
+        n_local, chunk, scores_matter, side, n_init, cache, max_blocks = infllm.pop()
         values = {f.name: getattr(base, f.name) for f in dataclasses.fields(FullAttentionSpec)}
         return cls(**values, infllm_n_local=n_local, infllm_chunk=chunk, infllm_scores_matter=scores_matter,
-                   infllm_side_state_bytes=side)
+                   infllm_side_state_bytes=side, infllm_n_init=n_init, infllm_offload_cache=cache,
+                   infllm_offload_max_blocks=max_blocks)
 
     def settling(self, block_end: int, prompt_len: int) -> tuple[int, int] | None:
         """For the block ending at `block_end` (exclusive) of a request with a prompt of
@@ -118,6 +142,53 @@ class InfLLMKVCacheManager(FullAttentionManager):
     def __init__(self, kv_cache_spec: InfLLMAttentionSpec, **kwargs: Any) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         self._checked: dict[str, int] = {}  # request id -> blocks already looked at
+        # Offload: the units that leave the pool, freed here and copied out by the worker
+        # (adapter/offload.py) before the step that could overwrite them.
+        self._released: dict[str, int] = {}  # request id -> units [0, n) released
+        self.pending_offloads: list[tuple[str, int, int]] = []  # (request, logical block, block id)
+        self.peak_held = 0  # most pool blocks one request held (the bound's check)
+        spec = kv_cache_spec
+        self._rule = None
+        if spec.offloads:
+            # A request of any length is admitted with the blocks it can hold at most.
+            self.max_admission_blocks_per_request = spec.infllm_offload_max_blocks
+            # The geometry offloadable_units reads (chunking does not change the rule).
+            self._rule = InfLLMConfig(n_init=spec.infllm_n_init, n_local=spec.infllm_n_local,
+                                      block_size=spec.block_size, chunk=spec.infllm_chunk, topk=1,
+                                      repr_topk=1, chunking="step")
+
+    def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
+                              num_prompt_tokens: int | None = None) -> None:
+        """Offload: free the blocks of the units that may leave the pool (core/offload.py:
+        units_to_release), null placeholders in their slots, as vLLM's sliding window does, and
+        queue them for the worker to copy out first."""
+        if self._rule is None:
+            return
+        blocks = self.req_to_blocks.get(request_id)
+        if not blocks:
+            return
+        spec: InfLLMAttentionSpec = self.kv_cache_spec
+        init = spec.infllm_n_init // self.block_size
+        want = units_to_release(processed_computed_tokens, num_prompt_tokens, self._rule, spec.infllm_offload_cache)
+        done = self._released.get(request_id, 0)
+        # A prefix hit's blocks join the table after this call: release only what it holds.
+        upto = min(want, len(blocks) - init)
+        freed = []
+        for u in range(done, upto):
+            blk = blocks[init + u]
+            if blk.is_null:
+                continue
+            self.pending_offloads.append((request_id, init + u, blk.block_id))
+            freed.append(blk)
+            blocks[init + u] = self._null_block
+        if freed:
+            self.block_pool.free_blocks(freed)
+        self._released[request_id] = max(done, upto)
+        self.peak_held = max(self.peak_held, sum(not b.is_null for b in blocks))
+
+    def held_blocks(self, request_id: str) -> int:
+        """Pool blocks a request holds (null placeholders of released units not counted)."""
+        return sum(not b.is_null for b in self.req_to_blocks.get(request_id, []))
 
     def cache_blocks(self, request, num_tokens: int, retention_interval: int | None = None, *,
                      replay_boundaries: Sequence[int]) -> None:
@@ -139,6 +210,9 @@ class InfLLMKVCacheManager(FullAttentionManager):
         settled = self._settled(self.block_pool)
         for i in range(start, self.num_cached_block.get(request.request_id, 0)):
             blk = blocks[i]
+            if blk.is_null:  # offloaded (settled long before it left)
+                self._checked[request.request_id] = i + 1
+                continue
             record = settled.get(blk.block_id)
             if record is None or record[0] != blk.block_hash:  # not recorded (a hit's blocks are)
                 settling = spec.settling((i + 1) * bs, request.num_prompt_tokens)
@@ -149,7 +223,14 @@ class InfLLMKVCacheManager(FullAttentionManager):
 
     def free(self, request_id: str) -> None:
         self._checked.pop(request_id, None)
+        if self._released.pop(request_id, None) is not None:  # nothing left to copy out
+            self.pending_offloads = [p for p in self.pending_offloads if p[0] != request_id]
         super().free(request_id)
+
+    def take_offloads(self) -> list[tuple[str, int, int]]:
+        """The units released since the last call (the connector sends them to the worker)."""
+        out, self.pending_offloads = self.pending_offloads, []
+        return out
 
     @classmethod
     def find_longest_cache_hit(cls, block_hashes, max_length: int, kv_cache_group_ids: list[int],
