@@ -78,6 +78,7 @@ def prepare_engine_args(engine_args) -> None:
     from .vllm_config import infllm_config_from_additional
 
     infllm_config_from_additional(engine_args.additional_config)  # raises InfLLMConfigError
+    _install_offload(engine_args)
     if engine_args.speculative_config:
         from ..core.config import InfLLMConfigError
 
@@ -114,6 +115,35 @@ def prepare_engine_args(engine_args) -> None:
             "RoPE table covers it; InfLLM keeps attention distances within n_local.",
             want, trained, want,
         )
+
+
+def _install_offload(engine_args) -> None:
+    """With "offload" in the InfLLM config, install the KV connector that copies released
+    memory units out of the pool before a step can overwrite them (adapter/offload.py)."""
+    import os
+
+    from ..core.config import InfLLMConfigError
+    from .offload import CONNECTOR, kv_transfer_config
+    from .vllm_config import offload_config_from_additional
+
+    offload = offload_config_from_additional(engine_args.additional_config)
+    if offload is None:
+        return
+    if offload.path is not None and not os.path.isdir(offload.path):
+        raise InfLLMConfigError(
+            f"infllm config: offload.path={offload.path!r} is not a directory. Fix: create it, or drop "
+            "path to keep offloaded units in process memory."
+        )
+    have = engine_args.kv_transfer_config
+    if have is not None and getattr(have, "kv_connector", None) != CONNECTOR:
+        raise InfLLMConfigError(
+            "infllm: offload copies memory units out of the KV pool through its own KV connector, and "
+            f"a kv_transfer_config ({getattr(have, 'kv_connector', have)!r}) is already set. Fix: drop "
+            "--kv-transfer-config, or drop 'offload' from the infllm config."
+        )
+    from vllm.config import KVTransferConfig
+
+    engine_args.kv_transfer_config = KVTransferConfig(**kv_transfer_config())
 
 
 def patch_engine_args() -> None:

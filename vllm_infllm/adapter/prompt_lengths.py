@@ -33,6 +33,13 @@ UNSET = "unset"
 
 _MARK = "_vllm_infllm_prompt_lengths"
 _current: object = UNSET
+_req_ids: list | None = None  # the batch rows' request ids while the runner builds a real step
+
+
+def request_ids() -> list | None:
+    """The request id of each batch row of the step being built (None outside a real step):
+    what the offload store is keyed by."""
+    return _req_ids
 
 
 def current() -> object:
@@ -62,10 +69,15 @@ def install() -> None:
     @functools.wraps(original)
     def _build_attention_metadata(self, *args, **kwargs):
         # A real step passes the scheduler's token counts; dummy runs do not.
+        global _req_ids
         real = kwargs.get("num_scheduled_tokens") is not None
         lens = self.input_batch.num_prompt_tokens_cpu_tensor if real else DUMMY
-        with given(lens):
-            return original(self, *args, **kwargs)
+        _req_ids = list(self.input_batch.req_ids) if real else None
+        try:
+            with given(lens):
+                return original(self, *args, **kwargs)
+        finally:
+            _req_ids = None
 
     setattr(_build_attention_metadata, _MARK, True)
     GPUModelRunner._build_attention_metadata = _build_attention_metadata

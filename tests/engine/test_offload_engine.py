@@ -1,0 +1,93 @@
+"""Offload in a real engine (SmolLM2, vLLM's CPU build): memory units leave the KV pool for the
+worker's store, and the answers stay token for token the same.
+
+One subprocess runs both engines in turn (in-process engine core, so the test can read the
+block manager's and the store's own counts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from vllm_infllm.tools.assets import default_model_dir
+
+pytestmark = [pytest.mark.slow, pytest.mark.engine]
+
+MODEL = default_model_dir()
+
+RUNNER = textwrap.dedent(
+    """
+    import json, sys
+    import vllm_infllm
+    vllm_infllm.register()
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm_infllm.adapter import offload
+    from vllm_infllm.tools.passkey import make_passkey_prompt
+
+    spec = json.loads(sys.argv[1])
+    tok = AutoTokenizer.from_pretrained(spec["model"])
+    prompts = [make_passkey_prompt(tok, n, d) for n, d in spec["prompts"]]
+    sp = SamplingParams(max_tokens=8, temperature=0)
+    result = {}
+    for name, kw in spec["engines"].items():
+        llm = LLM(model=spec["model"], enforce_eager=True, dtype="float32", max_model_len=spec["max_model_len"],
+                  attention_backend="infllm", enable_prefix_caching=True, **kw)
+        outs = llm.generate([p.text for p in prompts], sp, use_tqdm=False)
+        row = {"ids": [list(o.outputs[0].token_ids) for o in outs],
+               "ok": [p.is_correct(o.outputs[0].text) for p, o in zip(prompts, outs)]}
+        core = llm.llm_engine.engine_core.engine_core
+        mgrs = [m for m in core.scheduler.kv_cache_manager.coordinator.single_type_managers
+                if hasattr(m, "peak_held")]
+        row["peak_held"] = max(m.peak_held for m in mgrs)
+        row["cap"] = mgrs[0].max_admission_blocks_per_request
+        row["kv_blocks"] = core.scheduler.kv_cache_manager.block_pool.num_gpu_blocks
+        store = offload.WORKER.store
+        row["offloaded"] = None if store is None else store.units_offloaded_total
+        # The finished requests' units leave with the next step's scheduler output.
+        llm.generate(["hello"], SamplingParams(max_tokens=1), use_tqdm=False)
+        row["left"] = None if store is None else [store.num_units, store.nbytes]
+        result[name] = row
+        del llm
+    print("RESULT " + json.dumps(result))
+    """
+)
+
+
+def run(spec: dict, timeout: int = 1500) -> dict:
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(spec)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"runner failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_offload_answers_as_without_it_under_a_small_kv_budget():
+    """A 16K passkey and a short prompt in one batch: with offload under a KV budget that holds
+    about a sixth of the 16K request, the same tokens as without offload under a roomy budget,
+    the request never holds more pool blocks than the cap, and the store empties."""
+    cfg = {"n_local": 1024, "topk": 4}
+    spec = {
+        "model": str(MODEL), "max_model_len": 16448,
+        "prompts": [[16000, 0.3], [3000, 0.5]],
+        "engines": {
+            "roomy": {"additional_config": {"infllm": cfg}},
+            "offload": {"additional_config": {"infllm": {**cfg, "offload": {"cache_units": 4}}},
+                        "kv_cache_memory_bytes": 512 << 20},
+        },
+    }
+    result = run(spec)
+    print(result)
+    roomy, off = result["roomy"], result["offload"]
+    assert off["ids"] == roomy["ids"], result
+    assert off["offloaded"] > 80, result  # most of the 16K request's 125 units left the pool
+    assert off["peak_held"] <= off["cap"] < 125 // 2, result
+    assert off["kv_blocks"] < 125, result  # the pool could not hold the request without offload
+    assert off["left"] == [0, 0], result
+    assert roomy["offloaded"] is None, result  # no store without offload
