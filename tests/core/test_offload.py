@@ -198,6 +198,7 @@ def test_the_store_releases_slabs_and_memory(tmp_path):
         for layer in range(2):
             st.write(layer, a + b, pool, reprs, list(range(10)))
         assert st.num_units == 10 and st.num_slabs == 3
+        assert st.holds("a") and st.holds("b") and not st.holds("zz")
         assert st.nbytes == 3 * 4 * 2 * (2 * 4 * 16 + 3 * 8) * 2
         if path is not None:
             assert len(os.listdir(path)) == 3  # one sparse file per slab

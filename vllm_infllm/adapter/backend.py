@@ -498,8 +498,9 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
                 output,
                 softcap=self.softcap,
                 sinks=self.sinks,
-                store=None if attn_metadata.store_slots is None
-                else offload.WORKER.view(layer.layer_name, attn_metadata.store_slots),
+                # a layer that shares another's KV cache reads that layer's units
+                store=None if attn_metadata.store_slots is None else offload.WORKER.view(
+                    self.kv_sharing_target_layer_name or layer.layer_name, attn_metadata.store_slots),
             )
         except Exception as e:
             # vLLM stops its engine on any error in a model step (every request in flight fails

@@ -63,7 +63,7 @@ class _WorkerStore:
 
     def slot_table(self, req_ids: list[str], width: int, device) -> torch.Tensor | None:
         """The step's slot table (None when no unit of these requests is in the store)."""
-        if self.store is None or not any(self.store.units_of(r) for r in req_ids):
+        if self.store is None or not any(self.store.holds(r) for r in req_ids if r is not None):
             return None
         return self.store.slot_table(req_ids, width, device)
 

@@ -173,6 +173,10 @@ class UnitStore:
     def requests(self) -> list[Hashable]:
         return list(self._units)
 
+    def holds(self, req_id: Hashable) -> bool:
+        """Whether the request has any unit in the store."""
+        return bool(self._units.get(req_id))
+
     def units_of(self, req_id: Hashable) -> dict[int, int]:
         """{logical block: slot} of a request's offloaded units (a copy)."""
         return dict(self._units.get(req_id, {}))
