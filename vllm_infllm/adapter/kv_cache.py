@@ -145,8 +145,9 @@ class InfLLMKVCacheManager(FullAttentionManager):
         # Offload: the units that leave the pool, freed here and copied out by the worker
         # (adapter/offload.py) before the step that could overwrite them.
         self._released: dict[str, int] = {}  # request id -> units [0, n) released
+        self._nulls: dict[str, int] = {}  # request id -> blocks it gave back (null placeholders)
         self.pending_offloads: list[tuple[str, int, int]] = []  # (request, logical block, block id)
-        self.peak_held = 0  # most pool blocks one request held (the bound's check)
+        self.peak_held = 0  # most pool blocks one request held after an allocation (the bound's check)
         spec = kv_cache_spec
         self._rule = None
         if spec.offloads:
@@ -183,12 +184,18 @@ class InfLLMKVCacheManager(FullAttentionManager):
             blocks[init + u] = self._null_block
         if freed:
             self.block_pool.free_blocks(freed)
+            self._nulls[request_id] = self._nulls.get(request_id, 0) + len(freed)
         self._released[request_id] = max(done, upto)
-        self.peak_held = max(self.peak_held, sum(not b.is_null for b in blocks))
+
+    def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int):
+        new = super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
+        if self._rule is not None:
+            self.peak_held = max(self.peak_held, self.held_blocks(request_id))
+        return new
 
     def held_blocks(self, request_id: str) -> int:
         """Pool blocks a request holds (null placeholders of released units not counted)."""
-        return sum(not b.is_null for b in self.req_to_blocks.get(request_id, []))
+        return len(self.req_to_blocks.get(request_id, ())) - self._nulls.get(request_id, 0)
 
     def cache_blocks(self, request, num_tokens: int, retention_interval: int | None = None, *,
                      replay_boundaries: Sequence[int]) -> None:
@@ -223,6 +230,7 @@ class InfLLMKVCacheManager(FullAttentionManager):
 
     def free(self, request_id: str) -> None:
         self._checked.pop(request_id, None)
+        self._nulls.pop(request_id, None)
         if self._released.pop(request_id, None) is not None:  # nothing left to copy out
             self.pending_offloads = [p for p in self.pending_offloads if p[0] != request_id]
         super().free(request_id)

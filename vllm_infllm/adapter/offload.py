@@ -122,8 +122,12 @@ class InfLLMOffloadConnector(KVConnectorBase_V1, SupportsHMA):
             impl = getattr(context.get(name), "impl", None)
             if isinstance(impl, InfLLMAttentionImpl) and impl.window_impl is None:
                 self._layers[name] = (impl, kv)
-        if not self._layers:
-            return
+        if not self._layers:  # the manager would free blocks no one copies: never run like that
+            raise RuntimeError(
+                "infllm offload: no InfLLM attention layer among the KV caches vLLM registered "
+                f"({len(kv_caches)} caches), so released memory units could not be copied out. Use "
+                "--attention-backend infllm, or drop 'offload' from the infllm config."
+            )
         impl, kv = next(iter(self._layers.values()))
         slots, memory = impl._layer_state(kv)
         offload = impl.offload_config
