@@ -138,7 +138,12 @@ class InfLLMOffloadConnector(KVConnectorBase_V1, SupportsHMA):
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         meta = kv_connector_metadata
-        if not isinstance(meta, InfLLMOffloadMetadata) or WORKER.store is None:
+        if not isinstance(meta, InfLLMOffloadMetadata):
+            return
+        if WORKER.store is None:
+            if meta.offloads:  # freed blocks that nothing would copy out: stop, never read them
+                raise RuntimeError("infllm offload: memory units left the KV pool but this worker has no "
+                                   "store (vLLM never registered its KV caches with the connector)")
             return
         store = WORKER.store
         for rid in meta.dropped:
