@@ -17,10 +17,7 @@ INFLLM_BLOCK_SIZE = 128
 def infllm_config_from_additional(additional_config: dict | None) -> InfLLMConfig:
     """`additional_config["infllm"]` as a validated InfLLMConfig (block size fixed at 128);
     its "offload" entry is read by `offload_config_from_additional`."""
-    values = (additional_config or {}).get("infllm")
-    if isinstance(values, dict) and "offload" in values:
-        values = {k: v for k, v in values.items() if k != "offload"}
-    config = InfLLMConfig.from_dict(values)
+    config = InfLLMConfig.from_dict((additional_config or {}).get("infllm"))
     if config.block_size != INFLLM_BLOCK_SIZE:
         raise InfLLMConfigError(
             f"infllm config: block_size={config.block_size} is not supported by the vLLM "

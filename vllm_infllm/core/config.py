@@ -177,7 +177,8 @@ class InfLLMConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> InfLLMConfig:
-        """Build from the `additional_config["infllm"]` dict; unknown keys are rejected."""
+        """Build from the `additional_config["infllm"]` dict; unknown keys are rejected (its
+        "offload" entry is `OffloadConfig.from_dict`'s)."""
         if values is None:
             return cls()
         if not isinstance(values, Mapping):
@@ -186,14 +187,8 @@ class InfLLMConfig:
                 f"got {type(values).__name__}: {values!r}."
             )
         names = [f.name for f in dataclasses.fields(cls)]
-        for key in values:
-            if key not in names:
-                close = difflib.get_close_matches(str(key), names, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise InfLLMConfigError(
-                    f"infllm config: unknown key {key!r}.{hint} Valid keys: {', '.join(names)}."
-                )
-        return cls(**dict(values))
+        _reject_unknown_keys(values, [*names, "offload"], "key")
+        return cls(**{k: v for k, v in values.items() if k != "offload"})
 
     def to_dict(self) -> dict[str, int | str]:
         return dataclasses.asdict(self)
@@ -276,14 +271,7 @@ class OffloadConfig:
                 f"infllm config: offload must be a JSON object such as {{\"cache_units\": 8}} (or {{}} for "
                 f"the defaults), got {type(values).__name__}: {values!r}."
             )
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in values:
-            if key not in names:
-                close = difflib.get_close_matches(str(key), names, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise InfLLMConfigError(
-                    f"infllm config: unknown offload key {key!r}.{hint} Valid keys: {', '.join(names)}."
-                )
+        _reject_unknown_keys(values, [f.name for f in dataclasses.fields(cls)], "offload key")
         cache = values.get("cache_units", 2 * config.topk)
         if isinstance(cache, bool) or not isinstance(cache, int) or cache < 0:
             raise InfLLMConfigError(
@@ -302,3 +290,12 @@ class OffloadConfig:
                 "that leave the window are never read. Fix: set topk, or drop offload."
             )
         return cls(cache_units=cache, path=path)
+
+
+def _reject_unknown_keys(values: Mapping[str, Any], names: list[str], what: str) -> None:
+    """An unknown key is an error that suggests the closest valid one."""
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise InfLLMConfigError(f"infllm config: unknown {what} {key!r}.{hint} Valid keys: {', '.join(names)}.")
