@@ -172,6 +172,7 @@ class PagedRun:
     block_table: torch.Tensor  # [num_requests, width]
     store: UnitStore | None = None  # offload=True: the units that left the pool (keyed by request index)
     poisoned: list[int] = dataclasses.field(default_factory=list)  # their pool blocks (see run_paged)
+    unit_reads: list | None = None  # offload=True: per layer int64 [2], infllm_forward's unit_reads
 
 
 #: What run_paged(offload=True) leaves in an offloaded unit's pool block, as if another request
@@ -255,6 +256,7 @@ def run_paged(
         store = UnitStore(layers, Hkv, B, D, config.repr_rows(Hq, Hkv), dtype, slab_units=slab_units,
                           path=offload_path)
     moved, poisoned = [0] * len(requests), []
+    reads = [torch.zeros(2, dtype=torch.long, device=device) for _ in range(layers)] if offload else None
     ops_mod = ops
     for step in range(max(len(r.pieces) for r in requests)):
         active = [i for i, r in enumerate(requests) if step < len(r.pieces)]
@@ -288,7 +290,8 @@ def run_paged(
             infllm_forward(q, caches[layer], bt, plan, memories[layer], table[0].to(device),
                            table[1].to(device), config, D**-0.5, out, ops=ops_mod, softcap=softcap,
                            sinks=None if sinks is None else sinks.to(device),
-                           store=None if store is None else store.view(layer, slot_table))
+                           store=None if store is None else store.view(layer, slot_table),
+                           unit_reads=None if reads is None else reads[layer])
             for s, (i, a, b) in enumerate(rows):
                 outs[layer][i][a:b] = out[qsl[s] : qsl[s + 1]].float().cpu()
         for i, _, b in rows:
@@ -303,7 +306,7 @@ def run_paged(
                         store.write(layer, slots, caches[layer], memories[layer].reprs, phys)
                         _poison(caches[layer], memories[layer], phys)
                     moved[i], poisoned = E, poisoned + phys
-    return PagedRun(outs, caches, memories, block_table, store, poisoned)
+    return PagedRun(outs, caches, memories, block_table, store, poisoned, reads)
 
 
 def _poison(kv_cache: torch.Tensor, memory: LayerMemory, blocks: list[int]) -> None:

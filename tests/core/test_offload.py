@@ -7,6 +7,7 @@ will free it) and its pool block poisoned (testing.run_paged): outputs and side 
 bitwise the same, and no op may write a poisoned block. Every test of the runtime runs on the
 torch ops and on the native kernels."""
 
+import itertools
 import os
 
 import pytest
@@ -106,6 +107,33 @@ def test_offloaded_run_still_matches_the_oracle(cpu_kernel):
     assert off.store.num_units > 0
     for out, tr in zip(off.outs[0], run_oracle(reqs, cfg, cos, sin), strict=True):
         torch.testing.assert_close(out, tr.out, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["paper_step", "paper_aligned", "kv_head_minmax_ordered", "topk_above_window"])
+def test_unit_reads_count_the_oracles_selections_and_the_store_reads(cpu_kernel, mode):
+    """The statistics' unit reads: every selected unit once per chunk piece a step runs (and per
+    KV head with per-KV-head selection), counted as a store read when the unit had left the
+    pool before that step: both derived here from the oracle's selections and the rule."""
+    cfg = InfLLMConfig(**{**SMALL, **MODES[mode]})
+    reqs = requests(4, 2, 32, seed=5)
+    cos, sin = rope_table(32, 1024)
+    run = run_paged(reqs, cfg, cos, sin, layers=2, offload=True)
+    for layer in range(2):
+        want_sel = want_store = 0
+        for r, trace in zip(reqs, run_oracle(reqs, cfg, cos, sin, layer=layer), strict=True):
+            ends = list(itertools.accumulate(r.pieces))
+            steps, moved = [], 0
+            for s0, s1 in zip([0] + ends[:-1], ends, strict=True):
+                steps.append((s0, s1, moved))  # units [0, moved) were in the store during the step
+                moved = max(moved, offloadable_units(s1, r.prompt_len, cfg))
+            for ch in trace.chunks:
+                lists = ch.per_kv_head if cfg.selection == "kv_head" else [ch.selected]
+                for s0, s1, gone in steps:
+                    if s0 < ch.c1 and ch.c0 < s1:  # the part of the chunk this step ran
+                        want_sel += sum(len(u) for u in lists)
+                        want_store += sum(x < gone for u in lists for x in u)
+        assert run.unit_reads[layer].tolist() == [want_sel, want_store]
+        assert 0 < want_store < want_sel  # the case reads both the pool and the store
 
 
 @pytest.mark.parametrize("query_len", [1, 20])

@@ -37,7 +37,7 @@ RUNNER = textwrap.dedent(
     result = {}
     for name, kw in spec["engines"].items():
         llm = LLM(model=spec["model"], enforce_eager=True, dtype="float32", max_model_len=spec["max_model_len"],
-                  attention_backend="infllm", enable_prefix_caching=True, **kw)
+                  attention_backend="infllm", enable_prefix_caching=True, disable_log_stats=False, **kw)
         outs = llm.generate([p.text for p in prompts], sp, use_tqdm=False)
         row = {"ids": [list(o.outputs[0].token_ids) for o in outs],
                "ok": [p.is_correct(o.outputs[0].text) for p, o in zip(prompts, outs)]}
@@ -52,6 +52,9 @@ RUNNER = textwrap.dedent(
         # The finished requests' units leave with the next step's scheduler output.
         llm.generate(["hello"], SamplingParams(max_tokens=1), use_tqdm=False)
         row["left"] = None if store is None else [store.num_units, store.nbytes]
+        row["reads"] = offload.WORKER.unit_reads.tolist()
+        row["metrics"] = {m.name: m.value for m in llm.get_metrics() if m.name.startswith("vllm:infllm_")
+                          and hasattr(m, "value")}
         result[name] = row
         del llm
     print("RESULT " + json.dumps(result))
@@ -91,3 +94,12 @@ def test_offload_answers_as_without_it_under_a_small_kv_budget():
     assert off["kv_blocks"] < 125, result  # the pool could not hold the request without offload
     assert off["left"] == [0, 0], result
     assert roomy["offloaded"] is None, result  # no store without offload
+    # The statistics (adapter/metrics.py; the counts themselves are checked against the oracle
+    # in tests/core/test_offload.py): Prometheus has the store's own totals, the 16K request
+    # read units from both the pool cache and the store, and the store gauge fell back to 0.
+    m = off["metrics"]
+    assert m["vllm:infllm_offloaded_units"] == off["offloaded"], result
+    assert [m["vllm:infllm_unit_reads"], m["vllm:infllm_store_unit_reads"]] == off["reads"], result
+    assert 0 < off["reads"][1] < off["reads"][0], result
+    assert m["vllm:infllm_offload_store_units"] == 0, result
+    assert 0 < m["vllm:infllm_offload_pool_blocks"] <= 2 * off["cap"], result

@@ -75,6 +75,9 @@ class InfLLMMetadata:
     # Offload: the store slot of each row's logical blocks (the block table's twin; None when
     # none of the step's requests has a unit in the store), adapter/offload.py.
     store_slots: torch.Tensor | None = None
+    # Offload statistics: int64 [2] that the layers' forwards add their unit reads to (None: not
+    # counted, e.g. offload off or a dummy run), adapter/offload.py.
+    unit_reads: torch.Tensor | None = None
 
 
 class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
@@ -187,8 +190,10 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
             plan = plan_decode_step(qsl, seq_lens, self.infllm_config, self.decode_buffers, self.max_candidates)
         else:
             plan = plan_step(qsl, seq_lens, self.infllm_config, device=self.device, prompt_lens=prompt_lens)
-        if prompt_lengths.current() is not prompt_lengths.DUMMY:
-            self.metrics.record(step_stats(plan, self.infllm_config))
+        real = prompt_lengths.current() is not prompt_lengths.DUMMY
+        if real:
+            self.metrics.record(step_stats(plan, self.infllm_config),
+                                None if self.offload_config is None else offload.WORKER.stats())
         store_slots = None
         if self.offload_config is not None:
             rows = prompt_lengths.request_ids()
@@ -213,6 +218,7 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
             infllm_config=self.infllm_config,
             plan=plan,
             store_slots=store_slots,
+            unit_reads=offload.WORKER.unit_reads if self.offload_config is not None and real else None,
         )
 
     def _prompt_lens(self, seq_lens: list[int]) -> list[int] | None:
@@ -501,6 +507,7 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
                 # a layer that shares another's KV cache reads that layer's units
                 store=None if attn_metadata.store_slots is None else offload.WORKER.view(
                     self.kv_sharing_target_layer_name or layer.layer_name, attn_metadata.store_slots),
+                unit_reads=attn_metadata.unit_reads,
             )
         except Exception as e:
             # vLLM stops its engine on any error in a model step (every request in flight fails

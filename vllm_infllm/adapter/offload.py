@@ -34,6 +34,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from ..core.offload import StoreView, UnitStore
+from .metrics import OffloadStats
 
 logger = logging.getLogger("vllm.infllm")
 
@@ -45,6 +46,7 @@ MODULE = __name__
 class InfLLMOffloadMetadata(KVConnectorMetadata):
     offloads: list[tuple[str, int, int]]  # (request, logical block, pool block) released this step
     dropped: list[str]  # requests finished or preempted: their units leave the store
+    pool_blocks: int = 0  # KV-pool blocks the InfLLM layers' requests hold (the statistics)
 
 
 class _WorkerStore:
@@ -53,10 +55,25 @@ class _WorkerStore:
     def __init__(self) -> None:
         self.store: UnitStore | None = None
         self.layer_index: dict[str, int] = {}
-        self.units_read = 0
+        # The statistics: selected units and, of those, store reads, summed by the layers'
+        # forwards on the host (offload runs on the CPU path), and the scheduler's pool count.
+        self.unit_reads = torch.zeros(2, dtype=torch.long)
+        self.pool_blocks = 0
 
     def reset(self) -> None:
         self.__init__()
+
+    def stats(self) -> OffloadStats:
+        store = self.store
+        selected, from_store = self.unit_reads.tolist()
+        return OffloadStats(
+            pool_blocks=self.pool_blocks,
+            store_units=0 if store is None else store.num_units,
+            store_bytes=0 if store is None else store.nbytes,
+            units_offloaded=0 if store is None else store.units_offloaded_total,
+            unit_reads=selected,
+            store_reads=from_store,
+        )
 
     def view(self, layer_name: str, slots: torch.Tensor) -> StoreView:
         return self.store.view(self.layer_index[layer_name], slots)
@@ -104,7 +121,8 @@ class InfLLMOffloadConnector(KVConnectorBase_V1, SupportsHMA):
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
         offloads = [x for m in self._managers for x in m.take_offloads()]
         dropped = sorted(set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids or ()))
-        return InfLLMOffloadMetadata(offloads=offloads, dropped=dropped)
+        pool = sum(m.held_blocks(r) for m in self._managers for r in list(m.req_to_blocks))
+        return InfLLMOffloadMetadata(offloads=offloads, dropped=dropped, pool_blocks=pool)
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
         return False, None  # blocks are freed at once; the store drops the request next step
@@ -146,6 +164,7 @@ class InfLLMOffloadConnector(KVConnectorBase_V1, SupportsHMA):
                                    "store (vLLM never registered its KV caches with the connector)")
             return
         store = WORKER.store
+        WORKER.pool_blocks = meta.pool_blocks
         for rid in meta.dropped:
             store.drop(rid)
         if not meta.offloads:

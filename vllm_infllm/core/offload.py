@@ -15,6 +15,8 @@ in vLLM's KV pool. Three pieces:
     StoreView          one layer's view for the ops: a slot table, the block table's twin, and
                        the slabs; `select_units` reads an offloaded unit's representatives and
                        `attend` its K/V from the store instead of the pool
+    tally_unit_reads   the statistics: how many selected units a wave read, and how many of
+                       them came from the store rather than the pool (the cache's hit rate)
 
 The data are copied, not transformed, so the attention with units in the store is bitwise the
 attention with them in the pool (tests/core/test_offload.py).
@@ -105,6 +107,26 @@ class StoreView:
     def gather_reprs(self, slots: torch.Tensor) -> torch.Tensor:
         """Representatives of store slots [m] -> [m, R, D]."""
         return _gather(self.reprs, slots, self.slab_units)
+
+
+def tally_unit_reads(selected: torch.Tensor, req: torch.Tensor, init_blocks: int, slots: torch.Tensor | None,
+                     into: torch.Tensor) -> None:
+    """Add one wave's unit reads to `into` (int64 [2]): [0] selected units, [1] of those, units
+    read from the store. A unit counts once per selection chunk (and per KV head with per-KV-head
+    selection): the number of unit reads the wave's kernels make, not one per query.
+
+    selected: [n, S, topk] unit ids (-1 = none), `select_units`/`hold_selections`
+    req:      [n] the chunks' rows of the block table (and of `slots`)
+    slots:    the step's slot table (StoreView.slots), None when no unit is in the store
+    Device-side sums, no host read: the caller reads `into` when it reports.
+    """
+    valid = selected >= 0
+    into[0] += valid.sum()
+    if slots is not None:
+        rows = slots.index_select(0, req.long())  # [n, width]
+        blk = (init_blocks + selected.clamp(min=0)).flatten(1)  # [n, S*topk]
+        in_store = rows.gather(1, blk.long()).view_as(selected) >= 0
+        into[1] += (valid & in_store).sum()
 
 
 def _gather(slabs: list[torch.Tensor], slots: torch.Tensor, per_slab: int) -> torch.Tensor:
