@@ -227,7 +227,8 @@ def test_the_store_releases_slabs_and_memory(tmp_path):
             st.write(layer, a + b, pool, reprs, list(range(10)))
         assert st.num_units == 10 and st.num_slabs == 3
         assert st.holds("a") and st.holds("b") and not st.holds("zz")
-        assert st.nbytes == 3 * 4 * 2 * (2 * 4 * 16 + 3 * 8) * 2
+        assert st.unit_nbytes == 2 * (2 * 4 * 16 + 3 * 8) * 2  # 2 layers of K/V and representatives, bf16
+        assert st.nbytes == 3 * 4 * st.unit_nbytes  # 3 slabs of 4 units
         if path is not None:
             assert len(os.listdir(path)) == 3  # one sparse file per slab
         with pytest.raises(ValueError, match=r"already holds logical block\(s\) \[6\]"):

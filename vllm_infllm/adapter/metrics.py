@@ -16,7 +16,7 @@ hands the counts here. They surface in two places:
 
       vllm:infllm_offload_pool_blocks        gauge: KV-pool blocks the running requests hold
       vllm:infllm_offload_store_units        gauge: memory units in the worker's store
-      vllm:infllm_offload_store_bytes        gauge: bytes of the store's slabs
+      vllm:infllm_offload_store_bytes        gauge: bytes of those units (K/V and representatives)
       vllm:infllm_offloaded_units_total      units that left the pool for the store
       vllm:infllm_unit_reads_total           selected units read, summed over layers and chunks
       vllm:infllm_store_unit_reads_total     of those, units read from the store (the rest
@@ -61,7 +61,7 @@ _COUNTERS = {  # StepStats field -> (metric name, help)
 _OFFLOAD_GAUGES = {  # OffloadStats field -> (metric name, help)
     "pool_blocks": ("vllm:infllm_offload_pool_blocks", "KV-pool blocks held by the running requests (offload)."),
     "store_units": ("vllm:infllm_offload_store_units", "Memory units in the worker's offload store."),
-    "store_bytes": ("vllm:infllm_offload_store_bytes", "Bytes of the offload store's slabs."),
+    "store_bytes": ("vllm:infllm_offload_store_bytes", "Bytes of the memory units in the offload store."),
 }
 _OFFLOAD_COUNTERS = {
     "units_offloaded": ("vllm:infllm_offloaded_units", "Memory units that left the KV pool for the store."),
@@ -105,7 +105,7 @@ class OffloadStats:
 
     pool_blocks: int = 0  # KV-pool blocks the running InfLLM requests hold
     store_units: int = 0  # memory units in the store
-    store_bytes: int = 0  # bytes of its slabs
+    store_bytes: int = 0  # bytes of those units
     units_offloaded: int = 0  # units that ever left the pool
     unit_reads: int = 0  # selected units read (per layer and selection chunk)
     store_reads: int = 0  # of those, read from the store

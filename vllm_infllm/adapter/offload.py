@@ -69,7 +69,7 @@ class _WorkerStore:
         return OffloadStats(
             pool_blocks=self.pool_blocks,
             store_units=0 if store is None else store.num_units,
-            store_bytes=0 if store is None else store.nbytes,
+            store_bytes=0 if store is None else store.num_units * store.unit_nbytes,
             units_offloaded=0 if store is None else store.units_offloaded_total,
             unit_reads=selected,
             store_reads=from_store,

@@ -186,11 +186,15 @@ class UnitStore:
         return sum(s is not None for s in self._kv)
 
     @property
+    def unit_nbytes(self) -> int:
+        """Bytes of one unit: K/V and representatives, every layer."""
+        return (_numel(self.kv_shape) + _numel(self.repr_shape)) * self.num_layers * self._empty.element_size()
+
+    @property
     def nbytes(self) -> int:
-        """Bytes of the live slabs (K/V and representatives, every layer; with `path` the K/V
-        part is in files, on disk as far as units were written)."""
-        per_unit = (_numel(self.kv_shape) + _numel(self.repr_shape)) * self.num_layers * self._empty.element_size()
-        return self.num_slabs * self.slab_units * per_unit
+        """Bytes of the live slabs (reserved; pages are touched only as units are written, so the
+        memory used is nearer `num_units * unit_nbytes`; with `path` the K/V part is in files)."""
+        return self.num_slabs * self.slab_units * self.unit_nbytes
 
     def requests(self) -> list[Hashable]:
         return list(self._units)
