@@ -20,7 +20,7 @@ import torch
 
 from .core import ops as ops_pkg
 from .core.config import InfLLMConfig
-from .core.offload import UnitStore, offloadable_units
+from .core.offload import UnitReadTally, UnitStore, offloadable_units
 from .core.plan import LayerMemory, plan_step
 from .core.reference import ReferenceTrace, infllm_reference_trace
 from .core.rope import RopeLayout
@@ -172,7 +172,7 @@ class PagedRun:
     block_table: torch.Tensor  # [num_requests, width]
     store: UnitStore | None = None  # offload=True: the units that left the pool (keyed by request index)
     poisoned: list[int] = dataclasses.field(default_factory=list)  # their pool blocks (see run_paged)
-    unit_reads: list | None = None  # offload=True: per layer int64 [2], infllm_forward's unit_reads
+    unit_reads: list | None = None  # offload=True: per layer the UnitReadTally infllm_forward filled
 
 
 #: What run_paged(offload=True) leaves in an offloaded unit's pool block, as if another request
@@ -256,7 +256,7 @@ def run_paged(
         store = UnitStore(layers, Hkv, B, D, config.repr_rows(Hq, Hkv), dtype, slab_units=slab_units,
                           path=offload_path)
     moved, poisoned = [0] * len(requests), []
-    reads = [torch.zeros(2, dtype=torch.long, device=device) for _ in range(layers)] if offload else None
+    reads = [UnitReadTally() for _ in range(layers)] if offload else None
     ops_mod = ops
     for step in range(max(len(r.pieces) for r in requests)):
         active = [i for i, r in enumerate(requests) if step < len(r.pieces)]

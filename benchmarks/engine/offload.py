@@ -82,7 +82,7 @@ def worker(args) -> dict:
         for m in mgrs:
             m.peak_held = 0
         store = offload.WORKER.store
-        before = (offload.WORKER.unit_reads.tolist(), 0 if store is None else store.units_offloaded_total)
+        before = (list(offload.WORKER.unit_reads.flush()), 0 if store is None else store.units_offloaded_total)
         sp = SamplingParams(max_tokens=N + 1, temperature=0, ignore_eos=True)
         t = time.perf_counter()
         out = llm.generate([p.text], sp, use_tqdm=False)[0]
@@ -90,7 +90,7 @@ def worker(args) -> dict:
         m = out.metrics
         t_prefill = m.first_token_ts - m.scheduled_ts
         t_decode = m.last_token_ts - m.first_token_ts
-        reads = [a - b for a, b in zip(offload.WORKER.unit_reads.tolist(), before[0], strict=True)]
+        reads = [a - b for a, b in zip(list(offload.WORKER.unit_reads.flush()), before[0], strict=True)]
         rec = {
             "length": p.num_tokens, "depth": args.depth, "ids": list(out.outputs[0].token_ids),
             "found": p.is_correct(out.outputs[0].text), "text": out.outputs[0].text[:40],

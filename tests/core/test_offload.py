@@ -132,7 +132,7 @@ def test_unit_reads_count_the_oracles_selections_and_the_store_reads(cpu_kernel,
                     if s0 < ch.c1 and ch.c0 < s1:  # the part of the chunk this step ran
                         want_sel += sum(len(u) for u in lists)
                         want_store += sum(x < gone for u in lists for x in u)
-        assert run.unit_reads[layer].tolist() == [want_sel, want_store]
+        assert list(run.unit_reads[layer].flush()) == [want_sel, want_store]
         assert 0 < want_store < want_sel  # the case reads both the pool and the store
 
 

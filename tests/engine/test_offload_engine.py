@@ -52,7 +52,7 @@ RUNNER = textwrap.dedent(
         # The finished requests' units leave with the next step's scheduler output.
         llm.generate(["hello"], SamplingParams(max_tokens=1), use_tqdm=False)
         row["left"] = None if store is None else [store.num_units, store.nbytes]
-        row["reads"] = offload.WORKER.unit_reads.tolist()
+        row["reads"] = list(offload.WORKER.unit_reads.flush())
         row["metrics"] = {m.name: m.value for m in llm.get_metrics() if m.name.startswith("vllm:infllm_")
                           and hasattr(m, "value")}
         result[name] = row

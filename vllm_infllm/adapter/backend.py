@@ -41,6 +41,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, KVCache
 
 from ..core import ops as infllm_ops
 from ..core.config import InfLLMConfig, OffloadConfig
+from ..core.offload import UnitReadTally
 from ..core.plan import LayerMemory, PlanBuffers, StepPlan, plan_decode_step, plan_step
 from ..core.runtime import infllm_forward
 from ..core.stats import step_stats
@@ -75,9 +76,9 @@ class InfLLMMetadata:
     # Offload: the store slot of each row's logical blocks (the block table's twin; None when
     # none of the step's requests has a unit in the store), adapter/offload.py.
     store_slots: torch.Tensor | None = None
-    # Offload statistics: int64 [2] that the layers' forwards add their unit reads to (None: not
+    # Offload statistics: the tally the layers' forwards hand their selections to (None: not
     # counted, e.g. offload off or a dummy run), adapter/offload.py.
-    unit_reads: torch.Tensor | None = None
+    unit_reads: UnitReadTally | None = None
 
 
 class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):

@@ -33,7 +33,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     SupportsHMA,
 )
 
-from ..core.offload import StoreView, UnitStore
+from ..core.offload import StoreView, UnitReadTally, UnitStore
 from .metrics import OffloadStats
 
 logger = logging.getLogger("vllm.infllm")
@@ -55,9 +55,9 @@ class _WorkerStore:
     def __init__(self) -> None:
         self.store: UnitStore | None = None
         self.layer_index: dict[str, int] = {}
-        # The statistics: selected units and, of those, store reads, summed by the layers'
-        # forwards on the host (offload runs on the CPU path), and the scheduler's pool count.
-        self.unit_reads = torch.zeros(2, dtype=torch.long)
+        # The statistics: the layers' selections (counted when stats() is read) and the
+        # scheduler's pool count.
+        self.unit_reads = UnitReadTally()
         self.pool_blocks = 0
 
     def reset(self) -> None:
@@ -65,7 +65,7 @@ class _WorkerStore:
 
     def stats(self) -> OffloadStats:
         store = self.store
-        selected, from_store = self.unit_reads.tolist()
+        selected, from_store = self.unit_reads.flush()
         return OffloadStats(
             pool_blocks=self.pool_blocks,
             store_units=0 if store is None else store.num_units,

@@ -15,8 +15,8 @@ in vLLM's KV pool. Three pieces:
     StoreView          one layer's view for the ops: a slot table, the block table's twin, and
                        the slabs; `select_units` reads an offloaded unit's representatives and
                        `attend` its K/V from the store instead of the pool
-    tally_unit_reads   the statistics: how many selected units a wave read, and how many of
-                       them came from the store rather than the pool (the cache's hit rate)
+    UnitReadTally      the statistics: how many selected units the waves read, and how many
+                       of them came from the store rather than the pool (the cache's hit rate)
 
 The data are copied, not transformed, so the attention with units in the store is bitwise the
 attention with them in the pool (tests/core/test_offload.py).
@@ -109,24 +109,44 @@ class StoreView:
         return _gather(self.reprs, slots, self.slab_units)
 
 
-def tally_unit_reads(selected: torch.Tensor, req: torch.Tensor, init_blocks: int, slots: torch.Tensor | None,
-                     into: torch.Tensor) -> None:
-    """Add one wave's unit reads to `into` (int64 [2]): [0] selected units, [1] of those, units
-    read from the store. A unit counts once per selection chunk (and per KV head with per-KV-head
-    selection): the number of unit reads the wave's kernels make, not one per query.
+class UnitReadTally:
+    """Unit reads: selected units, and of those, units read from the store (the pool cache's
+    hit rate). A unit counts once per selection chunk (and per KV head with per-KV-head
+    selection): the unit reads the kernels make, not one per query.
 
-    selected: [n, S, topk] unit ids (-1 = none), `select_units`/`hold_selections`
-    req:      [n] the chunks' rows of the block table (and of `slots`)
-    slots:    the step's slot table (StoreView.slots), None when no unit is in the store
-    Device-side sums, no host read: the caller reads `into` when it reports.
-    """
-    valid = selected >= 0
-    into[0] += valid.sum()
-    if slots is not None:
-        rows = slots.index_select(0, req.long())  # [n, width]
-        blk = (init_blocks + selected.clamp(min=0)).flatten(1)  # [n, S*topk]
-        in_store = rows.gather(1, blk.long()).view_as(selected) >= 0
-        into[1] += (valid & in_store).sum()
+    Counting per layer would cost a dozen small ops per layer (~5 ms per decode step at 30
+    layers on this CPU), so `add` only keeps the layer's selection (the ops allocate it per
+    call) and `flush` counts every selection since the last flush in one pass per wave: the
+    layers of a step share its chunks and slot table."""
+
+    def __init__(self) -> None:
+        self.selected = 0  # selected units counted so far
+        self.from_store = 0  # of those, read from the store
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]] = []
+
+    def add(self, selected: torch.Tensor, req: torch.Tensor, init_blocks: int, slots: torch.Tensor | None) -> None:
+        """selected: [n, S, topk] unit ids (-1 = none), `select_units`/`hold_selections`;
+        req: [n] the chunks' rows of the block table (and of `slots`); slots: the step's slot
+        table (StoreView.slots), None when no unit is in the store."""
+        self._pending.append((selected, req, init_blocks, slots))
+
+    def flush(self) -> tuple[int, int]:
+        """Count what `add` kept; returns the totals (selected, from_store)."""
+        groups: dict[tuple[int, int], list] = {}
+        for item in self._pending:  # the waves of a step: same chunks, same slot table
+            groups.setdefault((id(item[1]), id(item[3])), []).append(item)
+        self._pending = []
+        for items in groups.values():
+            _, req, init_blocks, slots = items[0]
+            selected = torch.cat([x[0] for x in items])  # [layers * n, S, topk]
+            valid = selected >= 0
+            self.selected += int(valid.sum())
+            if slots is not None:
+                rows = slots.index_select(0, req.long()).repeat(len(items), 1)  # [layers * n, width]
+                blk = (init_blocks + selected.clamp(min=0)).flatten(1).long()
+                in_store = rows.gather(1, blk).view_as(selected) >= 0
+                self.from_store += int((valid & in_store).sum())
+        return self.selected, self.from_store
 
 
 def _gather(slabs: list[torch.Tensor], slots: torch.Tensor, per_slab: int) -> torch.Tensor:

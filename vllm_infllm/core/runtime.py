@@ -24,7 +24,7 @@ import torch
 
 from . import ops as ops_pkg
 from .config import InfLLMConfig
-from .offload import StoreView, tally_unit_reads
+from .offload import StoreView, UnitReadTally
 from .plan import LayerMemory, StepPlan
 
 
@@ -44,7 +44,7 @@ def infllm_forward(
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
     store: StoreView | None = None,
-    unit_reads: torch.Tensor | None = None,
+    unit_reads: UnitReadTally | None = None,
 ) -> torch.Tensor:
     """InfLLM attention of one layer; writes `out[:plan.num_tokens]`, updates `memory`.
 
@@ -59,9 +59,9 @@ def infllm_forward(
     sinks:        [Hq] the model's learned sink logits (None: none)
     store:        this layer's offloaded memory units (core/offload.py; None: every unit is in
                   the pool): selected units with a store slot are read from it
-    unit_reads:   int64 [2] on the query's device, or None: gains the selected units and, of
-                  those, the units read from `store` (`offload.tally_unit_reads`; the adapter's
-                  offload statistics)
+    unit_reads:   gains this layer's selections, to count the selected units and, of those,
+                  the units read from `store` (`offload.UnitReadTally`; the adapter's offload
+                  statistics); None: not counted
     """
     if sinks is not None and sinks.shape != (query.shape[1],):
         raise ValueError(f"infllm: sinks {tuple(sinks.shape)} must hold one logit per query head "
@@ -88,8 +88,7 @@ def infllm_forward(
                 )
                 selected = ops.hold_selections(selected, memory, block_table, wave, config)
                 if unit_reads is not None:
-                    tally_unit_reads(selected, wave.req, config.init_blocks,
-                                     None if store is None else store.slots, unit_reads)
+                    unit_reads.add(selected, wave.req, config.init_blocks, None if store is None else store.slots)
             else:
                 selected = None
             ops.attend(query, kv_cache, memory, block_table, wave, selected, cos, sin, config, scale, out,
