@@ -36,8 +36,8 @@ hands the counts here. They surface in two places:
 
   and with offload on a second line, e.g.::
 
-      InfLLM offload: 61 pool blocks held, 1150 units in the store (0.99 GiB); 240 units left
-      the pool; 2400 unit reads, 91.5% from the pool
+      InfLLM offload: 48 pool blocks held, 204 units in the store (1.13 GiB); 2 units left the
+      pool; 16560 unit reads, 2.5% from the pool
 """
 
 from __future__ import annotations
