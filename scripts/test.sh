@@ -18,7 +18,8 @@ fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 rc=0
-.venv/bin/python -m pytest -q "$@" || rc=$?
+# The 20 slowest tests are listed at the end: the suite must stay under 30 minutes.
+.venv/bin/python -m pytest -q --durations=20 "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "[test] pytest collected no tests: failing" >&2
 fi

@@ -79,7 +79,7 @@ STRESS = textwrap.dedent(
     llm = LLM(model=spec["model"], enforce_eager=True, dtype="float32", max_model_len=spec["max_model_len"],
               attention_backend="infllm", disable_log_stats=False, **spec["engine"])
     engine, store = llm.llm_engine, offload.WORKER.store
-    sp = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     done, seen = {}, {"peak_units": 0, "preempted_with": 0}
 
     def internal(name):  # vLLM appends a suffix to the caller's request id
@@ -192,7 +192,7 @@ def test_preemption_and_abort_leave_no_unit_behind():
     }
     result = run(spec, runner=STRESS)
     print(result)
-    assert result["done"] == {"low": 32, "high": 32}, result
+    assert result["done"] == {"low": 8, "high": 8}, result
     assert result["preemptions"] > 0 and result["preempted_with"] > 0, result
     assert result["aborted_with"] > 0, result
     assert result["left"] == [0, 0, []], result

@@ -186,15 +186,17 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
         alone = prompt_lens is None or all(
             qsl[r + 1] == qsl[r] or seq_lens[r] >= prompt_lens[r] for r in range(len(seq_lens))
         )
+        real = prompt_lengths.current() is not prompt_lengths.DUMMY
+        # The offload statistics count the earlier steps' selections now, before a static plan
+        # could overwrite the chunk rows they were made with.
+        offload_stats = offload.WORKER.stats() if self.offload_config is not None and real else None
         if self.decode_buffers is not None and cm.max_query_len <= 1 and alone:
             # Pure decode (padding rows included): the static plan a captured graph replays.
             plan = plan_decode_step(qsl, seq_lens, self.infllm_config, self.decode_buffers, self.max_candidates)
         else:
             plan = plan_step(qsl, seq_lens, self.infllm_config, device=self.device, prompt_lens=prompt_lens)
-        real = prompt_lengths.current() is not prompt_lengths.DUMMY
         if real:
-            self.metrics.record(step_stats(plan, self.infllm_config),
-                                None if self.offload_config is None else offload.WORKER.stats())
+            self.metrics.record(step_stats(plan, self.infllm_config), offload_stats)
         store_slots = None
         if self.offload_config is not None:
             rows = prompt_lengths.request_ids()

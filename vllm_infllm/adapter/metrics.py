@@ -22,11 +22,12 @@ hands the counts here. They surface in two places:
       vllm:infllm_store_unit_reads_total     of those, units read from the store (the rest
                                              were in the pool: 1 - store / all is the pool
                                              cache's hit rate)
- ``LLM.get_metrics()`` shows them when
-  the engine runs in the caller's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``). ``vllm serve``'s
-  ``/metrics`` is served by the API-server process, which reads other processes' counters only
-  in prometheus_client's multi-process mode: start the server with ``PROMETHEUS_MULTIPROC_DIR``
-  set to an empty directory (vLLM's own mode for several API servers) and they appear there.
+
+  ``LLM.get_metrics()`` shows them when the engine runs in the caller's process
+  (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; see `_register`). ``vllm serve``'s ``/metrics`` is served
+  by the API-server process, which reads other processes' counters only in prometheus_client's
+  multi-process mode: start the server with ``PROMETHEUS_MULTIPROC_DIR`` set to an empty
+  directory (vLLM's own mode for several API servers) and they appear there.
 * **A log line** beside vLLM's periodic stats (logger ``vllm.infllm``, every
   ``VLLM_LOG_STATS_INTERVAL`` seconds, 10 by default, with the first step after the interval,
   when InfLLM attended anything in it), e.g.::

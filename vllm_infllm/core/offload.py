@@ -133,7 +133,9 @@ class UnitReadTally:
     def flush(self) -> tuple[int, int]:
         """Count what `add` kept; returns the totals (selected, from_store)."""
         groups: dict[tuple[int, int], list] = {}
-        for item in self._pending:  # the waves of a step: same chunks, same slot table
+        # A wave's layers share its chunk rows and the step's slot table (the same tensors,
+        # kept alive by _pending, so their ids cannot be reused before this pass).
+        for item in self._pending:
             groups.setdefault((id(item[1]), id(item[3])), []).append(item)
         self._pending = []
         for items in groups.values():
