@@ -9,7 +9,9 @@ number needle in Paul Graham essays of `vllm_infllm/tools/niah.py` ("The special
 N."), the prompts of longctx_eval.py for the same lengths, depths and seed.
 
 Prompts run one at a time through `LLM(attention_backend="infllm")` (greedy, 8 new tokens, fp32,
-eager, prefix caching off, as longctx_eval.py). A wrapper around `torch_ops.select_units` records,
+eager, prefix caching off, as longctx_eval.py), on the torch ops (VLLM_INFLLM_CPU_KERNEL=torch:
+the native kernels select in C++, out of a wrapper's reach; tests/core/test_native_ops.py holds
+the two equal). A wrapper around `torch_ops.select_units` records,
 for the query that produces the answer (the prompt's last token, a selection chunk of its own),
 the units every layer selected. The needle sentence ("The pass key is N. Remember it. N is the
 pass key.", or the essay needle) covers tokens [s, e]; for that query a token is attended without selection when it is
@@ -88,6 +90,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the wrapper must see the worker
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    os.environ["VLLM_INFLLM_CPU_KERNEL"] = "torch"  # the recording wrapper is on the torch ops
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
@@ -149,6 +152,9 @@ def main(argv=None) -> int:
             recorded.clear()
             question.clear()
             out = llm.generate([p.text], sp, use_tqdm=False)[0].outputs[0].text
+            if not recorded:
+                raise RuntimeError("the select_units wrapper recorded nothing: the runtime did not "
+                                   "use the torch ops, so there is no selection to classify")
             row = {"length": n, "depth": d, "prompt_tokens": len(ids), "needle": needle,
                    "distance": len(ids) - 1 - needle[1], "answer": out, "ok": p.is_correct(out)}
             row.update(classify(needle, len(ids) - 1, cfg, union(recorded)))

@@ -1,4 +1,4 @@
-"""Passkey diagnostic: one prompt length, several depths, one configuration, optionally with the
+"""Needle diagnostic: one prompt length, several depths, one configuration, optionally with the
 needle's memory units forced into every layer's selection.
 
     python benchmarks/engine/passkey_probe.py --length 4000 --depths 0.05 0.1 0.2 0.3 0.5 \
@@ -6,13 +6,16 @@ needle's memory units forced into every layer's selection.
     python benchmarks/engine/passkey_probe.py --length 8000 --depths 0.1 0.3 0.7 \
         --infllm '{"n_local": 2048, "topk": 4}' --force-needle
     python benchmarks/engine/passkey_probe.py --length 4000 --depths 0.1 0.5 --full
+    python benchmarks/engine/passkey_probe.py --task niah ...   # the essay needle (tools/niah.py)
 
 --force-needle separates the two ways InfLLM can miss a needle that left the local window:
 the unit holding it is not SELECTED (representative keys vs the query), or it is selected and
 the model still does not copy it. It wraps `torch_ops.select_units`: after the normal top-k,
 every unit overlapping the needle's first 25 tokens that is a candidate but was not picked
 replaces the last (lowest-scored) pick, in every layer, at every chunk. Prompts then run one by
-one (the wrapper knows one needle at a time). Without it, prompts run batched.
+one (the wrapper knows one needle at a time). Without it, prompts run batched. The wrapper is on
+the torch ops, so InfLLM runs them here (VLLM_INFLLM_CPU_KERNEL=torch; the native kernels select
+in C++, where no wrapper can reach; tests/core/test_native_ops.py holds the two equal).
 
 Prints one line: depth:OK or depth:MISS 'answer' for each depth. Greedy, 8 new tokens, scored
 like longctx_eval.py (first run of digits == key). Settings as longctx_eval.py (fp32, eager,
@@ -27,33 +30,83 @@ import os
 import time
 
 
+def exact_select(torch_ops) -> None:
+    """Replace torch_ops.select_units by the exact score sum_h max_k <q̄_h, k_raw> over every key
+    of each candidate (q̄ as the config selects it); the layer's cache comes from seal_units,
+    which the runtime calls just before select_units with the same layer."""
+    import torch
+
+    from vllm_infllm.core.ops.ranking import top_units
+    from vllm_infllm.core.rope import rotate
+
+    seal, current = torch_ops.seal_units, {}
+
+    def sealing(kv_cache, memory, *a, **kw):
+        current["kv"] = kv_cache
+        return seal(kv_cache, memory, *a, **kw)
+
+    def select(query, memory, block_table, chunks, cos, sin, config, num_kv_heads, **kw):
+        n, topk, max_k, B = chunks.n, config.topk, chunks.max_cand, config.block_size
+        S = config.selection_groups(num_kv_heads)
+        selected = torch.full((n, S, topk), -1, dtype=torch.long)
+        units = torch.arange(max_k)
+        if max_k <= topk:
+            selected[:, :, :max_k] = torch.where(units < chunks.num_cand[:, None], units, -1)[:, None]
+            return selected
+        kv = current["kv"]
+        Hq, D = query.shape[1], query.shape[2]
+        G = Hq // num_kv_heads
+        q_bar = torch_ops._chunk_mean_query(query, chunks, cos, sin, config).view(n, Hq, D)
+        pos = config.n_init + units[:, None, None] * B + torch.arange(B)[:, None]
+        score = torch.full((n, S, max_k), float("-inf"))
+        for j in range(n):
+            phys = block_table[chunks.req[j], config.init_blocks: config.init_blocks + max_k].long()
+            raw = rotate(kv[phys, :, :, :D].transpose(1, 2), cos, sin, -pos)  # [K, B, Hkv, D]
+            dot = torch.einsum("kbgd,ghd->kbgh", raw, q_bar[j].view(num_kv_heads, G, D)).amax(1)  # [K, Hkv, G]
+            score[j] = dot.reshape(max_k, S, -1).sum(-1).T
+            score[j, :, chunks.host["num_cand"][j]:] = float("-inf")
+        return top_units(score, chunks.num_cand, config)
+
+    torch_ops.seal_units, torch_ops.select_units = sealing, select
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", choices=["passkey", "niah"], default="passkey")
     ap.add_argument("--length", type=int, required=True, help="prompt tokens")
     ap.add_argument("--depths", type=float, nargs="+", required=True)
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--infllm", help="InfLLM config (JSON)")
     g.add_argument("--full", action="store_true", help="vLLM's CPU_ATTN instead (<= 8192 tokens)")
     ap.add_argument("--force-needle", action="store_true", help="force the needle's units into every selection")
+    ap.add_argument("--exact-select", action="store_true",
+                    help="score candidates by sum_h max_k <q̄_h, k> over every raw key of the unit "
+                         "(what representatives approximate; reads every key), instead of the config's score")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.force_needle and args.full:
-        ap.error("--force-needle needs --infllm")
+    if (args.force_needle or args.exact_select) and args.full:
+        ap.error("--force-needle and --exact-select need --infllm")
+    if args.force_needle and args.exact_select:
+        ap.error("--force-needle and --exact-select are two different selections: pick one")
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    if args.force_needle or args.exact_select:
+        os.environ["VLLM_INFLLM_CPU_KERNEL"] = "torch"  # the wrappers below are on the torch ops
     from vllm_infllm.core.config import InfLLMConfig
     from vllm_infllm.core.ops import torch_ops
 
     cfg = json.loads(args.infllm) if args.infllm else None
     needle_units: list[int] = []
+    forced_calls = [0]
     if args.force_needle:
         config = InfLLMConfig.from_dict(cfg)
         select = torch_ops.select_units
 
         def forced(query, memory, block_table, chunks, cos, sin, config_, num_kv_heads):
             sel = select(query, memory, block_table, chunks, cos, sin, config_, num_kv_heads)
+            forced_calls[0] += 1
             for u in needle_units:
                 for r in range(sel.shape[0]):
                     for g in range(sel.shape[1]):  # every selection group (layer or KV head)
@@ -62,12 +115,15 @@ def main(argv=None) -> int:
             return sel
 
         torch_ops.select_units = forced  # runtime looks ops up on the module at call time
+    if args.exact_select:
+        exact_select(torch_ops)
 
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
     from vllm_infllm.tools.assets import default_model_dir
-    from vllm_infllm.tools.passkey import make_passkey_prompt
+    from vllm_infllm.tools.niah import NEEDLES, make_niah_prompt
+    from vllm_infllm.tools.passkey import NEEDLE, make_passkey_prompt
 
     model = str(default_model_dir())
     tok = AutoTokenizer.from_pretrained(model)
@@ -79,22 +135,33 @@ def main(argv=None) -> int:
                   additional_config={"infllm": cfg})
     llm = LLM(**kw)
     sp = SamplingParams(max_tokens=8, temperature=0)
-    prompts = [make_passkey_prompt(tok, args.length, d, seed=args.seed) for d in args.depths]
+    if args.task == "niah":
+        prompts = [make_niah_prompt(tok, args.length, d, kind="number", seed=args.seed) for d in args.depths]
+    else:
+        prompts = [make_passkey_prompt(tok, args.length, d, seed=args.seed) for d in args.depths]
+    sentence = NEEDLES["number"]["needle"] if args.task == "niah" else NEEDLE
     t = time.time()
     if args.force_needle:
         outs = []
         for p in prompts:
-            first = (p.needle_token - config.n_init) // config.block_size
-            last = (p.needle_token + 24 - config.n_init) // config.block_size
+            # the needle's tokens, in the engine's ids (it may prepend a BOS the builder did not count)
+            start = p.needle_token + len(llm.get_tokenizer()(p.text)["input_ids"]) - p.num_tokens
+            end = start + len(tok(sentence.format(key=p.key), add_special_tokens=False)["input_ids"])
+            first = (start - config.n_init) // config.block_size
+            last = (end - 1 - config.n_init) // config.block_size
             needle_units[:] = range(max(first, 0), last + 1)
             outs += llm.generate([p.text], sp, use_tqdm=False)
+        if forced_calls[0] == 0:
+            raise RuntimeError("--force-needle: the select_units wrapper never ran (the runtime "
+                               "did not use the torch ops), so nothing was forced")
     else:
         outs = llm.generate([p.text for p in prompts], sp, use_tqdm=False)
     cells = []
     for d, p, o in zip(args.depths, prompts, outs, strict=True):
         a = o.outputs[0].text
         cells.append(f"{d}:{'OK' if p.is_correct(a) else 'MISS ' + repr(a)}")
-    what = "full (CPU_ATTN)" if cfg is None else f"infllm {cfg}" + (" forced needle" if args.force_needle else "")
+    what = "full (CPU_ATTN)" if cfg is None else (f"infllm {cfg}" + (" forced needle" if args.force_needle else "")
+                                                  + (" exact selection" if args.exact_select else ""))
     print(f"RESULT length={args.length} {what} ({time.time() - t:.0f} s): " + " | ".join(cells), flush=True)
     return 0
 
