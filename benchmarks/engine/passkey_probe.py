@@ -30,16 +30,28 @@ import os
 import time
 
 
-def exact_select(torch_ops) -> None:
+def exact_select(torch_ops, carry: bool = False, trace: list | None = None, share_from: int | None = None) -> None:
     """Replace torch_ops.select_units by the exact score sum_h max_k <q̄_h, k_raw> over every key
     of each candidate (q̄ as the config selects it); the layer's cache comes from seal_units,
-    which the runtime calls just before select_units with the same layer."""
+    which the runtime calls just before select_units with the same layer.
+
+    carry: an experiment in carrying a confident choice up the layers. Per chunk, the unit that
+    stood out most so far in this forward pass (the top unit of the layer whose top score has the
+    largest z-score, (max - mean) / std over its candidates, this layer included) takes one of
+    each layer's topk slots; the other topk - 1 are the layer's own best. `trace` gains
+    (layer, chunk start, carried z, carried unit, own z, own top unit) for every chunk of one query.
+
+    share_from: another experiment: the layers above layer `share_from` read the units that
+    layer selected for the same chunk (the layers run in order, so it is already known)."""
     import torch
 
     from vllm_infllm.core.ops.ranking import top_units
     from vllm_infllm.core.rope import rotate
 
     seal, current = torch_ops.seal_units, {}
+    layer_of: dict[int, int] = {}  # a layer's representatives address -> its index (first-run order)
+    carried: dict[tuple[int, int], tuple[float, int]] = {}  # (request row, chunk start) -> (z, unit)
+    shared: dict[tuple, torch.Tensor] = {}  # share_from's selection of each wave of this step
 
     def sealing(kv_cache, memory, *a, **kw):
         current["kv"] = kv_cache
@@ -65,7 +77,38 @@ def exact_select(torch_ops) -> None:
             dot = torch.einsum("kbgd,ghd->kbgh", raw, q_bar[j].view(num_kv_heads, G, D)).amax(1)  # [K, Hkv, G]
             score[j] = dot.reshape(max_k, S, -1).sum(-1).T
             score[j, :, chunks.host["num_cand"][j]:] = float("-inf")
-        return top_units(score, chunks.num_cand, config)
+        layer = layer_of.setdefault(memory.reprs.data_ptr(), len(layer_of))
+        if share_from is not None:
+            chosen = top_units(score, chunks.num_cand, config)
+            wave = (tuple(chunks.host["c0"]), tuple(chunks.req.tolist()))  # the same chunks in every layer
+            if layer == 0:
+                shared.clear()
+            if layer == share_from:
+                shared[wave] = chosen.clone()
+            elif layer > share_from and wave in shared:
+                return shared[wave].clone()
+            return chosen
+        if not carry:
+            return top_units(score, chunks.num_cand, config)
+        if S != 1:
+            raise ValueError("--carry needs selection='layer'")
+        if layer == 0:
+            carried.clear()
+        for j in range(n):
+            nc = chunks.host["num_cand"][j]
+            s = score[j, 0, :nc]
+            if nc <= topk:
+                continue
+            z = float((s.max() - s.mean()) / s.std().clamp(min=1e-12))
+            key = (int(chunks.req[j]), chunks.host["c0"][j])
+            if key not in carried or z > carried[key][0]:
+                carried[key] = (z, int(s.argmax()))
+            cz, cu = carried[key]
+            own = [u for u in s.topk(topk).indices.tolist() if u != cu][: topk - 1]
+            selected[j, 0] = torch.tensor(sorted([cu] + own))
+            if trace is not None and chunks.host["length"][j] == 1:
+                trace.append((layer, key[1], round(cz, 2), cu, round(z, 2), int(s.argmax())))
+        return selected
 
     torch_ops.seal_units, torch_ops.select_units = sealing, select
 
@@ -82,12 +125,25 @@ def main(argv=None) -> int:
     ap.add_argument("--exact-select", action="store_true",
                     help="score candidates by sum_h max_k <q̄_h, k> over every raw key of the unit "
                          "(what representatives approximate; reads every key), instead of the config's score")
+    ap.add_argument("--carry", action="store_true",
+                    help="with --exact-select: carry the most confident layer's top unit up the layers "
+                         "(an experiment, exact_select's docstring)")
+    ap.add_argument("--share-from", type=int,
+                    help="with --exact-select: the layers above this one read its selection "
+                         "(an experiment, exact_select's docstring)")
+    ap.add_argument("--force-layers", help="force the needle only in these layers, e.g. 14-29 (0-based, "
+                                           "inclusive; default every layer); with --exact-select the "
+                                           "other layers select by the exact score")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if (args.force_needle or args.exact_select) and args.full:
         ap.error("--force-needle and --exact-select need --infllm")
-    if args.force_needle and args.exact_select:
-        ap.error("--force-needle and --exact-select are two different selections: pick one")
+    if args.force_layers and not args.force_needle:
+        ap.error("--force-layers needs --force-needle")
+    layers = None
+    if args.force_layers:
+        a, _, b = args.force_layers.partition("-")
+        layers = range(int(a), int(b or a) + 1)
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -100,13 +156,21 @@ def main(argv=None) -> int:
     cfg = json.loads(args.infllm) if args.infllm else None
     needle_units: list[int] = []
     forced_calls = [0]
+    trace: list = []
+    if (args.carry or args.share_from is not None) and not args.exact_select:
+        ap.error("--carry and --share-from need --exact-select")
+    if args.exact_select:
+        exact_select(torch_ops, carry=args.carry, trace=trace, share_from=args.share_from)
+    config = InfLLMConfig.from_dict(cfg) if cfg is not None else None
     if args.force_needle:
-        config = InfLLMConfig.from_dict(cfg)
         select = torch_ops.select_units
+        layer_of: dict[int, int] = {}  # a layer's representatives address -> its index (first-run order)
 
         def forced(query, memory, block_table, chunks, cos, sin, config_, num_kv_heads):
             sel = select(query, memory, block_table, chunks, cos, sin, config_, num_kv_heads)
             forced_calls[0] += 1
+            if layers is not None and layer_of.setdefault(memory.reprs.data_ptr(), len(layer_of)) not in layers:
+                return sel
             for u in needle_units:
                 for r in range(sel.shape[0]):
                     for g in range(sel.shape[1]):  # every selection group (layer or KV head)
@@ -115,8 +179,6 @@ def main(argv=None) -> int:
             return sel
 
         torch_ops.select_units = forced  # runtime looks ops up on the module at call time
-    if args.exact_select:
-        exact_select(torch_ops)
 
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
@@ -141,17 +203,24 @@ def main(argv=None) -> int:
         prompts = [make_passkey_prompt(tok, args.length, d, seed=args.seed) for d in args.depths]
     sentence = NEEDLES["number"]["needle"] if args.task == "niah" else NEEDLE
     t = time.time()
-    if args.force_needle:
+    if args.force_needle or args.carry:
         outs = []
         for p in prompts:
             # the needle's tokens, in the engine's ids (it may prepend a BOS the builder did not count)
-            start = p.needle_token + len(llm.get_tokenizer()(p.text)["input_ids"]) - p.num_tokens
+            n_ids = len(llm.get_tokenizer()(p.text)["input_ids"])
+            start = p.needle_token + n_ids - p.num_tokens
             end = start + len(tok(sentence.format(key=p.key), add_special_tokens=False)["input_ids"])
             first = (start - config.n_init) // config.block_size
             last = (end - 1 - config.n_init) // config.block_size
             needle_units[:] = range(max(first, 0), last + 1)
+            trace.clear()
             outs += llm.generate([p.text], sp, use_tqdm=False)
-        if forced_calls[0] == 0:
+            if args.carry:  # the answering query's carried unit, by layer
+                answer = [t for t in trace if t[1] == n_ids - 1]  # the prompt's last query
+                print(f"carry {p.key}: needle units {needle_units}; (layer, z, unit): "
+                      + " ".join(f"{t[0]}:{t[2]}:{t[3]}" for t in answer)
+                      + "; own (layer, z, unit): " + " ".join(f"{t[0]}:{t[4]}:{t[5]}" for t in answer), flush=True)
+        if forced_calls[0] == 0 and args.force_needle:
             raise RuntimeError("--force-needle: the select_units wrapper never ran (the runtime "
                                "did not use the torch ops), so nothing was forced")
     else:
@@ -161,7 +230,11 @@ def main(argv=None) -> int:
         a = o.outputs[0].text
         cells.append(f"{d}:{'OK' if p.is_correct(a) else 'MISS ' + repr(a)}")
     what = "full (CPU_ATTN)" if cfg is None else (f"infllm {cfg}" + (" forced needle" if args.force_needle else "")
-                                                  + (" exact selection" if args.exact_select else ""))
+                                                  + (f" in layers {args.force_layers}" if args.force_layers else "")
+                                                  + (" exact selection" if args.exact_select else "")
+                                                  + (" carried up" if args.carry else "")
+                                                  + (f" shared from layer {args.share_from}"
+                                                     if args.share_from is not None else ""))
     print(f"RESULT length={args.length} {what} ({time.time() - t:.0f} s): " + " | ".join(cells), flush=True)
     return 0
 

@@ -63,6 +63,9 @@ def main(argv=None) -> int:
     ap.add_argument("--depths", type=float, nargs="+", required=True)
     ap.add_argument("--infllm", default='{"n_local": 1024, "topk": 4, "unit_score": "minmax", "positions": "ordered"}',
                     help="the InfLLM config of the run whose keys are scored (JSON)")
+    ap.add_argument("--exact-select", action="store_true",
+                    help="the run itself selects by the exact score (passkey_probe.py --exact-select); "
+                         "the `exact` column then ranks what it selected")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="output path without extension")
     args = ap.parse_args(argv)
@@ -111,6 +114,10 @@ def main(argv=None) -> int:
         return attend(query, kv_cache, memory, block_table, chunks, selected, cos, sin, config, scale, out, **kw)
 
     torch_ops.attend = recording  # the runtime looks ops up on the module at call time
+    if args.exact_select:
+        from benchmarks.engine.passkey_probe import exact_select
+
+        exact_select(torch_ops)
 
     model = str(default_model_dir())
     tok = AutoTokenizer.from_pretrained(model)
@@ -146,7 +153,8 @@ def main(argv=None) -> int:
                   f"{cfg.topk}: {summary}", flush=True)
 
     rules = next((list(r["ranks"][0]) for r in rows if r["ranks"]), [])
-    lines = [f"# Selection study: {args.task}, keys of InfLLM {cfg_dict}, seed {args.seed}", "",
+    how = " (selecting by the exact score)" if args.exact_select else ""
+    lines = [f"# Selection study: {args.task}, keys of InfLLM {cfg_dict}{how}, seed {args.seed}", "",
              f"Layers (of {len(rows[0]['ranks']) if rows and rows[0]['ranks'] else '?'}) in which each rule ranks the "
              f"needle's unit within the top {cfg.topk}, at the answering query ({time.time() - t0:.0f} s).", "",
              "| length | depth | distance | found | " + " | ".join(rules) + " |",
@@ -158,6 +166,7 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"task": args.task, "config": cfg_dict, "seed": args.seed,
+                                                    "exact_select": args.exact_select,
                                                     "rows": rows}, indent=1))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -29,7 +29,7 @@ def test_unit_scores_match_their_definitions():
     torch.testing.assert_close(s["minmax"], quest, rtol=1e-5, atol=1e-4)
     # every bound holds, and smaller pieces give tighter ones
     tighter = [s["minmax"]] + [s[f"minmax{n}"] for n in PIECES]
-    for a, b in zip(tighter, tighter[1:]):
+    for a, b in zip(tighter[:-1], tighter[1:], strict=True):
         assert bool((b <= a + 1e-4).all())
     assert bool((s[f"minmax{PIECES[-1]}"] >= s["exact"] - 1e-4).all())
     assert bool((s[f"minmax{PIECES[-1]}_maxh"] >= s["exact_maxh"] - 1e-4).all())
