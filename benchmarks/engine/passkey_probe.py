@@ -97,7 +97,8 @@ def exact_select(torch_ops, carry: bool = False, trace: list | None = None, shar
         for j in range(n):
             nc = chunks.host["num_cand"][j]
             s = score[j, 0, :nc]
-            if nc <= topk:
+            if nc <= topk:  # every candidate (another chunk of the wave has more)
+                selected[j, 0, :nc] = torch.arange(nc)
                 continue
             z = float((s.max() - s.mean()) / s.std().clamp(min=1e-12))
             key = (int(chunks.req[j]), chunks.host["c0"][j])
