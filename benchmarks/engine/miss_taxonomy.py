@@ -97,16 +97,7 @@ def main(argv=None) -> int:
     from vllm_infllm.core.config import InfLLMConfig
     from vllm_infllm.core.ops import torch_ops
     from vllm_infllm.tools.assets import default_model_dir
-    from vllm_infllm.tools.niah import NEEDLES, make_niah_prompt
-    from vllm_infllm.tools.passkey import NEEDLE, make_passkey_prompt
-
-    def prompt_and_needle(n, d):
-        """The prompt and its needle sentence (as the prompt builder inserted it)."""
-        if args.task == "niah":
-            p = make_niah_prompt(tok, n, d, kind="number", seed=args.seed)
-            return p, NEEDLES["number"]["needle"].format(key=p.key)
-        p = make_passkey_prompt(tok, n, d, seed=args.seed)
-        return p, NEEDLE.format(key=p.key)
+    from vllm_infllm.tools.needles import make_prompt, needle_span
 
     cfg_dict = json.loads(args.infllm)
     cfg = InfLLMConfig.from_dict(cfg_dict)
@@ -142,12 +133,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     for n in args.lengths:
         for d in args.depths:
-            p, sentence = prompt_and_needle(n, d)
+            p, sentence = make_prompt(args.task, tok, n, d, args.seed)
             ids = llm.get_tokenizer()(p.text)["input_ids"]
-            needle_len = len(tok(sentence, add_special_tokens=False)["input_ids"])
-            # the engine's prompt may carry a BOS the builder's count did not
-            offset = len(ids) - p.num_tokens
-            needle = (p.needle_token + offset, p.needle_token + offset + needle_len - 1)
+            needle = needle_span(p, sentence, tok, len(ids))
             answer_pos["pos"] = len(ids) - 1
             recorded.clear()
             question.clear()

@@ -185,8 +185,7 @@ def main(argv=None) -> int:
     from vllm import LLM, SamplingParams
 
     from vllm_infllm.tools.assets import default_model_dir
-    from vllm_infllm.tools.niah import NEEDLES, make_niah_prompt
-    from vllm_infllm.tools.passkey import NEEDLE, make_passkey_prompt
+    from vllm_infllm.tools.needles import make_prompt, needle_span
 
     model = str(default_model_dir())
     tok = AutoTokenizer.from_pretrained(model)
@@ -198,21 +197,16 @@ def main(argv=None) -> int:
                   additional_config={"infllm": cfg})
     llm = LLM(**kw)
     sp = SamplingParams(max_tokens=8, temperature=0)
-    if args.task == "niah":
-        prompts = [make_niah_prompt(tok, args.length, d, kind="number", seed=args.seed) for d in args.depths]
-    else:
-        prompts = [make_passkey_prompt(tok, args.length, d, seed=args.seed) for d in args.depths]
-    sentence = NEEDLES["number"]["needle"] if args.task == "niah" else NEEDLE
+    prompts, sentences = zip(*(make_prompt(args.task, tok, args.length, d, args.seed) for d in args.depths),
+                             strict=True)
     t = time.time()
     if args.force_needle or args.carry:
         outs = []
-        for p in prompts:
-            # the needle's tokens, in the engine's ids (it may prepend a BOS the builder did not count)
+        for p, sentence in zip(prompts, sentences, strict=True):
             n_ids = len(llm.get_tokenizer()(p.text)["input_ids"])
-            start = p.needle_token + n_ids - p.num_tokens
-            end = start + len(tok(sentence.format(key=p.key), add_special_tokens=False)["input_ids"])
+            start, end = needle_span(p, sentence, tok, n_ids)
             first = (start - config.n_init) // config.block_size
-            last = (end - 1 - config.n_init) // config.block_size
+            last = (end - config.n_init) // config.block_size
             needle_units[:] = range(max(first, 0), last + 1)
             trace.clear()
             outs += llm.generate([p.text], sp, use_tqdm=False)

@@ -82,8 +82,7 @@ def main(argv=None) -> int:
     from vllm_infllm.core.ops import torch_ops
     from vllm_infllm.core.rope import rotate
     from vllm_infllm.tools.assets import default_model_dir
-    from vllm_infllm.tools.niah import NEEDLES, make_niah_prompt
-    from vllm_infllm.tools.passkey import NEEDLE, make_passkey_prompt
+    from vllm_infllm.tools.needles import make_prompt, needle_span
 
     cfg_dict = json.loads(args.infllm)
     cfg = InfLLMConfig.from_dict(cfg_dict)
@@ -129,15 +128,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     for n in args.lengths:
         for d in args.depths:
-            if args.task == "niah":
-                p = make_niah_prompt(tok, n, d, kind="number", seed=args.seed)
-                sentence = NEEDLES["number"]["needle"].format(key=p.key)
-            else:
-                p = make_passkey_prompt(tok, n, d, seed=args.seed)
-                sentence = NEEDLE.format(key=p.key)
+            p, sentence = make_prompt(args.task, tok, n, d, args.seed)
             ids = llm.get_tokenizer()(p.text)["input_ids"]
-            start = p.needle_token + len(ids) - p.num_tokens
-            end = start + len(tok(sentence, add_special_tokens=False)["input_ids"]) - 1
+            start, end = needle_span(p, sentence, tok, len(ids))
             state["needle_units"] = list(range(max(0, (start - cfg.n_init) // B), (end - cfg.n_init) // B + 1))
             state["pos"] = len(ids) - 1
             ranks.clear()
