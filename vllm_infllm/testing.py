@@ -291,7 +291,7 @@ def run_paged(
                            table[1].to(device), config, D**-0.5, out, ops=ops_mod, softcap=softcap,
                            sinks=None if sinks is None else sinks.to(device),
                            store=None if store is None else store.view(layer, slot_table),
-                           unit_reads=None if reads is None else reads[layer])
+                           unit_reads=None if reads is None else reads[layer], layer=layer)
             for s, (i, a, b) in enumerate(rows):
                 outs[layer][i][a:b] = out[qsl[s] : qsl[s + 1]].float().cpu()
         for i, _, b in rows:
@@ -329,9 +329,12 @@ def run_oracle(
     **model,
 ) -> list[ReferenceTrace]:
     """The oracle on each request's (layer-scaled) inputs, with the runtime's chunk cuts;
-    `model`: rope, softcap, sinks as in `run_paged`."""
+    `model`: rope, softcap, sinks as in `run_paged`. A layer above config.retrieval_layer gets
+    that layer's traces (computed here) to read its selections."""
+    L = config.retrieval_layer
+    retrieval = run_oracle(requests, config, cos, sin, L, **model) if 0 <= L < layer else [None] * len(requests)
     return [
         infllm_reference_trace(*layer_qkv(r, layer), cos, sin, config, r.prompt_len, step_bounds=r.step_bounds(),
-                               **model)
-        for r in requests
+                               layer=layer, retrieval=given, **model)
+        for r, given in zip(requests, retrieval, strict=True)
     ]

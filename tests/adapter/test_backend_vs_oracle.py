@@ -93,6 +93,15 @@ def vllm_config_aligned(tmp_path_factory):
     return _vllm_config(tmp_path_factory, ALIGNED)
 
 
+# One layer selects for the layer above it (docs/design.md 2.7): layer 0 by the exact score.
+RETRIEVAL = {**INFLLM, "retrieval_layer": 0, "unit_score": "minmax", "selection": "kv_head"}
+
+
+@pytest.fixture(scope="module")
+def vllm_config_retrieval(tmp_path_factory):
+    return _vllm_config(tmp_path_factory, RETRIEVAL)
+
+
 def _vllm_config(tmp_path_factory, infllm):
     from transformers import LlamaConfig
     from vllm.config import ModelConfig, VllmConfig
@@ -177,6 +186,13 @@ class Backend:
         return q.view(-1, HQ, D), k.view(-1, HKV, D)
 
 
+@dataclasses.dataclass
+class AttentionLayer:
+    """What the impl reads of vLLM's `Attention` module: its name, which holds the layer index."""
+
+    layer_name: str
+
+
 def run_schedule(backend: Backend, schedule: list[Scheduled], block_table: torch.Tensor, pad_steps):
     """Run every step of the schedule through builder + impls; returns per-layer outputs. The
     builder gets each request's prompt length, as vLLM's model runner gives it."""
@@ -218,7 +234,7 @@ def run_schedule(backend: Backend, schedule: list[Scheduled], block_table: torch
             q, k = backend.rotate(positions, q, k)
             out = torch.full_like(q, float("nan"))
             impl.do_kv_cache_update(None, k, v, kv_cache, md.slot_mapping)
-            impl.forward(None, q, k, v, kv_cache, md, output=out)
+            impl.forward(AttentionLayer(f"model.layers.{layer}.self_attn.attn"), q, k, v, kv_cache, md, output=out)
             for j, (i, a, b) in enumerate(rows):
                 outs[layer][i][a:b] = out[qsl[j] : qsl[j + 1]]
         for i, _, b in rows:
@@ -245,13 +261,15 @@ def check_against_oracle(backend: Backend, schedule, block_table, outs, cfg=CFG)
         return scale_rotated(x, layout, mscale)
 
     chose = 0
+    traces = {}  # (layer, request) -> the oracle's trace (a layer above retrieval_layer reads it)
     for layer in range(LAYERS):
         memory = backend.impls[layer]._layer_memory(backend.kv_caches[layer])
         for i, s in enumerate(schedule):
             r = s.request
-            trace = infllm_reference_trace(scaled(r.q[layer]), scaled(r.k[layer]), r.v[layer], cos, sin, cfg,
-                                           r.prompt_len, step_bounds=r.step_bounds(), rope=layout,
-                                           softcap=backend.softcap, sinks=backend.sinks)
+            trace = traces[layer, i] = infllm_reference_trace(
+                scaled(r.q[layer]), scaled(r.k[layer]), r.v[layer], cos, sin, cfg, r.prompt_len,
+                step_bounds=r.step_bounds(), rope=layout, softcap=backend.softcap, sinks=backend.sinks, layer=layer,
+                retrieval=traces.get((cfg.retrieval_layer, i)))
             err = max_abs_err(outs[layer][i], trace.out)
             assert err <= 2e-4, f"layer {layer} request {i}: max |out - oracle| = {err:.2e}"
             for unit, reprs in trace.reprs.items():
@@ -354,6 +372,12 @@ def _check_modes(vllm_config, cfg, rows, model=None, scale_qk=1.0):
     assert memory.reprs.shape[1] == rows
     check_against_oracle(backend, schedule, table, outs, cfg)
     return backend
+
+
+def test_backend_with_a_retrieval_layer_matches_the_oracle(vllm_config_retrieval):
+    """retrieval_layer: the impls find their layer index in the layer's name, layer 0 selects by
+    the exact score and leaves its choice in the step's plan, layer 1 attends it."""
+    _check_modes(vllm_config_retrieval, InfLLMConfig(**RETRIEVAL), rows=2 * HKV)
 
 
 def test_backend_with_aligned_chunking_matches_the_step_free_oracle(vllm_config_aligned):

@@ -218,6 +218,13 @@ try:                                                               # rejected be
 except InfLLMConfigError as e:
     assert "speculative decoding is not supported" in str(e) and "Remove" in str(e), e
 
+try:                                                               # a layer the model does not have
+    model_config(attention_backend="infllm", additional_config={{"infllm": {{"retrieval_layer": 30}}}})
+    raise AssertionError("retrieval_layer 30 accepted for a 30-layer model")
+except InfLLMConfigError as e:
+    assert "not a layer of this model (30 layers" in str(e) and "below 30" in str(e), e
+model_config(attention_backend="infllm", additional_config={{"infllm": {{"retrieval_layer": 29}}}})
+
 mc = model_config(attention_backend="infllm", max_model_len=32768)
 assert mc.max_model_len == 32768 and mc.hf_text_config.max_position_embeddings == 32768
 mc = model_config(attention_backend="infllm")                    # nothing asked: unchanged

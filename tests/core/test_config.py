@@ -7,7 +7,7 @@ def test_defaults_are_the_papers_but_load_independent():
     c = InfLLMConfig.from_dict({})
     assert c.to_dict() == dict(n_init=128, n_local=4096, block_size=128, topk=16, repr_topk=4, chunk=512,
                                selection="layer", unit_score="mean_topk", positions="fixed",
-                               contiguity=0, select_queries=0, chunking="aligned")
+                               contiguity=0, select_queries=0, chunking="aligned", retrieval_layer=-1)
     assert InfLLMConfig.from_dict(None) == c
     assert c.max_attended() == 128 + 4096 + 16 * 128 + 128 + 512
 
@@ -41,6 +41,8 @@ def test_from_dict_overrides():
         ({"select_queries": 16}, "select_queries",
          ["chunking='step' only", "drop select_queries"]),
         ({"chunking": "aligned", "chunk": 200}, "chunk", ["multiple of block_size=128", "chunk=128"]),
+        ({"retrieval_layer": -2}, "retrieval_layer", ["retrieval_layer >= -1", "use -1"]),
+        ({"retrieval_layer": 3, "topk": 0}, "retrieval_layer", ["topk=0 reads none", "set topk"]),
     ],
 )
 def test_bad_values_name_field_value_rule_and_fix(values, field, words):
@@ -63,6 +65,14 @@ def test_selection_groups():
     assert InfLLMConfig(unit_score="max_topk", repr_topk=3).repr_rows(32, 8) == 96
     assert InfLLMConfig(unit_score="max_topk").accumulates_scores
     assert not InfLLMConfig(unit_score="minmax").accumulates_scores
+
+
+def test_layer_roles():
+    assert InfLLMConfig().layer_role(None) == "own"  # off: no index needed
+    c = InfLLMConfig(retrieval_layer=2)
+    assert [c.layer_role(i) for i in range(5)] == ["own", "own", "retrieval", "reader", "reader"]
+    with pytest.raises(ValueError, match=r"retrieval_layer=2 needs each layer's index.*pass layer="):
+        c.layer_role(None)
 
 
 def test_unknown_key_suggests_closest():

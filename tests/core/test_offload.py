@@ -28,6 +28,8 @@ MODES = {
                                    contiguity=1),
     "max_topk_select_queries": dict(topk=2, unit_score="max_topk", chunking="step", select_queries=8),
     "topk_above_window": dict(topk=9, chunk=16),  # empty selection slots while units are offloaded
+    # layer 0 scores every key (the store's for offloaded units), layer 1 reads its choice
+    "retrieval_layer": dict(topk=3, retrieval_layer=0, unit_score="minmax"),
 }
 
 
@@ -53,6 +55,7 @@ def requests(Hq, Hkv, D, seed):
     ("kv_head_minmax_ordered", 6, 2, 32, torch.float32),
     ("max_topk_select_queries", 4, 2, 64, torch.float32),
     ("topk_above_window", 6, 2, 64, torch.bfloat16),
+    ("retrieval_layer", 6, 2, 64, torch.bfloat16),
 ])
 def test_offloaded_units_give_bitwise_the_same_attention(cpu_kernel, mode, Hq, Hkv, D, dtype, tmp_path):
     cfg = InfLLMConfig(**{**SMALL, **MODES[mode]})

@@ -156,6 +156,40 @@ def test_contiguity_and_select_queries_match_oracle(Hq, Hkv, modes):
     assert_matches_oracle(reqs, run, cfg, cos, sin, layers=2)
 
 
+@pytest.mark.parametrize("Hq,Hkv,modes", [
+    (6, 2, {"retrieval_layer": 1}),
+    (8, 1, {"retrieval_layer": 1, "unit_score": "minmax", "positions": "ordered"}),
+    (6, 2, {"retrieval_layer": 0, "selection": "kv_head", "unit_score": "max_topk", "contiguity": 1}),
+    (4, 4, {"retrieval_layer": 1, "chunking": "step", "select_queries": 5, "selection": "kv_head"})])
+def test_retrieval_layer_matches_oracle(Hq, Hkv, modes):
+    """retrieval_layer (docs/design.md section 2.7): the layer below selects by its own score,
+    the retrieval layer by the exact score over every key, the layer above attends its units."""
+    cfg = dataclasses.replace(SMALL, topk=3, **modes)
+    reqs = batch(Hq, Hkv, 64, seed=8)
+    cos, sin = rope_table(64, 1024)
+    run = run_paged(reqs, cfg, cos, sin, layers=3)
+    assert_matches_oracle(reqs, run, cfg, cos, sin, layers=3)
+    # ... and the mode matters: the layer above does not attend what its own score would pick.
+    own = run_oracle(reqs, dataclasses.replace(cfg, retrieval_layer=-1), cos, sin, 2)
+    assert max(max_abs_err(o, t.out) for o, t in zip(run.outs[2], own, strict=True)) > 1e-2
+
+
+def test_retrieval_layer_needs_the_layer_index_and_its_selection():
+    cfg = dataclasses.replace(SMALL, retrieval_layer=1)
+    reqs = batch(6, 2, 64)
+    cos, sin = rope_table(64, 1024)
+    mem = LayerMemory.allocate(20, 6, 64, 16, torch.float32, "cpu", chosen=cfg.chosen_shape(2))
+    kv = torch.randn(20, 2, 16, 128)
+    q = reqs[2].q[:100]
+    table = torch.arange(20, dtype=torch.int32)[None]
+    with pytest.raises(ValueError, match=r"retrieval_layer=1 needs each layer's index.*pass layer="):
+        infllm_forward(q, kv, table, plan_step([0, 100], [100], cfg), mem, cos, sin, cfg, 0.1, torch.empty_like(q))
+    with pytest.raises(RuntimeError, match=r"layer 2 reads the units of retrieval_layer=1, which has not "
+                                           r"selected in this step"):
+        infllm_forward(q, kv, table, plan_step([0, 100], [100], cfg), mem, cos, sin, cfg, 0.1, torch.empty_like(q),
+                       layer=2)
+
+
 def test_memory_allocated_for_another_unit_score_is_an_error():
     cfg = dataclasses.replace(SMALL, unit_score="minmax")
     reqs = batch(6, 2, 64)

@@ -584,3 +584,70 @@ def test_select_queries_selects_with_the_chunks_last_queries():
         whole = InfLLMConfig(**{**base.to_dict(), "select_queries": base.chunk})
         a = infllm_attention_reference(q, k, v, cos, sin, base, prefill_len=300)
         assert torch.equal(a, infllm_attention_reference(q, k, v, cos, sin, whole, prefill_len=300))
+
+
+# --- retrieval_layer: one layer selects by the exact score, the layers above read its choice ---
+
+
+@pytest.mark.parametrize("selection", ["layer", "kv_head"])
+def test_retrieval_layer_selects_by_the_exact_score_and_the_layers_above_attend_it(selection):
+    """Layer L's selection is the topk by sum_h max_{k in U} <q̄_h, k_raw>, brute-forced here from
+    the raw keys (q̄: the chunk's first query at distance n_local-1, chunking="aligned"); a layer
+    above L, with other q/k/v, attends exactly L's units, and its output is the oracle's output
+    for those units; a layer below L is the plain rule."""
+    cfg = InfLLMConfig(**{**SMALL.to_dict(), "topk": 3, "unit_score": "minmax", "selection": selection,
+                          "retrieval_layer": 1})
+    Hq, Hkv, G, T, D = 6, 3, 2, 300, 16
+    q, k, v = rand_qkv(T, Hq, Hkv, D, seed=11)
+    cos, sin = rope_table(D, 512)
+    tr = infllm_reference_trace(q, k, v, cos, sin, cfg, prefill_len=260, layer=1)
+    q_bar_all = rotate(q, cos, sin, torch.full((T,), cfg.n_local - 1))
+    checked = 0
+    for c in tr.chunks:
+        if c.num_candidates <= cfg.topk:
+            continue
+        q_bar = q_bar_all[c.c0]  # [Hq, D]
+        exact = torch.stack([  # [K, Hq]: head h's best key of unit u
+            torch.einsum("hd,bhd->bh", q_bar, k[32 + 16 * u : 48 + 16 * u].repeat_interleave(G, 1)).amax(0)
+            for u in range(c.num_candidates)])
+        groups = exact.view(-1, Hkv, G).sum(-1) if selection == "kv_head" else exact.sum(-1, keepdim=True)
+        for g, sel in enumerate(c.per_kv_head if selection == "kv_head" else [c.selected]):
+            assert sel == sorted(groups[:, g].topk(cfg.topk).indices.tolist())
+            checked += 1
+    assert checked > 10
+    # The layer above: other inputs, the same units; as the plain rule run with those units.
+    q2, k2, v2 = rand_qkv(T, Hq, Hkv, D, seed=12)
+    above = infllm_reference_trace(q2, k2, v2, cos, sin, cfg, prefill_len=260, layer=2, retrieval=tr)
+    assert [c.per_kv_head for c in above.chunks] == [c.per_kv_head for c in tr.chunks]
+    own = infllm_reference_trace(q2, k2, v2, cos, sin, dataclasses.replace(cfg, retrieval_layer=-1),
+                                 prefill_len=260)
+    assert [c.per_kv_head for c in own.chunks] != [c.per_kv_head for c in tr.chunks]
+    below = infllm_reference_trace(q2, k2, v2, cos, sin, cfg, prefill_len=260, layer=0)
+    torch.testing.assert_close(below.out, own.out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"above retrieval_layer=1: pass that layer's trace as retrieval="):
+        infllm_reference_trace(q2, k2, v2, cos, sin, cfg, prefill_len=260, layer=2)
+
+
+def test_retrieval_layer_reads_a_needle_the_bound_misses():
+    """The case the exact score exists for: a unit whose one key matches the query, in a unit of
+    filler spread wide on every channel. Quest's bound ranks the wide filler units first (their
+    boxes contain large products for any query); the exact score ranks the needle's unit first."""
+    Hq = Hkv = 1
+    D, T = 16, 200
+    g = torch.Generator().manual_seed(3)
+    q = torch.zeros(T, Hq, D)
+    k = torch.randn(T, Hkv, D, generator=g) * 3.0  # wide filler boxes
+    v = torch.randn(T, Hkv, D, generator=g)
+    needle_unit = 2
+    k[32 + 16 * needle_unit : 48 + 16 * needle_unit] = 0.1 * torch.randn(16, 1, D, generator=g)  # a narrow unit
+    direction = torch.nn.functional.normalize(torch.randn(D, generator=g), dim=0)
+    k[32 + 16 * needle_unit + 5, 0] = 12 * direction  # ... holding the needle (filler's best: ~8)
+    cfg = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=1, repr_topk=3, chunk=32, unit_score="minmax")
+    cos, sin = rope_table(D, 512)
+    # the last query asks for the needle: rotated to the global position n_local-1, it is `direction`
+    q[T - 1, 0] = rotate(direction[None, None], cos, sin, torch.tensor([-(cfg.n_local - 1)]))[0, 0]
+    last = {}
+    for name, c in [("bound", cfg), ("exact", dataclasses.replace(cfg, retrieval_layer=0))]:
+        last[name] = infllm_reference_trace(q, k, v, cos, sin, c, layer=0).chunks[-1]
+    assert last["exact"].selected == [needle_unit]
+    assert last["bound"].selected != [needle_unit]

@@ -111,6 +111,12 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
             )
         self.infllm_config = infllm_config_from_vllm(vllm_config)
         self.offload_config = offload_config_from_vllm(vllm_config)
+        if self.infllm_config.retrieval_layer >= 0 and torch.device(device).type != "cpu":
+            raise ValueError(
+                "infllm: retrieval_layer runs on the CPU path only for now (its exact score is a "
+                "torch op with host-side loops that a CUDA graph cannot replay; no Triton kernel "
+                "yet); drop retrieval_layer from the infllm config on this device"
+            )
         if self.offload_config is not None and torch.device(device).type != "cpu":
             raise ValueError(
                 "infllm: offload runs on the CPU path only for now (the Triton kernels cannot read "
@@ -415,6 +421,7 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
         self._memory_key: tuple | None = None
         self._memory: LayerMemory | None = None
         self._kv_slots: torch.Tensor | None = None
+        self._index: int | None = None  # the layer's index in the model (_layer_index)
 
     def bind_rotary(self, table: RotaryTable) -> None:
         """This layer's rotary table (model_support.bind_rotary_tables finds it in the model)."""
@@ -452,6 +459,21 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
             self._kv_slots = kv_cache[:, : self.num_kv_heads]
             self._memory_key = key
         return self._kv_slots, self._memory
+
+    def _layer_index(self, layer: AttentionLayer) -> int | None:
+        """The model's 0-based index of this layer, from its name ("model.layers.18.self_attn.attn"),
+        for retrieval_layer (None when that is off: nothing needs it)."""
+        if self.infllm_config is None or self.infllm_config.retrieval_layer < 0:
+            return None
+        if self._index is None:
+            from vllm.model_executor.models.utils import extract_layer_index  # the model's modules
+
+            name = getattr(layer, "layer_name", None)
+            if name is None:
+                raise ValueError("infllm: retrieval_layer needs each layer's index, read from its name "
+                                 f"(vLLM's Attention.layer_name), and this call's layer has none: {layer!r}")
+            self._index = extract_layer_index(name)
+        return self._index
 
     def do_kv_cache_update(
         self,
@@ -511,6 +533,7 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
                 store=None if attn_metadata.store_slots is None else offload.WORKER.view(
                     self.kv_sharing_target_layer_name or layer.layer_name, attn_metadata.store_slots),
                 unit_reads=attn_metadata.unit_reads,
+                layer=self._layer_index(layer),
             )
         except Exception as e:
             # vLLM stops its engine on any error in a model step (every request in flight fails

@@ -58,6 +58,35 @@ def _text_config(engine_args):
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
+def _check_retrieval_layer(engine_args, layer: int) -> None:
+    """retrieval_layer must name one of the model's full-attention layers, all on this process
+    (the layers above read its choice from the step's plan)."""
+    from ..core.config import InfLLMConfigError
+
+    if getattr(engine_args, "pipeline_parallel_size", 1) > 1:
+        raise InfLLMConfigError(
+            "infllm config: retrieval_layer needs every layer in one process (the layers above it read "
+            "its selection), and pipeline parallelism splits them. Fix: drop retrieval_layer, or "
+            "--pipeline-parallel-size 1."
+        )
+    text = _text_config(engine_args)
+    num = getattr(text, "num_hidden_layers", None)
+    if num is not None and layer >= num:
+        raise InfLLMConfigError(
+            f"infllm config: retrieval_layer={layer} is not a layer of this model ({num} layers, 0-based). "
+            f"Fix: a layer index below {num}; find one with python -m vllm_infllm.tools.retrieval_layer."
+        )
+    types = getattr(text, "layer_types", None)
+    if types and layer < len(types) and "sliding" in str(types[layer]):
+        full = [i for i, t in enumerate(types) if "sliding" not in str(t)]
+        near = min(full, key=lambda i: abs(i - layer)) if full else None
+        raise InfLLMConfigError(
+            f"infllm config: retrieval_layer={layer} is a sliding-window layer of this model, which "
+            f"vLLM's own kernel runs (it selects no memory units). Fix: a full-attention layer"
+            + (f", e.g. {near}." if near is not None else ".")
+        )
+
+
 def fixed_rope_length(text_config) -> tuple[str, int] | None:
     """(rope type, rows) when the model's RoPE table cannot be lengthened by raising
     max_position_embeddings without changing the model (YaRN, LongRoPE), else None."""
@@ -77,8 +106,10 @@ def prepare_engine_args(engine_args) -> None:
     """Validate the InfLLM config and extend the RoPE table for long max_model_len."""
     from .vllm_config import infllm_config_from_additional
 
-    infllm_config_from_additional(engine_args.additional_config)  # raises InfLLMConfigError
+    config = infllm_config_from_additional(engine_args.additional_config)  # raises InfLLMConfigError
     _install_offload(engine_args)
+    if config.retrieval_layer >= 0:
+        _check_retrieval_layer(engine_args, config.retrieval_layer)
     if engine_args.speculative_config:
         from ..core.config import InfLLMConfigError
 

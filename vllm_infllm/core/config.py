@@ -72,6 +72,17 @@ class InfLLMConfig:
                             steps keeps that selection (stored with its first block). The
                             prompt's last query and every generated token select alone. Needs
                             chunk to be a multiple of block_size.
+    retrieval_layer: one layer that selects for the layers above it (docs/design.md section
+                2.7): -1 is the paper's rule (every layer selects its own units); L >= 0 (the
+                model's 0-based layer index) makes layer L score each candidate exactly,
+                sum_h max_k <q̄_h, k> over every raw key k of the unit (no representatives), and
+                every layer above L attends the units L selected for the same chunk; layers
+                below L select by unit_score as before. Why: in a small model the needle is
+                found by the attention of a few middle layers, and no bound or representative
+                ranks it as well as the keys themselves (benchmarks/RESULTS.md 2i). Cost: layer L
+                reads every key of its context once per selection chunk (per generated token
+                when decoding), linear in the context in that one layer; the layers above it
+                score nothing.
     """
 
     n_init: int = 128
@@ -86,6 +97,7 @@ class InfLLMConfig:
     contiguity: int = 0
     select_queries: int = 0
     chunking: str = "aligned"
+    retrieval_layer: int = -1
 
     #: The values each string-valued knob accepts (the first is the paper's rule; the default of
     #: chunking is the second).
@@ -153,6 +165,11 @@ class InfLLMConfig:
             f"0 <= select_queries <= chunk={self.chunk} (the last m queries of a chunk)",
             "use 0 (the mean over the whole chunk, the paper's rule) or e.g. 32",
         )
+        self._check(self.retrieval_layer >= -1, "retrieval_layer", "retrieval_layer >= -1 (-1: off)",
+                    "use -1 (every layer selects its own units) or a layer index such as 18")
+        self._check(self.retrieval_layer < 0 or self.topk > 0, "retrieval_layer",
+                    "retrieval_layer selects memory units, and topk=0 reads none",
+                    "set topk (e.g. 4), or drop retrieval_layer")
         if self.chunking == "aligned":
             self._check(
                 self.select_queries == 0,
@@ -192,6 +209,21 @@ class InfLLMConfig:
 
     def to_dict(self) -> dict[str, int | str]:
         return dataclasses.asdict(self)
+
+    def layer_role(self, layer: int | None) -> str:
+        """How layer `layer` (the model's 0-based index) chooses its units: "own" (scored by
+        unit_score), "retrieval" (retrieval_layer: the exact score, its choice read by the layers
+        above) or "reader" (above retrieval_layer: the retrieval layer's choice)."""
+        if self.retrieval_layer < 0:
+            return "own"
+        if layer is None or layer < 0:
+            raise ValueError(
+                f"infllm: retrieval_layer={self.retrieval_layer} needs each layer's index, and this "
+                f"call gave {layer!r}: pass layer= (the model's 0-based layer index)"
+            )
+        if layer == self.retrieval_layer:
+            return "retrieval"
+        return "reader" if layer > self.retrieval_layer else "own"
 
     def selection_groups(self, num_kv_heads: int) -> int:
         """Independent unit sets per chunk and layer: 1 ("layer") or one per KV head."""

@@ -93,6 +93,9 @@ class ChunkBatch:
     # Layer-independent index work (positions, masks, block ids, RoPE rows) that the ops
     # compute at the first layer of a step and reuse at the others: the plan is shared.
     scratch: dict = dataclasses.field(default_factory=dict, repr=False)
+    # retrieval_layer (docs/design.md section 2.7): the units that layer chose for these chunks,
+    # [n, S, topk], which the layers above it read in the same step; None until it has run.
+    retrieved: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
     @property
     def n(self) -> int:

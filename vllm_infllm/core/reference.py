@@ -13,6 +13,8 @@ It loops over selection chunks and queries in position order, exactly as the spe
           (unit_score="max_topk": sum_h max_i <q̄_h, k_{U,h,i}>, the repr_topk keys kept apart)
           (selection="layer": h over all query heads, one set shared by all heads;
            selection="kv_head": h over the G query heads of each KV head, one set per KV head)
+          (retrieval_layer=L: layer L scores sum_h max_{k in U} <q̄_h, k_raw>, every raw key
+           of the unit; the layers above L take L's units for the same chunk, scoring nothing)
       for each query p in C:
           local  = [w(p), p]                                  ordinary RoPE
           global = init [0, min(n_init, w(p)))  +  selected units of p's KV head  +  remainder [R0, w(p))
@@ -98,8 +100,14 @@ def infllm_reference_trace(
     rope: RopeLayout | None = None,
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
+    layer: int = 0,
+    retrieval: ReferenceTrace | None = None,
 ) -> ReferenceTrace:
     """Like `infllm_attention_reference`, also returning selections, representatives and scores.
+
+    `layer`, `retrieval`: with config.retrieval_layer = L, this layer's index (L: select by the
+    exact score) and, for a layer above L, layer L's trace of the same sequence, whose chunk
+    selections this layer attends.
 
     `step_bounds`: positions where the scheduler started a new step during prefill (selection
     chunks are cut there too with chunking="step", docs/design.md section 2.3; "aligned" ignores
@@ -120,6 +128,11 @@ def infllm_reference_trace(
         )
     if sinks is not None and sinks.shape != (Hq,):
         raise ValueError(f"sinks {tuple(sinks.shape)} must hold one logit per query head ({Hq})")
+    role = config.layer_role(layer) if config.topk > 0 else "own"
+    if role == "reader" and retrieval is None:
+        raise ValueError(f"layer {layer} is above retrieval_layer={config.retrieval_layer}: pass that "
+                         "layer's trace as retrieval=")
+    given = {} if retrieval is None else {(c.c0, c.c1): c for c in retrieval.chunks}
     G = Hq // Hkv
     B, n_init, n_local = config.block_size, config.n_init, config.n_local
     scale = D**-0.5 if scale is None else scale
@@ -143,8 +156,12 @@ def infllm_reference_trace(
     def unit_tokens(u: int) -> torch.Tensor:
         return torch.arange(n_init + u * B, n_init + (u + 1) * B)
 
-    def unit_score(q_bar: torch.Tensor, r: torch.Tensor, heads: slice) -> torch.Tensor:
-        """Sum over `heads` of query head h's score of one unit (section 2.7)."""
+    def unit_score(q_bar: torch.Tensor, u: int, heads: slice) -> torch.Tensor:
+        """Sum over `heads` of query head h's score of unit u (section 2.7)."""
+        if role == "retrieval":  # every raw key of the unit, of h's KV head
+            keys = k_global[unit_tokens(u)][:, kv_head[heads]]  # [B, h, D]
+            return torch.einsum("hd,bhd->hb", q_bar[heads], keys).amax(1).sum()
+        r = reprs[u]
         if config.unit_score == "minmax":  # Quest: max of q·k over the box [min, max]
             lo, hi = r.view(Hkv, 2, D)[kv_head[heads]].unbind(1)  # [h, D] each
             return torch.maximum(q_bar[heads] * lo, q_bar[heads] * hi).sum()
@@ -188,6 +205,8 @@ def infllm_reference_trace(
         groups = config.selection_groups(Hkv)
         if K <= config.topk:
             per_group = [list(range(K))] * groups
+        elif role == "reader":  # layer L's units for this chunk (the same chunks: same config)
+            per_group = [given[(c0, c1)].per_kv_head[g * Hkv // groups] for g in range(groups)]
         else:
             m = config.select_queries
             if config.chunking == "aligned":  # the chunk's first query (every schedule has it)
@@ -197,7 +216,7 @@ def infllm_reference_trace(
             per_group = []
             for g in range(groups):
                 heads = slice(g * Hq // groups, (g + 1) * Hq // groups)
-                unit_scores = torch.stack([unit_score(q_bar, reprs[u], heads) for u in range(K)])
+                unit_scores = torch.stack([unit_score(q_bar, u, heads) for u in range(K)])
                 per_group.append(top_units(unit_scores.tolist()))
         per_kv_head = [per_group[h * groups // Hkv] for h in range(Hkv)]
         selected = sorted(set().union(*per_group))

@@ -45,6 +45,7 @@ def infllm_forward(
     sinks: torch.Tensor | None = None,
     store: StoreView | None = None,
     unit_reads: UnitReadTally | None = None,
+    layer: int | None = None,
 ) -> torch.Tensor:
     """InfLLM attention of one layer; writes `out[:plan.num_tokens]`, updates `memory`.
 
@@ -62,6 +63,10 @@ def infllm_forward(
     unit_reads:   gains this layer's selections, to count the selected units and, of those,
                   the units read from `store` (`offload.UnitReadTally`; the adapter's offload
                   statistics); None: not counted
+    layer:        the model's 0-based index of this layer; needed with config.retrieval_layer
+                  (that layer selects by the exact score, `ops.select_units_exact`, and leaves its
+                  choice in the plan's waves; the layers above read it, so a step must run its
+                  layers in order, as a forward pass does)
     """
     if sinks is not None and sinks.shape != (query.shape[1],):
         raise ValueError(f"infllm: sinks {tuple(sinks.shape)} must hold one logit per query head "
@@ -74,6 +79,10 @@ def infllm_forward(
         )
     if ops is None:
         ops = ops_pkg.for_device(query.device)
+    role = config.layer_role(layer) if config.topk > 0 else "own"
+    if role == "retrieval" and not hasattr(ops, "select_units_exact"):
+        raise ValueError(f"infllm: retrieval_layer has no exact-score op on {ops.__name__} (device "
+                         f"{query.device.type}) yet; run on the CPU path, or drop retrieval_layer")
     where = {} if store is None else {"store": store}  # only the ops that read units take it
     if store is not None and store.slots.shape != block_table.shape:
         raise ValueError(f"infllm: the store's slot table {tuple(store.slots.shape)} must be shaped as the "
@@ -83,10 +92,26 @@ def infllm_forward(
         for wave in plan.waves:
             if config.topk > 0:
                 ops.seal_units(kv_cache, memory, block_table, wave, cos, sin, config)
-                selected = ops.select_units(
-                    query, memory, block_table, wave, cos, sin, config, kv_cache.shape[1], **where
-                )
-                selected = ops.hold_selections(selected, memory, block_table, wave, config)
+                if role == "reader":  # the retrieval layer chose for this wave earlier in the step
+                    if wave.retrieved is None:
+                        raise RuntimeError(
+                            f"infllm: layer {layer} reads the units of retrieval_layer="
+                            f"{config.retrieval_layer}, which has not selected in this step (it is "
+                            "not an InfLLM layer of this model, e.g. a sliding-window layer, or the "
+                            "layers ran out of order): set retrieval_layer to an InfLLM layer")
+                    selected = wave.retrieved
+                else:
+                    if role == "retrieval":  # every candidate's keys, no representatives
+                        selected = ops.select_units_exact(
+                            query, kv_cache, block_table, wave, cos, sin, config, kv_cache.shape[1], **where
+                        )
+                    else:
+                        selected = ops.select_units(
+                            query, memory, block_table, wave, cos, sin, config, kv_cache.shape[1], **where
+                        )
+                    selected = ops.hold_selections(selected, memory, block_table, wave, config)
+                    if role == "retrieval":
+                        wave.retrieved = selected
                 if unit_reads is not None:
                     unit_reads.add(selected, wave.req, config.init_blocks, None if store is None else store.slots)
             else:

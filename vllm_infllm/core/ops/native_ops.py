@@ -9,6 +9,8 @@
     seal_units    native: the new candidates' representatives, each unit once (csrc/cpu/select.cpp)
     select_units  native: q̄, every candidate's score per selection group, the topk by the
                   same ranking rule (contiguity included), each chunk in parallel
+    select_units_exact
+                  retrieval_layer's exact score: the torch op
     write_kv, hold_selections
                   native: the K/V scatter (and the reset of reused blocks), and chunking="aligned"'s
                   stored selections, without index tensors
@@ -154,6 +156,25 @@ def select_units(
         config.select_queries, config.chunking == "aligned", cpu_threads(), *_store_args(store, "reprs"),
     )
     return selected
+
+
+def select_units_exact(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    chunks: ChunkBatch,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    config: InfLLMConfig,
+    num_kv_heads: int,
+    *,
+    store: StoreView | None = None,
+) -> torch.Tensor:
+    """retrieval_layer's exact score: the torch op itself (one layer of the model runs it; it
+    is a gather and a batched matmul, no native kernel yet). Arguments and result as
+    `torch_ops.select_units_exact`."""
+    return torch_ops.select_units_exact(query, kv_cache, block_table, chunks, cos, sin, config, num_kv_heads,
+                                        store=store)
 
 
 def write_kv(

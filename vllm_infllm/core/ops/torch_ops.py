@@ -4,6 +4,7 @@ Four ops, driven wave by wave by `core.runtime.infllm_forward` (docs/design.md s
   write_kv      scatter new K/V into the paged cache; reset side state of blocks started afresh
   seal_units    compute representative keys of units that just became candidates
   select_units  score candidate units against the chunk's mean query, keep the topk
+                (select_units_exact: retrieval_layer's exact score over every key)
   attend        local window + (init, selected units, remainder) in one softmax; accumulate the
                 fp32 representative scores of local keys
 
@@ -211,6 +212,60 @@ def select_units(
             score.masked_fill_(units >= chunks.num_cand[s:e, None, None], float("-inf"))
         selected[s:e] = top_units(score, chunks.num_cand[s:e], config)
     return selected
+
+
+def select_units_exact(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    chunks: ChunkBatch,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    config: InfLLMConfig,
+    num_kv_heads: int,
+    *,
+    store: StoreView | None = None,
+) -> torch.Tensor:
+    """config.retrieval_layer's selection (docs/design.md section 2.7): the topk candidates of
+    each chunk and selection group by the exact score sum_h max_k <q̄_h, k_raw> over every raw
+    key k of the unit (of h's KV head), ranked as `select_units` ranks.
+
+    No representatives: every candidate's keys are read from the cache (from `store` for an
+    offloaded unit) and un-rotated, a slice of units at a time. Arguments and result as
+    `select_units`, with the layer's `kv_cache` [num_blocks, Hkv, B, 2*D] instead of its memory.
+    """
+    n, topk, max_k = chunks.n, config.topk, chunks.max_cand
+    device = query.device
+    Hq, D = query.shape[1], query.shape[2]
+    B, Hkv = config.block_size, num_kv_heads
+    S = config.selection_groups(Hkv)
+    selected = torch.full((n, S, topk), -1, dtype=torch.long, device=device)
+    if max_k == 0:
+        return selected
+    units = torch.arange(max_k, device=device)
+    if max_k <= topk:  # every chunk takes all its candidates
+        selected[:, :, :max_k] = torch.where(units < chunks.num_cand[:, None], units, -1)[:, None]
+        return selected
+    q_bar = _chunk_mean_query(query, chunks, cos, sin, config).view(n, Hkv, Hq // Hkv, D)
+    score = torch.full((n, S, max_k), float("-inf"), device=device)  # -inf: not a candidate
+    keys_of = kv_cache[..., :D]  # a view: index_select copies the keys only
+    step = max(1, _LOGITS_BUDGET // 4 // (B * Hkv * D))  # units whose raw keys are held at once
+    offsets = torch.arange(B, device=device)
+    for j, (req, nc) in enumerate(zip(chunks.host["req"], chunks.host["num_cand"], strict=True)):
+        for u0 in range(0, nc, step):
+            u1 = min(nc, u0 + step)
+            logical = torch.arange(config.init_blocks + u0, config.init_blocks + u1, device=device)
+            keys = keys_of.index_select(0, block_table[req, logical].long())  # [m, Hkv, B, D]
+            if store is not None:  # offloaded units: the store's copy (the pool block is stale)
+                slot = store.slots[req, logical]
+                at = (slot >= 0).nonzero().squeeze(1)
+                if at.numel():
+                    keys[at] = store.gather_kv(slot[at])[..., :D].to(keys.dtype)
+            pos = config.n_init + units[u0:u1, None] * B + offsets  # [m, B]
+            raw = rotate(keys.transpose(1, 2), cos, sin, -pos)  # [m, B, Hkv, D], un-rotated
+            best = torch.einsum("mbgd,ghd->mbgh", raw, q_bar[j]).amax(1)  # [m, Hkv, G]
+            score[j, :, u0:u1] = best.reshape(u1 - u0, S, -1).sum(-1).T
+    return top_units(score, chunks.num_cand, config)
 
 
 def _tiles(chunks: ChunkBatch):
