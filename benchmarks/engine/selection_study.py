@@ -74,45 +74,21 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     os.environ["VLLM_INFLLM_CPU_KERNEL"] = "torch"  # the wrapper is on the torch ops
-    import torch
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
     from vllm_infllm.core.config import InfLLMConfig
     from vllm_infllm.core.ops import torch_ops
-    from vllm_infllm.core.rope import rotate
     from vllm_infllm.tools.assets import default_model_dir
     from vllm_infllm.tools.needles import make_prompt, needle_span
+    from vllm_infllm.tools.retrieval_layer import record_needle_ranks
 
     cfg_dict = json.loads(args.infllm)
     cfg = InfLLMConfig.from_dict(cfg_dict)
     B = cfg.block_size
     state = {"pos": -1, "needle_units": []}
     ranks: list[dict] = []  # per layer: {rule: rank of the best needle unit}
-    attend = torch_ops.attend
-
-    def recording(query, kv_cache, memory, block_table, chunks, selected, cos, sin, config, scale, out, **kw):
-        h = chunks.host
-        if chunks.n == 1 and h["length"][0] == 1 and h["c0"][0] == state["pos"]:
-            K = h["num_cand"][0]
-            need = [u for u in state["needle_units"] if u < K]
-            if need and K > config.topk:
-                p = state["pos"]
-                D = kv_cache.shape[3] // 2
-                q = query[h["q0"][0]].float()  # [Hq, D] post-RoPE at p
-                q = rotate(q[None], cos, sin, torch.tensor([[config.n_local - 1 - p]]))[0]
-                phys = block_table[chunks.req[0], config.init_blocks: config.init_blocks + K].long()
-                pos = config.n_init + torch.arange(K)[:, None, None] * B + torch.arange(B)[:, None]
-                raw = rotate(kv_cache[phys, :, :, :D].transpose(1, 2).float(), cos, sin, -pos)
-                scores = unit_scores(q, raw, B)
-                row = {}
-                for rule, s in scores.items():
-                    best = max(float(s[u]) for u in need)
-                    row[rule] = 1 + int((s > best).sum())
-                ranks.append(row)
-        return attend(query, kv_cache, memory, block_table, chunks, selected, cos, sin, config, scale, out, **kw)
-
-    torch_ops.attend = recording  # the runtime looks ops up on the module at call time
+    record_needle_ranks(torch_ops, state, lambda q, raw: unit_scores(q, raw, B), ranks)
     if args.exact_select:
         from benchmarks.engine.passkey_probe import exact_select
 
