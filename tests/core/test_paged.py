@@ -160,17 +160,20 @@ def test_contiguity_and_select_queries_match_oracle(Hq, Hkv, modes):
     (6, 2, {"retrieval_layer": 1}),
     (8, 1, {"retrieval_layer": 1, "unit_score": "minmax", "positions": "ordered"}),
     (6, 2, {"retrieval_layer": 0, "selection": "kv_head", "unit_score": "max_topk", "contiguity": 1}),
-    (4, 4, {"retrieval_layer": 1, "chunking": "step", "select_queries": 5, "selection": "kv_head"})])
+    (4, 4, {"retrieval_layer": 1, "chunking": "step", "select_queries": 5, "selection": "kv_head"}),
+    (6, 2, {"retrieval_layer": 1, "unit_score": "exact", "positions": "ordered"}),
+    (8, 1, {"unit_score": "exact", "selection": "kv_head", "contiguity": 1})])
 def test_retrieval_layer_matches_oracle(Hq, Hkv, modes):
     """retrieval_layer (docs/design.md section 2.7): the layer below selects by its own score,
-    the retrieval layer by the exact score over every key, the layer above attends its units."""
+    the retrieval layer by the exact score over every key, the layer above attends its units;
+    unit_score="exact": every layer selects by that score."""
     cfg = dataclasses.replace(SMALL, topk=3, **modes)
     reqs = batch(Hq, Hkv, 64, seed=8)
     cos, sin = rope_table(64, 1024)
     run = run_paged(reqs, cfg, cos, sin, layers=3)
     assert_matches_oracle(reqs, run, cfg, cos, sin, layers=3)
     # ... and the mode matters: the layer above does not attend what its own score would pick.
-    own = run_oracle(reqs, dataclasses.replace(cfg, retrieval_layer=-1), cos, sin, 2)
+    own = run_oracle(reqs, dataclasses.replace(cfg, retrieval_layer=-1, unit_score="mean_topk"), cos, sin, 2)
     assert max(max_abs_err(o, t.out) for o, t in zip(run.outs[2], own, strict=True)) > 1e-2
 
 

@@ -651,3 +651,26 @@ def test_retrieval_layer_reads_a_needle_the_bound_misses():
         last[name] = infllm_reference_trace(q, k, v, cos, sin, c, layer=0).chunks[-1]
     assert last["exact"].selected == [needle_unit]
     assert last["bound"].selected != [needle_unit]
+
+
+def test_exact_unit_score_selects_by_every_key_and_stores_nothing():
+    """unit_score="exact" in every layer: the topk by sum_h max_{k in U} <q̄_h, k_raw>, brute-forced
+    from the raw keys, with no representatives stored (and none of the local attention mass
+    needed: the selection does not change when the scores would)."""
+    cfg = InfLLMConfig(**{**SMALL.to_dict(), "topk": 3, "unit_score": "exact"})
+    Hq, Hkv, G, T, D = 6, 3, 2, 300, 16
+    q, k, v = rand_qkv(T, Hq, Hkv, D, seed=13)
+    cos, sin = rope_table(D, 512)
+    tr = infllm_reference_trace(q, k, v, cos, sin, cfg, prefill_len=260)
+    assert all(r.shape == (0, D) for r in tr.reprs.values()) and len(tr.reprs) > 10
+    q_bar_all = rotate(q, cos, sin, torch.full((T,), cfg.n_local - 1))
+    checked = 0
+    for c in tr.chunks:
+        if c.num_candidates <= cfg.topk:
+            continue
+        exact = torch.stack([
+            torch.einsum("hd,bhd->bh", q_bar_all[c.c0], k[32 + 16 * u : 48 + 16 * u].repeat_interleave(G, 1)).amax(0)
+            for u in range(c.num_candidates)]).sum(-1)
+        assert c.selected == sorted(exact.topk(cfg.topk).indices.tolist())
+        checked += 1
+    assert checked > 10

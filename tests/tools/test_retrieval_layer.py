@@ -8,7 +8,7 @@ from vllm_infllm.core.config import InfLLMConfig
 from vllm_infllm.core.ops import torch_ops
 from vllm_infllm.core.rope import rope_table, rotate
 from vllm_infllm.testing import layer_qkv, make_request, run_paged
-from vllm_infllm.tools.retrieval_layer import exact_scores, record_needle_ranks, recommend
+from vllm_infllm.tools.retrieval_layer import exact_scores, recommend, record_needle_ranks
 
 
 def test_recorded_ranks_are_the_exact_scores_ranks_in_every_layer(monkeypatch):

@@ -44,7 +44,11 @@ class InfLLMConfig:
                 "max_topk"  - the paper's representatives kept apart: max_i <q̄_h, k_{U,h,i}>
                               over the unit's repr_topk most-attended raw keys of head h, so one
                               key that matches is not averaged away by the others (repr_topk
-                              rows per query head: repr_topk x the representative bytes).
+                              rows per query head: repr_topk x the representative bytes);
+                "exact"     - what every representative approximates: sum_h max_k <q̄_h, k> over
+                              every raw key k of the unit (of h's KV head). Nothing is stored at
+                              sealing; selection reads every candidate's keys, a cost linear in
+                              the context per selection chunk (the attended keys stay bounded).
     positions:  where global keys sit (docs/design.md section 2.7):
                 "fixed"   - the paper's rule: every global key at relative distance n_local-1;
                 "ordered" - the global keys (init, selected units, remainder) in their original
@@ -103,7 +107,7 @@ class InfLLMConfig:
     #: chunking is the second).
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "selection": ("layer", "kv_head"),
-        "unit_score": ("mean_topk", "minmax", "max_topk"),
+        "unit_score": ("mean_topk", "minmax", "max_topk", "exact"),
         "positions": ("fixed", "ordered"),
         "chunking": ("step", "aligned"),
     }
@@ -210,6 +214,12 @@ class InfLLMConfig:
     def to_dict(self) -> dict[str, int | str]:
         return dataclasses.asdict(self)
 
+    def selects_exactly(self, layer: int | None) -> bool:
+        """Whether layer `layer` scores units by the exact score (unit_score="exact", or it is
+        the retrieval layer): `ops.select_units_exact`, every candidate's keys read."""
+        role = self.layer_role(layer) if self.topk > 0 else "own"
+        return role == "retrieval" or (role == "own" and self.unit_score == "exact" and self.topk > 0)
+
     def layer_role(self, layer: int | None) -> str:
         """How layer `layer` (the model's 0-based index) chooses its units: "own" (scored by
         unit_score), "retrieval" (retrieval_layer: the exact score, its choice read by the layers
@@ -232,9 +242,9 @@ class InfLLMConfig:
     @property
     def accumulates_scores(self) -> bool:
         """Whether the ops add the local softmax mass into the representative scores: only the
-        paper's representatives read them, kept apart or not (no memory, or "minmax", need
-        none)."""
-        return self.topk > 0 and self.unit_score != "minmax"
+        paper's representatives read them, kept apart or not (no memory, "minmax" or "exact"
+        need none)."""
+        return self.topk > 0 and self.unit_score not in ("minmax", "exact")
 
     def chosen_shape(self, num_kv_heads: int) -> tuple[int, int] | None:
         """Shape per block of `LayerMemory.chosen`, the stored chunk selections: (S, topk) for
@@ -246,8 +256,9 @@ class InfLLMConfig:
     def repr_rows(self, num_q_heads: int, num_kv_heads: int) -> int:
         """Rows of D values per memory unit in `LayerMemory.reprs`: one representative key per
         query head ("mean_topk"), a min row and a max row per KV head ("minmax"), or repr_topk
-        keys per query head, head-major: row h * repr_topk + i ("max_topk")."""
-        if self.unit_score == "minmax":
+        keys per query head, head-major: row h * repr_topk + i ("max_topk"). "exact" stores
+        none and is given the smallest of those layouts (2 * Hkv rows, never read)."""
+        if self.unit_score in ("minmax", "exact"):
             return 2 * num_kv_heads
         if self.unit_score == "max_topk":
             return num_q_heads * self.repr_topk

@@ -11,6 +11,7 @@ It loops over selection chunks and queries in position order, exactly as the spe
           (contiguity=c: ranked by the best score within c units, then their own score)
           (unit_score="minmax": sum_h sum_d max(q̄_hd min_{U,d}, q̄_hd max_{U,d}), Quest's bound)
           (unit_score="max_topk": sum_h max_i <q̄_h, k_{U,h,i}>, the repr_topk keys kept apart)
+          (unit_score="exact": sum_h max_{k in U} <q̄_h, k_raw>, every raw key of the unit)
           (selection="layer": h over all query heads, one set shared by all heads;
            selection="kv_head": h over the G query heads of each KV head, one set per KV head)
           (retrieval_layer=L: layer L scores sum_h max_{k in U} <q̄_h, k_raw>, every raw key
@@ -61,6 +62,7 @@ class ReferenceTrace:
     #                                 unit_score="minmax": [2*Hkv, D], min and max raw key per KV head
     #                                 unit_score="max_topk": [Hq*repr_topk, D], head h's keys at
     #                                 rows h*repr_topk .. (most-attended first)
+    #                                 unit_score="exact": [0, D] (nothing is stored)
     scores: torch.Tensor  # [Hq, T] fp32 accumulated representative scores
 
 
@@ -158,7 +160,7 @@ def infllm_reference_trace(
 
     def unit_score(q_bar: torch.Tensor, u: int, heads: slice) -> torch.Tensor:
         """Sum over `heads` of query head h's score of unit u (section 2.7)."""
-        if role == "retrieval":  # every raw key of the unit, of h's KV head
+        if role == "retrieval" or config.unit_score == "exact":  # every raw key of the unit, h's KV head
             keys = k_global[unit_tokens(u)][:, kv_head[heads]]  # [B, h, D]
             return torch.einsum("hd,bhd->hb", q_bar[heads], keys).amax(1).sum()
         r = reprs[u]
@@ -189,6 +191,9 @@ def infllm_reference_trace(
         for u in range(K):
             if u not in reprs:
                 toks = unit_tokens(u)
+                if config.unit_score == "exact":  # scored from its keys: nothing stored
+                    reprs[u] = k.new_zeros(0, D)
+                    continue
                 if config.unit_score == "minmax":  # rows 2g, 2g+1: min, max raw key of KV head g
                     raw = k_global[toks]  # [B, Hkv, D]
                     reprs[u] = torch.stack([raw.amin(0), raw.amax(0)], dim=1).reshape(2 * Hkv, D)

@@ -80,9 +80,11 @@ def infllm_forward(
     if ops is None:
         ops = ops_pkg.for_device(query.device)
     role = config.layer_role(layer) if config.topk > 0 else "own"
-    if role == "retrieval" and not hasattr(ops, "select_units_exact"):
-        raise ValueError(f"infllm: retrieval_layer has no exact-score op on {ops.__name__} (device "
-                         f"{query.device.type}) yet; run on the CPU path, or drop retrieval_layer")
+    exact = config.selects_exactly(layer)
+    if exact and not hasattr(ops, "select_units_exact"):
+        raise ValueError(f"infllm: the exact unit score (unit_score='exact' or retrieval_layer) has no op "
+                         f"on {ops.__name__} (device {query.device.type}) yet; run on the CPU path, or use "
+                         "another unit_score and no retrieval_layer")
     where = {} if store is None else {"store": store}  # only the ops that read units take it
     if store is not None and store.slots.shape != block_table.shape:
         raise ValueError(f"infllm: the store's slot table {tuple(store.slots.shape)} must be shaped as the "
@@ -101,7 +103,7 @@ def infllm_forward(
                             "layers ran out of order): set retrieval_layer to an InfLLM layer")
                     selected = wave.retrieved
                 else:
-                    if role == "retrieval":  # every candidate's keys, no representatives
+                    if exact:  # every candidate's keys, no representatives
                         selected = ops.select_units_exact(
                             query, kv_cache, block_table, wave, cos, sin, config, kv_cache.shape[1], **where
                         )

@@ -10,7 +10,7 @@
     select_units  native: q̄, every candidate's score per selection group, the topk by the
                   same ranking rule (contiguity included), each chunk in parallel
     select_units_exact
-                  retrieval_layer's exact score: the torch op
+                  the exact score (unit_score="exact", retrieval_layer): the torch op
     write_kv, hold_selections
                   native: the K/V scatter (and the reset of reused blocks), and chunking="aligned"'s
                   stored selections, without index tensors
@@ -123,6 +123,9 @@ def seal_units(
     """Arguments and semantics as `torch_ops.seal_units`."""
     if chunks.n == 0 or chunks.max_cand == 0:
         return
+    if config.unit_score == "exact":  # flags only (nothing stored): the torch op
+        torch_ops.seal_units(kv_cache, memory, block_table, chunks, cos, sin, config)
+        return
     native.load().seal_units(
         kv_cache, memory.reprs, memory.scores, memory.sealed, _table32(block_table),
         *_fields(chunks, "req", "num_cand"), _fp32_table(cos), _fp32_table(sin), config.block_size, config.n_init,
@@ -170,9 +173,9 @@ def select_units_exact(
     *,
     store: StoreView | None = None,
 ) -> torch.Tensor:
-    """retrieval_layer's exact score: the torch op itself (one layer of the model runs it; it
-    is a gather and a batched matmul, no native kernel yet). Arguments and result as
-    `torch_ops.select_units_exact`."""
+    """The exact unit score (unit_score="exact", retrieval_layer): the torch op itself (a
+    gather, an un-rotation and a matmul per slice of units; no native kernel yet). Arguments
+    and result as `torch_ops.select_units_exact`."""
     return torch_ops.select_units_exact(query, kv_cache, block_table, chunks, cos, sin, config, num_kv_heads,
                                         store=store)
 

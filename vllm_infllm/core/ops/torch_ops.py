@@ -73,7 +73,8 @@ def seal_units(
     """Seal every not-yet-sealed unit among each chunk's candidates: its representative keys
     become the mean raw key of its `repr_topk` top-scored tokens, per query head
     (unit_score="minmax": the per-channel min and max of its raw keys, per KV head;
-    unit_score="max_topk": those repr_topk raw keys themselves, most-attended first).
+    unit_score="max_topk": those repr_topk raw keys themselves, most-attended first;
+    unit_score="exact": nothing, only the flag).
 
     kv_cache:     [num_blocks, Hkv, B, 2*D]
     memory:       reads `scores` [num_blocks, Hq, B], writes `reprs` [num_blocks, Hq, D], `sealed`
@@ -92,6 +93,9 @@ def seal_units(
     need = (units >= 0) & ~memory.sealed[phys]
     phys, units = phys[need], units[need]
     if phys.numel() == 0:
+        return
+    if config.unit_score == "exact":  # scored from its keys: nothing to store
+        memory.sealed[phys] = True
         return
     if config.unit_score == "minmax":  # per KV head: per-channel min and max of the raw keys
         pos = config.n_init + units[:, None, None] * B + torch.arange(B, device=phys.device)[:, None]
@@ -226,9 +230,10 @@ def select_units_exact(
     *,
     store: StoreView | None = None,
 ) -> torch.Tensor:
-    """config.retrieval_layer's selection (docs/design.md section 2.7): the topk candidates of
-    each chunk and selection group by the exact score sum_h max_k <q̄_h, k_raw> over every raw
-    key k of the unit (of h's KV head), ranked as `select_units` ranks.
+    """unit_score="exact" and config.retrieval_layer's selection (docs/design.md section 2.7):
+    the topk candidates of each chunk and selection group by the exact score
+    sum_h max_k <q̄_h, k_raw> over every raw key k of the unit (of h's KV head), ranked as
+    `select_units` ranks.
 
     No representatives: every candidate's keys are read from the cache (from `store` for an
     offloaded unit) and un-rotated, a slice of units at a time. Arguments and result as
