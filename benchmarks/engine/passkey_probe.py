@@ -30,7 +30,8 @@ import os
 import time
 
 
-def exact_select(torch_ops, carry: bool = False, trace: list | None = None, share_from: int | None = None) -> None:
+def exact_select(torch_ops, carry: bool = False, trace: list | None = None, share_from: int | None = None,
+                 exact_layers: range | None = None) -> None:
     """Replace torch_ops.select_units by the exact score sum_h max_k <q̄_h, k_raw> over every key
     of each candidate (q̄ as the config selects it); the layer's cache comes from seal_units,
     which the runtime calls just before select_units with the same layer.
@@ -42,13 +43,16 @@ def exact_select(torch_ops, carry: bool = False, trace: list | None = None, shar
     (layer, chunk start, carried z, carried unit, own z, own top unit) for every chunk of one query.
 
     share_from: another experiment: the layers above layer `share_from` read the units that
-    layer selected for the same chunk (the layers run in order, so it is already known)."""
+    layer selected for the same chunk (the layers run in order, so it is already known).
+
+    exact_layers: only these layers score exactly; the others select by the config's own rule
+    (None: every layer)."""
     import torch
 
     from vllm_infllm.core.ops.ranking import top_units
     from vllm_infllm.core.rope import rotate
 
-    seal, current = torch_ops.seal_units, {}
+    seal, own_select, current = torch_ops.seal_units, torch_ops.select_units, {}
     layer_of: dict[int, int] = {}  # a layer's representatives address -> its index (first-run order)
     carried: dict[tuple[int, int], tuple[float, int]] = {}  # (request row, chunk start) -> (z, unit)
     shared: dict[tuple, torch.Tensor] = {}  # share_from's selection of each wave of this step
@@ -65,6 +69,15 @@ def exact_select(torch_ops, carry: bool = False, trace: list | None = None, shar
         if max_k <= topk:
             selected[:, :, :max_k] = torch.where(units < chunks.num_cand[:, None], units, -1)[:, None]
             return selected
+        layer = layer_of.setdefault(memory.reprs.data_ptr(), len(layer_of))
+        if exact_layers is not None and layer not in exact_layers:
+            if layer == 0:
+                shared.clear()
+            if share_from is not None and layer > share_from:
+                wave = (tuple(chunks.host["c0"]), tuple(chunks.req.tolist()))
+                if wave in shared:
+                    return shared[wave].clone()
+            return own_select(query, memory, block_table, chunks, cos, sin, config, num_kv_heads, **kw)
         kv = current["kv"]
         Hq, D = query.shape[1], query.shape[2]
         G = Hq // num_kv_heads
@@ -77,7 +90,6 @@ def exact_select(torch_ops, carry: bool = False, trace: list | None = None, shar
             dot = torch.einsum("kbgd,ghd->kbgh", raw, q_bar[j].view(num_kv_heads, G, D)).amax(1)  # [K, Hkv, G]
             score[j] = dot.reshape(max_k, S, -1).sum(-1).T
             score[j, :, chunks.host["num_cand"][j]:] = float("-inf")
-        layer = layer_of.setdefault(memory.reprs.data_ptr(), len(layer_of))
         if share_from is not None:
             chosen = top_units(score, chunks.num_cand, config)
             wave = (tuple(chunks.host["c0"]), tuple(chunks.req.tolist()))  # the same chunks in every layer
@@ -132,6 +144,8 @@ def main(argv=None) -> int:
     ap.add_argument("--share-from", type=int,
                     help="with --exact-select: the layers above this one read its selection "
                          "(an experiment, exact_select's docstring)")
+    ap.add_argument("--exact-layers", help="with --exact-select: only these layers score exactly, e.g. 18 or "
+                                           "14-18 (0-based, inclusive); the others by the config's rule")
     ap.add_argument("--force-layers", help="force the needle only in these layers, e.g. 14-29 (0-based, "
                                            "inclusive; default every layer); with --exact-select the "
                                            "other layers select by the exact score")
@@ -141,10 +155,14 @@ def main(argv=None) -> int:
         ap.error("--force-needle and --exact-select need --infllm")
     if args.force_layers and not args.force_needle:
         ap.error("--force-layers needs --force-needle")
-    layers = None
-    if args.force_layers:
-        a, _, b = args.force_layers.partition("-")
-        layers = range(int(a), int(b or a) + 1)
+    def layer_range(text):
+        a, _, b = text.partition("-")
+        return range(int(a), int(b or a) + 1)
+
+    layers = layer_range(args.force_layers) if args.force_layers else None
+    exact_layers = layer_range(args.exact_layers) if args.exact_layers else None
+    if exact_layers is not None and not args.exact_select:
+        ap.error("--exact-layers needs --exact-select")
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -161,7 +179,8 @@ def main(argv=None) -> int:
     if (args.carry or args.share_from is not None) and not args.exact_select:
         ap.error("--carry and --share-from need --exact-select")
     if args.exact_select:
-        exact_select(torch_ops, carry=args.carry, trace=trace, share_from=args.share_from)
+        exact_select(torch_ops, carry=args.carry, trace=trace, share_from=args.share_from,
+                     exact_layers=exact_layers)
     config = InfLLMConfig.from_dict(cfg) if cfg is not None else None
     if args.force_needle:
         select = torch_ops.select_units
@@ -227,6 +246,7 @@ def main(argv=None) -> int:
     what = "full (CPU_ATTN)" if cfg is None else (f"infllm {cfg}" + (" forced needle" if args.force_needle else "")
                                                   + (f" in layers {args.force_layers}" if args.force_layers else "")
                                                   + (" exact selection" if args.exact_select else "")
+                                                  + (f" in layers {args.exact_layers}" if args.exact_layers else "")
                                                   + (" carried up" if args.carry else "")
                                                   + (f" shared from layer {args.share_from}"
                                                      if args.share_from is not None else ""))
