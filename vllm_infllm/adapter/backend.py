@@ -111,11 +111,13 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
             )
         self.infllm_config = infllm_config_from_vllm(vllm_config)
         self.offload_config = offload_config_from_vllm(vllm_config)
-        if self.infllm_config.retrieval_layer >= 0 and torch.device(device).type != "cpu":
+        cfg = self.infllm_config
+        if (cfg.retrieval_layer >= 0 or cfg.unit_score == "exact") and torch.device(device).type != "cpu":
             raise ValueError(
-                "infllm: retrieval_layer runs on the CPU path only for now (its exact score is a "
-                "torch op with host-side loops that a CUDA graph cannot replay; no Triton kernel "
-                "yet); drop retrieval_layer from the infllm config on this device"
+                "infllm: the exact unit score (unit_score='exact', retrieval_layer) runs on the CPU "
+                "path only for now (a torch op with host-side loops that a CUDA graph cannot "
+                "replay; no Triton kernel yet); use another unit_score and drop retrieval_layer on "
+                "this device"
             )
         if self.offload_config is not None and torch.device(device).type != "cpu":
             raise ValueError(
