@@ -14,7 +14,8 @@ Per mode and context it reports
     keys, measured in the same invocation (ratio = dense / InfLLM);
   * bytes per query, counted from the geometry (not measured): K/V of the whole blocks attended
     (init, local window, selected units, remainder), the representatives the selection reads
-    (K candidates x rows x D), and the fp32 representative scores of the local keys read and
+    (K candidates x rows x D; "exact": the keys of every candidate, K x B x Hkv x D, in the
+    same column), and the fp32 representative scores of the local keys read and
     written (the paper's representatives only; "minmax" needs none);
   * recall of the planted unit (as needle.py; a sanity check, not a retrieval benchmark).
 `select_queries` only changes prefill chunks (a decode step has one query): not listed.
@@ -41,6 +42,9 @@ MODES = {
     "contiguity 1": {"contiguity": 1},
     "minmax + contiguity 1": {"unit_score": "minmax", "contiguity": 1},
     "minmax + ordered": {"unit_score": "minmax", "positions": "ordered"},
+    # every key scored: a layer of unit_score "exact", or the retrieval layer (retrieval_layer);
+    # the layers above a retrieval layer score nothing (their step is the attend alone)
+    "exact + ordered": {"unit_score": "exact", "positions": "ordered"},
 }
 BASE = {"n_local": 1024, "topk": 4}
 
@@ -55,6 +59,8 @@ def bytes_per_query(N: int, config, Hq: int, Hkv: int, D: int, elem: int) -> dic
     blocks = config.init_blocks + local_blocks + min(K, config.topk) + -(-rem // B)
     kv = blocks * Hkv * B * 2 * D * elem
     reprs = K * config.repr_rows(Hq, Hkv) * D * elem if K > config.topk else 0
+    if config.unit_score == "exact" and K > config.topk:  # every candidate's keys instead
+        reprs = K * B * Hkv * D * elem
     scores = 2 * local_blocks * Hq * B * 4 if config.accumulates_scores else 0
     keys = config.n_init + (N - w + 1) + min(K, config.topk) * B + rem
     return {"attended_keys": keys, "kv_bytes": kv, "repr_bytes": reprs, "score_bytes": scores,

@@ -66,7 +66,8 @@ def seal_all(kv, memory, block_table, config, cos, sin, num_units):
     z = torch.zeros(n, dtype=torch.int64)
     host = {"req": [0] * n, "c0": [0] * n, "length": [1] * n, "q0": [0] * n, "num_cand": cands}
     cb = ChunkBatch(req=z, c0=z, length=torch.ones(n, dtype=torch.int64), q0=z,
-                    num_cand=torch.tensor(cands, dtype=torch.int64), host=host, max_len=1, max_cand=max(cands))
+                    num_cand=torch.tensor(cands, dtype=torch.int64), a0=z, host={**host, "a0": [0] * n},
+                    max_len=1, max_cand=max(cands))
     torch_ops.seal_units(kv, memory, block_table, cb, cos, sin, config)
 
 
@@ -134,7 +135,10 @@ def run_length(N, args, config, gen, signals):
                 plan = plan_step([0, 1], [N + 1], config)
                 wave = plan.waves[0]
                 torch_ops.seal_units(kv, memory, block_table, wave, cos, sin, config)
-                selected = torch_ops.select_units(q, memory, block_table, wave, cos, sin, config, Hkv)
+                if config.unit_score == "exact":  # every key scored
+                    selected = torch_ops.select_units_exact(q, kv, block_table, wave, cos, sin, config, Hkv)
+                else:
+                    selected = torch_ops.select_units(q, memory, block_table, wave, cos, sin, config, Hkv)
                 out = torch.zeros(1, Hq, D, dtype=dtype)
                 torch_ops.attend(q, kv, memory, block_table, wave, selected, cos, sin, config, D**-0.5, out)
                 hit = bool((selected[0] == unit).any(-1).all())  # in every selection group's set

@@ -251,7 +251,10 @@ def select_units_exact(
     if max_k <= topk:  # every chunk takes all its candidates
         selected[:, :, :max_k] = torch.where(units < chunks.num_cand[:, None], units, -1)[:, None]
         return selected
-    q_bar = _chunk_mean_query(query, chunks, cos, sin, config).view(n, Hkv, Hq // Hkv, D)
+    half = D // 2
+    # q̄'s NeoX halves as [n, Hkv, D/2, G] matmul operands (query head h = g * G + i)
+    q_bar = _chunk_mean_query(query, chunks, cos, sin, config).view(n, Hkv, Hq // Hkv, D).transpose(2, 3)
+    q1, q2 = q_bar[:, :, :half], q_bar[:, :, half:]
     score = torch.full((n, S, max_k), float("-inf"), device=device)  # -inf: not a candidate
     keys_of = kv_cache[..., :D]  # a view: index_select copies the keys only
     step = max(1, _LOGITS_BUDGET // 4 // (B * Hkv * D))  # units whose raw keys are held at once
@@ -266,9 +269,17 @@ def select_units_exact(
                 at = (slot >= 0).nonzero().squeeze(1)
                 if at.numel():
                     keys[at] = store.gather_kv(slot[at])[..., :D].to(keys.dtype)
-            pos = config.n_init + units[u0:u1, None] * B + offsets  # [m, B]
-            raw = rotate(keys.transpose(1, 2), cos, sin, -pos)  # [m, B, Hkv, D], un-rotated
-            best = torch.einsum("mbgd,ghd->mbgh", raw, q_bar[j]).amax(1)  # [m, Hkv, G]
+            keys = keys.float()
+            pos = (config.n_init + units[u0:u1, None] * B + offsets).flatten()  # [m*B]
+            c = cos.index_select(0, pos).float().view(u1 - u0, 1, B, half)
+            s_ = sin.index_select(0, pos).float().view(u1 - u0, 1, B, half)
+            k1, k2 = keys[..., :half], keys[..., half:]
+            # the raw key R(-j) k in NeoX halves, (k1 c + k2 s, k2 c - k1 s), and its dot with q̄
+            # per half, without materialising the whole un-rotated key
+            raw1 = torch.addcmul(k1 * c, k2, s_)
+            raw2 = torch.addcmul(k2 * c, k1, s_, value=-1.0)
+            dots = torch.matmul(raw1, q1[j]).add_(torch.matmul(raw2, q2[j]))  # [m, Hkv, B, G]
+            best = dots.amax(2)  # [m, Hkv, G]: each query head's best key of each unit
             score[j, :, u0:u1] = best.reshape(u1 - u0, S, -1).sum(-1).T
     return top_units(score, chunks.num_cand, config)
 
