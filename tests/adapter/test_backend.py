@@ -232,6 +232,11 @@ def test_builder_plans_decode_steps_statically_for_cuda_graphs():
         gpu_cfg.additional_config = {"infllm": {"topk": 3, **knob}}
         with pytest.raises(ValueError, match="exact unit score .* runs on the CPU path only"):
             InfLLMMetadataBuilder(_spec(), ["l0"], gpu_cfg, torch.device("cuda"))
+    past = vcfg("cpu")  # a retrieval layer the model does not have
+    past.additional_config = {"infllm": {"topk": 3, "retrieval_layer": 4}}
+    past.model_config = SimpleNamespace(hf_text_config=SimpleNamespace(num_hidden_layers=4))
+    with pytest.raises(ValueError, match=r"retrieval_layer=4 is not a layer of this model \(4 layers"):
+        InfLLMMetadataBuilder(_spec(), ["l0"], past, torch.device("cpu"))
     b = InfLLMMetadataBuilder(_spec(), ["l0"], vcfg("cpu"), torch.device("cpu"))
     b.decode_buffers, b.max_candidates = PlanBuffers(8, "cpu"), 60
 

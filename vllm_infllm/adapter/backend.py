@@ -119,6 +119,16 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
                 "replay; no Triton kernel yet); use another unit_score and drop retrieval_layer on "
                 "this device"
             )
+        # Also checked before the engine starts (engine_args.py) when the model's config can be
+        # read there; a layer past the model would otherwise leave every layer selecting alone.
+        layers = getattr(getattr(getattr(vllm_config, "model_config", None), "hf_text_config", None),
+                         "num_hidden_layers", None)
+        if cfg.retrieval_layer >= 0 and layers is not None and cfg.retrieval_layer >= layers:
+            raise ValueError(
+                f"infllm: retrieval_layer={cfg.retrieval_layer} is not a layer of this model ({layers} "
+                f"layers, 0-based); use a layer index below {layers} (python -m "
+                "vllm_infllm.tools.retrieval_layer finds one)"
+            )
         if self.offload_config is not None and torch.device(device).type != "cpu":
             raise ValueError(
                 "infllm: offload runs on the CPU path only for now (the Triton kernels cannot read "

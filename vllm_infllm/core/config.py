@@ -86,7 +86,8 @@ class InfLLMConfig:
                 ranks it as well as the keys themselves (benchmarks/RESULTS.md 2i). Cost: layer L
                 reads every key of its context once per selection chunk (per generated token
                 when decoding), linear in the context in that one layer; the layers above it
-                score nothing.
+                score nothing. On SmolLM2-135M the layers below need unit_score="exact" too
+                (RESULTS 2j). Find L with `python -m vllm_infllm.tools.retrieval_layer`.
     """
 
     n_init: int = 128
