@@ -50,7 +50,6 @@ def exact_select(torch_ops, carry: bool = False, trace: list | None = None, shar
     import torch
 
     from vllm_infllm.core.ops.ranking import top_units
-    from vllm_infllm.core.rope import rotate
 
     seal, own_select, current = torch_ops.seal_units, torch_ops.select_units, {}
     layer_of: dict[int, int] = {}  # a layer's representatives address -> its index (first-run order)
@@ -62,7 +61,7 @@ def exact_select(torch_ops, carry: bool = False, trace: list | None = None, shar
         return seal(kv_cache, memory, *a, **kw)
 
     def select(query, memory, block_table, chunks, cos, sin, config, num_kv_heads, **kw):
-        n, topk, max_k, B = chunks.n, config.topk, chunks.max_cand, config.block_size
+        n, topk, max_k = chunks.n, config.topk, chunks.max_cand
         S = config.selection_groups(num_kv_heads)
         selected = torch.full((n, S, topk), -1, dtype=torch.long)
         units = torch.arange(max_k)
@@ -78,18 +77,8 @@ def exact_select(torch_ops, carry: bool = False, trace: list | None = None, shar
                 if wave in shared:
                     return shared[wave].clone()
             return own_select(query, memory, block_table, chunks, cos, sin, config, num_kv_heads, **kw)
-        kv = current["kv"]
-        Hq, D = query.shape[1], query.shape[2]
-        G = Hq // num_kv_heads
-        q_bar = torch_ops._chunk_mean_query(query, chunks, cos, sin, config).view(n, Hq, D)
-        pos = config.n_init + units[:, None, None] * B + torch.arange(B)[:, None]
-        score = torch.full((n, S, max_k), float("-inf"))
-        for j in range(n):
-            phys = block_table[chunks.req[j], config.init_blocks: config.init_blocks + max_k].long()
-            raw = rotate(kv[phys, :, :, :D].transpose(1, 2), cos, sin, -pos)  # [K, B, Hkv, D]
-            dot = torch.einsum("kbgd,ghd->kbgh", raw, q_bar[j].view(num_kv_heads, G, D)).amax(1)  # [K, Hkv, G]
-            score[j] = dot.reshape(max_k, S, -1).sum(-1).T
-            score[j, :, chunks.host["num_cand"][j]:] = float("-inf")
+        score = torch_ops.exact_unit_scores(query, current["kv"], block_table, chunks, cos, sin, config,
+                                            num_kv_heads, **kw)  # [n, S, max_k]; -inf: no candidate
         if share_from is not None:
             chosen = top_units(score, chunks.num_cand, config)
             wave = (tuple(chunks.host["c0"]), tuple(chunks.req.tolist()))  # the same chunks in every layer

@@ -239,18 +239,37 @@ def select_units_exact(
     offloaded unit) and un-rotated, a slice of units at a time. Arguments and result as
     `select_units`, with the layer's `kv_cache` [num_blocks, Hkv, B, 2*D] instead of its memory.
     """
-    n, topk, max_k = chunks.n, config.topk, chunks.max_cand
-    device = query.device
+    n, topk, max_k, device = chunks.n, config.topk, chunks.max_cand, query.device
+    selected = torch.full((n, config.selection_groups(num_kv_heads), topk), -1, dtype=torch.long, device=device)
+    if max_k == 0:
+        return selected
+    if max_k <= topk:  # every chunk takes all its candidates
+        units = torch.arange(max_k, device=device)
+        selected[:, :, :max_k] = torch.where(units < chunks.num_cand[:, None], units, -1)[:, None]
+        return selected
+    score = exact_unit_scores(query, kv_cache, block_table, chunks, cos, sin, config, num_kv_heads, store=store)
+    return top_units(score, chunks.num_cand, config)
+
+
+def exact_unit_scores(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    chunks: ChunkBatch,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    config: InfLLMConfig,
+    num_kv_heads: int,
+    *,
+    store: StoreView | None = None,
+) -> torch.Tensor:
+    """The exact score of every candidate, [n, S, max_cand] fp32 (-inf past a chunk's
+    candidates): what `select_units_exact` ranks (the retrieval probes read it too)."""
+    n, max_k, device = chunks.n, chunks.max_cand, query.device
     Hq, D = query.shape[1], query.shape[2]
     B, Hkv = config.block_size, num_kv_heads
     S = config.selection_groups(Hkv)
-    selected = torch.full((n, S, topk), -1, dtype=torch.long, device=device)
-    if max_k == 0:
-        return selected
     units = torch.arange(max_k, device=device)
-    if max_k <= topk:  # every chunk takes all its candidates
-        selected[:, :, :max_k] = torch.where(units < chunks.num_cand[:, None], units, -1)[:, None]
-        return selected
     half = D // 2
     # q̄'s NeoX halves as [n, Hkv, D/2, G] matmul operands (query head h = g * G + i)
     q_bar = _chunk_mean_query(query, chunks, cos, sin, config).view(n, Hkv, Hq // Hkv, D).transpose(2, 3)
@@ -281,7 +300,7 @@ def select_units_exact(
             dots = torch.matmul(raw1, q1[j]).add_(torch.matmul(raw2, q2[j]))  # [m, Hkv, B, G]
             best = dots.amax(2)  # [m, Hkv, G]: each query head's best key of each unit
             score[j, :, u0:u1] = best.reshape(u1 - u0, S, -1).sum(-1).T
-    return top_units(score, chunks.num_cand, config)
+    return score
 
 
 def _tiles(chunks: ChunkBatch):
