@@ -1,6 +1,7 @@
 """What each selection mode costs per decode step: ops-level time and bytes read per query.
 
     python -m benchmarks.ops.mode_cost --lengths 32768 131072 --out benchmarks/results/mode_cost
+    python -m benchmarks.ops.mode_cost --ops native --out benchmarks/results/mode_cost_native
 
 No model and no vLLM: one attention layer with SmolLM2's geometry (9 query / 3 KV heads, head
 dim 64, fp32 cache) driven through the vLLM-free runtime exactly as `benchmarks/ops/needle.py`
@@ -10,8 +11,8 @@ the same base config (n_local 1024, topk 4: the passkey ablation's 1664-key budg
 
 Per mode and context it reports
   * step ms: median time of one decode step (write_kv + plan_step + infllm_forward: seal,
-    select, attend) on the torch ops, 1 thread, and the dense SDPA of the same query over all
-    keys, measured in the same invocation (ratio = dense / InfLLM);
+    select, attend) on the torch ops (`--ops native`: the native kernels), 1 thread, and the
+    dense SDPA of the same query over all keys, measured in the same invocation;
   * bytes per query, counted from the geometry (not measured): K/V of the whole blocks attended
     (init, local window, selected units, remainder), the representatives the selection reads
     (K candidates x rows x D; "exact": the keys of every candidate, K x B x Hkv x D, in the
@@ -73,6 +74,8 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument("--steps", type=int, default=9, help="timed decode steps (median)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ops", choices=["torch", "native"], default="torch",
+                    help="the op module timed (the selection and recall checks use the torch ops either way)")
     ap.add_argument("--out", default="benchmarks/results/mode_cost")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # what vLLM's CPU worker gives the decode ops here
@@ -82,7 +85,11 @@ def main(argv=None) -> int:
 
     geo = argparse.Namespace(head_dim=64, heads_q=9, heads_kv=3, rope_base=1e5, dtype="float32",
                              depths=[0.1, 0.5, 0.9], trials=1, needle_tokens=8, score_mode="needle",
-                             steps=args.steps)
+                             steps=args.steps, ops=None)
+    if args.ops == "native":
+        from vllm_infllm.core.ops import native_ops
+
+        geo.ops = native_ops
     elem = 4
     rows, started = [], time.time()
     for N in args.lengths:
@@ -102,14 +109,15 @@ def main(argv=None) -> int:
         "command": "python -m benchmarks.ops.mode_cost " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}",
-        "torch": torch.__version__, "threads": 1, "base": BASE, "geometry": vars(geo),
+        "torch": torch.__version__, "threads": 1, "ops": args.ops, "base": BASE,
+        "geometry": {k: v for k, v in vars(geo).items() if k != "ops"},
         "total_seconds": round(time.time() - started, 1),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     lines = [f"# cost of each selection mode per decode step\n\n`{meta['command']}` ({meta['date']}, "
-             f"{meta['machine']}, torch {meta['torch']}, 1 thread)\n",
+             f"{meta['machine']}, torch {meta['torch']}, {args.ops} ops, 1 thread)\n",
              f"Base config {json.dumps(BASE)}; one layer, Hq 9 / Hkv 3 / D 64, fp32 cache.\n",
              "| context | mode | step ms | dense SDPA ms | keys/query | K/V KiB | reprs KiB | scores KiB "
              "| total KiB/query | planted unit found |",

@@ -155,11 +155,12 @@ def run_length(N, args, config, gen, signals):
     v_new = torch.randn(1, Hkv, D, generator=gen)
     out = torch.zeros(1, Hq, D, dtype=dtype)
     times = []
+    ops = getattr(args, "ops", None) or torch_ops  # the op module timed (mode_cost.py's --ops)
     for _ in range(args.steps + 1):
         t = time.perf_counter()
-        torch_ops.write_kv(kv, k_new, v_new, slot, memory)
+        ops.write_kv(kv, k_new, v_new, slot, memory)
         plan = plan_step([0, 1], [N + 1], config)
-        infllm_forward(q, kv, block_table, plan, memory, cos, sin, config, D**-0.5, out, ops=torch_ops)
+        infllm_forward(q, kv, block_table, plan, memory, cos, sin, config, D**-0.5, out, ops=ops)
         times.append(time.perf_counter() - t)
     infllm_ms = statistics.median(times[1:]) * 1e3
     # dense baseline: one query over all N+1 keys, contiguous K/V in the cache dtype

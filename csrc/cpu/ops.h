@@ -25,6 +25,13 @@ void select_units(const torch::Tensor& query, const torch::Tensor& reprs, const 
                   int64_t groups, int64_t contiguity, int64_t select_queries, bool aligned, int64_t num_threads,
                   const c10::optional<torch::Tensor>& store_slots, const std::vector<torch::Tensor>& store_reprs,
                   int64_t store_slab_units);
+void select_units_exact(const torch::Tensor& query, const torch::Tensor& kv_cache, const torch::Tensor& block_table,
+                        const torch::Tensor& req, const torch::Tensor& c0, const torch::Tensor& length,
+                        const torch::Tensor& q0, const torch::Tensor& num_cand, const torch::Tensor& cos,
+                        const torch::Tensor& sin, torch::Tensor selected, int64_t n_init, int64_t n_local,
+                        int64_t topk, int64_t groups, int64_t contiguity, int64_t select_queries, bool aligned,
+                        int64_t num_threads, const c10::optional<torch::Tensor>& store_slots,
+                        const std::vector<torch::Tensor>& store_kv, int64_t store_slab_units);
 void write_kv(torch::Tensor kv_cache, const torch::Tensor& key, const torch::Tensor& value,
               const torch::Tensor& slot_mapping, c10::optional<torch::Tensor> scores,
               c10::optional<torch::Tensor> sealed);

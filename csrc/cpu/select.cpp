@@ -13,6 +13,10 @@
 //   each candidate scored against the representatives, per selection group (the layer, or each
 //   KV head); the topk best (contiguity c > 0: ranked by the best score within c units, then own
 //   score, then position), returned ascending, then -1.
+// select_units_exact: the same with the exact score (unit_score="exact", retrieval_layer): per
+//   query head, the best <q̄_h, k_raw> over every raw key of the unit (h's KV head), summed
+//   over the group's heads. No representatives: the unit's keys are read where they lie, in the
+//   pool or the store, each un-rotated once for the G query heads that share it.
 
 #include <torch/extension.h>
 
@@ -22,6 +26,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -33,7 +38,7 @@
 namespace infllm {
 namespace {
 
-enum UnitScore : int64_t { kMeanTopk = 0, kMinmax = 1, kMaxTopk = 2 };
+enum UnitScore : int64_t { kMeanTopk = 0, kMinmax = 1, kMaxTopk = 2, kExact = 3 };
 
 template <typename T>
 void seal_impl(const torch::Tensor& kv_cache, torch::Tensor& reprs, const torch::Tensor& scores,
@@ -164,6 +169,14 @@ void select_impl(const torch::Tensor& query, const torch::Tensor& reprs, const t
     if (slot >= 0) return {store.unit(slot), store.s_1};
     return {rp + static_cast<int64_t>(bt[req[c] * s_bt + init_blocks + u]) * s_rb, s_rr_pool};
   };
+  // kExact: `reprs` is the layer's KV cache [blocks, Hkv, B, 2*D] and the store's slabs hold
+  // K/V: candidate u's keys (first row, KV-head stride, offset stride).
+  const int64_t s_ro_pool = unit_score == kExact ? reprs.stride(2) : 0;
+  const auto unit_keys = [&](int64_t c, int64_t u) -> std::tuple<const R*, int64_t, int64_t> {
+    const int32_t slot = store.slot(req[c], init_blocks + u);
+    if (slot >= 0) return {store.unit(slot), store.s_1, store.s_2};
+    return {rp + static_cast<int64_t>(bt[req[c] * s_bt + init_blocks + u]) * s_rb, s_rr_pool, s_ro_pool};
+  };
   const float* cosp = cos_t.data_ptr<float>();
   const float* sinp = sin_t.data_ptr<float>();
   const int64_t s_cos = cos_t.stride(0), s_sin = sin_t.stride(0);
@@ -221,22 +234,73 @@ void select_impl(const torch::Tensor& query, const torch::Tensor& reprs, const t
   std::vector<float> score(groups * total, 0.f);
   // A unit's representative rows as one span of bytes to prefetch (rows s_rr_pool apart; a
   // store's rows are packed, at most as far apart).
-  const int64_t repr_rows = unit_score == kMinmax ? 2 * Hkv : unit_score == kMaxTopk ? Hq * repr_topk : Hq;
+  const int64_t repr_rows = unit_score == kMinmax   ? 2 * Hkv
+                           : unit_score == kMaxTopk ? Hq * repr_topk
+                           : unit_score == kExact   ? 1  // no prefetch: B rows per head, read in order
+                                                    : Hq;
   const int64_t repr_bytes = ((repr_rows - 1) * s_rr_pool + D) * static_cast<int64_t>(sizeof(R));
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<float> r(D), ones(D, 1.f);
+    std::vector<float> r(D), ones(D, 1.f), best(G);
+#if INFLLM_SIMD_WIDTH
+    const int64_t tile = kW;
+#else
+    const int64_t tile = 16;
+#endif
+    std::vector<float> raw(unit_score == kExact ? tile * D : 0), dots(tile);
 #pragma omp for schedule(static)
     for (int64_t x = 0; x < total; ++x) {
       const int64_t c = chunk_of[x], u = x - off[c], K = off[c + 1] - off[c];
       const float* qbar = qbars.data() + c * Hq * D;
+      float* sc = score.data() + groups * off[c];
+      if (unit_score == kExact) {
+        const auto [keys, s_kh, s_ko] = unit_keys(c, u);
+        const int64_t j0 = n_init + u * B;  // position of the unit's first token
+        for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
+          std::fill(best.begin(), best.end(), -kInf);
+          // Keys `tile` at a time: each un-rotated once for the G query heads of its KV head
+          // (raw = R(-j) k), then each head's dots with them.
+          for (int64_t o0 = 0; o0 < B; o0 += tile) {
+            const int64_t m = std::min(tile, B - o0);
+            for (int64_t t = 0; t < m; ++t) {
+              const R* k = keys + kvh * s_kh + (o0 + t) * s_ko;
+              float* rt = raw.data() + t * D;
+              for (int64_t d = 0; d < D; ++d) rt[d] = static_cast<float>(k[d]);
+              rotate(rt, rt, cosp + (j0 + o0 + t) * s_cos, sinp + (j0 + o0 + t) * s_sin, -1.f, half);
+            }
+            for (int64_t i = 0; i < G; ++i) {
+              const float* qh = qbar + (kvh * G + i) * D;
+#if INFLLM_SIMD_WIDTH
+              if (m == kW && D % kW == 0) {  // kW dots at once: one shuffle tree, not kW reductions
+                vfloat acc[kW];
+                for (int t = 0; t < kW; ++t) {
+                  const float* rt = raw.data() + t * D;
+                  vfloat a = vmul(vload(qh), vload(rt));
+                  for (int64_t d = kW; d < D; d += kW) a = vfma(vload(qh + d), vload(rt + d), a);
+                  acc[t] = a;
+                }
+                vstore(dots.data(), vsum_each(acc));
+              } else
+#endif
+              {
+                for (int64_t t = 0; t < m; ++t) dots[t] = dot(qh, raw.data() + t * D, D);
+              }
+              for (int64_t t = 0; t < m; ++t) {  // a NaN dot sticks (as torch's amax): it ranks first
+                const float v = dots[t];
+                if (!std::isnan(best[i]) && (std::isnan(v) || v > best[i])) best[i] = v;
+              }
+            }
+          }
+          for (int64_t i = 0; i < G; ++i) sc[((kvh * G + i) / heads_per_group) * K + u] += best[i];
+        }
+        continue;
+      }
       const auto [base, s_rr] = unit_reprs(c, u);
-      if (x + kPrefetchAhead < total) {  // each candidate sits in its own KV page: fetch ahead
+      if (unit_score != kExact && x + kPrefetchAhead < total) {  // each candidate sits in its own KV page: fetch ahead
         const int64_t xn = x + kPrefetchAhead, cn = chunk_of[xn];
         const char* nb = reinterpret_cast<const char*>(unit_reprs(cn, xn - off[cn]).first);
         for (int64_t b = 0; b < repr_bytes; b += 64) __builtin_prefetch(nb + b, 0, 3);
       }
-      float* sc = score.data() + groups * off[c];
       for (int64_t h = 0; h < Hq; ++h) {
         const float* qh = qbar + h * D;
         float v;
@@ -337,6 +401,30 @@ void select_units(const torch::Tensor& query, const torch::Tensor& reprs, const 
                                      "infllm native select");
     select_impl<scalar_t, scalar_t>(query, reprs, block_table, req, c0, length, q0, num_cand, cos, sin, selected,
                                     num_kv_heads, block_size, n_init, n_local, topk, repr_topk, unit_score, groups,
+                                    contiguity, select_queries, aligned, num_threads, store);
+  });
+}
+
+void select_units_exact(const torch::Tensor& query, const torch::Tensor& kv_cache, const torch::Tensor& block_table,
+                        const torch::Tensor& req, const torch::Tensor& c0, const torch::Tensor& length,
+                        const torch::Tensor& q0, const torch::Tensor& num_cand, const torch::Tensor& cos,
+                        const torch::Tensor& sin, torch::Tensor selected, int64_t n_init, int64_t n_local,
+                        int64_t topk, int64_t groups, int64_t contiguity, int64_t select_queries, bool aligned,
+                        int64_t num_threads, const c10::optional<torch::Tensor>& store_slots,
+                        const std::vector<torch::Tensor>& store_kv, int64_t store_slab_units) {
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.stride(3) == 1 && query.stride(2) == 1 && selected.is_contiguous() &&
+                  selected.scalar_type() == at::kLong,
+              "infllm native select_units_exact: kv_cache [blocks, Hkv, B, 2*D] and query with contiguous rows, ",
+              "int64 [n, groups, topk] output");
+  TORCH_CHECK(query.scalar_type() == kv_cache.scalar_type(),
+              "infllm native select_units_exact: query and kv_cache share a dtype");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
+              "infllm native select_units_exact: fp32 rotary table");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "infllm_select_exact", [&] {
+    const StoreSlabs<scalar_t> store(store_slots, store_kv, store_slab_units, block_table, kv_cache,
+                                     "infllm native select_units_exact");
+    select_impl<scalar_t, scalar_t>(query, kv_cache, block_table, req, c0, length, q0, num_cand, cos, sin, selected,
+                                    kv_cache.size(1), kv_cache.size(2), n_init, n_local, topk, 1, kExact, groups,
                                     contiguity, select_queries, aligned, num_threads, store);
   });
 }

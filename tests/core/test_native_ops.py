@@ -167,6 +167,44 @@ def test_select_units_matches_torch_ops(modes, dtype):
     assert (differ > 0) == (cfg.selection == "kv_head")
 
 
+@pytest.mark.parametrize("modes", [
+    {}, {"selection": "kv_head"}, {"contiguity": 1}, {"chunking": "step", "select_queries": 5}])
+@pytest.mark.parametrize("dtype,packed", [(torch.float32, False), (torch.float16, False), (torch.bfloat16, True)])
+def test_select_units_exact_matches_torch_ops(modes, dtype, packed):
+    """The exact score's units (unit_score="exact", retrieval_layer) as the torch op picks them,
+    from keys read in place (with the page stride the adapter's K/V views have: `packed`); a
+    unit holding a NaN key ranks first on both paths."""
+    cfg = dataclasses.replace(CFG, unit_score="exact", **modes)
+    Hq, Hkv, D = 6, 3, 64
+    st = paged_state(Hq, Hkv, D, SEQ_LENS, dtype, cfg, device="cpu", seed=9)
+    kv = st.kv_cache
+    if packed:  # K/V as a strided view of wider pages
+        pages = torch.randn(kv.shape[0], Hkv + 2, *kv.shape[2:]).to(dtype)
+        pages[:, :Hkv] = kv
+        kv = pages[:, :Hkv]
+    cos, sin = rope_table(D, 1024)
+    query = torch.randn(sum(QUERY_LENS), Hq, D, generator=torch.Generator().manual_seed(10)).to(dtype)
+    chosen = 0
+    for wave in waves(cfg):
+        a = torch_ops.select_units_exact(query, kv, st.block_table, wave, cos, sin, cfg, Hkv)
+        b = native_ops.select_units_exact(query, kv, st.block_table, wave, cos, sin, cfg, Hkv)
+        assert a.shape == b.shape == (wave.n, cfg.selection_groups(Hkv), cfg.topk)
+        assert torch.equal(a, b), (a, b)
+        chosen += int((a >= 0).sum())
+    assert chosen >= 4 * cfg.topk
+    # A NaN key of KV head 1 in a unit the clean scores leave out, in request 0 (a deep prefill
+    # chunk with more candidates than topk): every group KV head 1 scores in picks it.
+    wave = waves(cfg)[0]
+    assert wave.host["num_cand"][0] > cfg.topk
+    group = 1 if cfg.selection == "kv_head" else 0
+    clean = torch_ops.select_units_exact(query, kv, st.block_table, wave, cos, sin, cfg, Hkv)[0, group].tolist()
+    unit = min(set(range(wave.host["num_cand"][0])) - set(clean))
+    kv[st.block_table[0, cfg.init_blocks + unit], 1, 5, 3] = float("nan")
+    for op in (torch_ops, native_ops):
+        got = op.select_units_exact(query, kv, st.block_table, wave, cos, sin, cfg, Hkv)
+        assert unit in got[0, group].tolist(), op.__name__
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_write_kv_matches_torch_ops(dtype):
     """Strided key/value views, padding slots, a block started afresh (its scores and sealed

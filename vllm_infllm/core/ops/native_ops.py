@@ -10,7 +10,9 @@
     select_units  native: q̄, every candidate's score per selection group, the topk by the
                   same ranking rule (contiguity included), each chunk in parallel
     select_units_exact
-                  the exact score (unit_score="exact", retrieval_layer): the torch op
+                  native: the exact score (unit_score="exact", retrieval_layer) over every
+                  candidate's keys where they lie (pool or store), each key un-rotated once for
+                  the query heads that share it; candidates in parallel
     write_kv, hold_selections
                   native: the K/V scatter (and the reset of reused blocks), and chunking="aligned"'s
                   stored selections, without index tensors
@@ -173,11 +175,19 @@ def select_units_exact(
     *,
     store: StoreView | None = None,
 ) -> torch.Tensor:
-    """The exact unit score (unit_score="exact", retrieval_layer): the torch op itself (a
-    gather, an un-rotation and a matmul per slice of units; no native kernel yet). Arguments
-    and result as `torch_ops.select_units_exact`."""
-    return torch_ops.select_units_exact(query, kv_cache, block_table, chunks, cos, sin, config, num_kv_heads,
-                                        store=store)
+    """Arguments and result as `torch_ops.select_units_exact`."""
+    S = config.selection_groups(num_kv_heads)
+    selected = torch.empty(chunks.n, S, config.topk, dtype=torch.long)
+    if chunks.n == 0:
+        return selected
+    q = query if query.dtype == kv_cache.dtype and query.stride(2) == 1 else query.to(kv_cache.dtype).contiguous()
+    native.load().select_units_exact(
+        q, kv_cache, _table32(block_table), *_fields(chunks, "req", "c0", "length", "q0", "num_cand"),
+        _fp32_table(cos), _fp32_table(sin), selected, config.n_init, config.n_local, config.topk, S,
+        config.contiguity, config.select_queries, config.chunking == "aligned", cpu_threads(),
+        *_store_args(store, "kv"),
+    )
+    return selected
 
 
 def write_kv(
