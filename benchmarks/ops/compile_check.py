@@ -8,6 +8,7 @@ without a GPU: registers, spills, shared memory and compile time per variant.
     python -m benchmarks.ops.compile_check --no-compile    # only count the variants
     python -m benchmarks.ops.compile_check --quick --infllm '{"selection": "kv_head", "positions": "ordered"}'
     python -m benchmarks.ops.compile_check --quick --softcap 50 --sinks   # Gemma 2 / GPT-OSS softmax
+    python -m benchmarks.ops.compile_check --quick --infllm '{"unit_score": "exact", "retrieval_layer": 1}'
 
 How. The runtime (`core/runtime.py`, `core/ops/triton_ops.py`) is driven as the adapter drives
 it: one plan per scheduler step (`plan_decode_step` for pure decode, as the builder does on CUDA,
@@ -199,8 +200,11 @@ def record_variants(layout, dtype: torch.dtype, cfg: InfLLMConfig, max_batch: in
             else:
                 plan = plan_step(qsl, s_lens, cfg, device="cpu")
             triton_ops.write_kv(kv_cache, k, k, slots, memory)
-            infllm_forward(q, kv_cache, table, plan, memory, cos, sin, cfg, D**-0.5, torch.empty_like(q),
-                           ops=triton_ops, softcap=softcap, sinks=sink_logits)
+            # retrieval_layer L: a layer below it, L itself (the exact score) and one above (reads L's units)
+            for layer in range(max(0, cfg.retrieval_layer - 1), cfg.retrieval_layer + 2) if cfg.retrieval_layer >= 0 \
+                    else [None]:
+                infllm_forward(q, kv_cache, table, plan, memory, cos, sin, cfg, D**-0.5, torch.empty_like(q),
+                               ops=triton_ops, softcap=softcap, sinks=sink_logits, layer=layer)
     return variants
 
 

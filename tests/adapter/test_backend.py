@@ -227,11 +227,6 @@ def test_builder_plans_decode_steps_statically_for_cuda_graphs():
     spec_cfg.speculative_config = SimpleNamespace(num_speculative_tokens=2)
     with pytest.raises(ValueError, match="speculative decoding is not supported"):
         InfLLMMetadataBuilder(_spec(), ["l0"], spec_cfg, torch.device("cpu"))
-    for knob in ({"retrieval_layer": 2}, {"unit_score": "exact"}):  # no kernel a graph can replay yet
-        gpu_cfg = vcfg("cuda")
-        gpu_cfg.additional_config = {"infllm": {"topk": 3, **knob}}
-        with pytest.raises(ValueError, match="exact unit score .* runs on the CPU path only"):
-            InfLLMMetadataBuilder(_spec(), ["l0"], gpu_cfg, torch.device("cuda"))
     past = vcfg("cpu")  # a retrieval layer the model does not have
     past.additional_config = {"infllm": {"topk": 3, "retrieval_layer": 4}}
     past.model_config = SimpleNamespace(hf_text_config=SimpleNamespace(num_hidden_layers=4))

@@ -57,10 +57,11 @@ def test_variants_are_bounded_over_batch_sizes(tmp_path):
 @pytest.mark.parametrize("args", [("--infllm", "{}"),
                                   ("--infllm", '{"selection": "kv_head", "positions": "ordered", '
                                                '"unit_score": "max_topk"}'),
+                                  # layer 0 minmax, layer 1 the retrieval layer (the exact score), layer 2 reads it
                                   ("--infllm", '{"unit_score": "minmax", "contiguity": 1, "select_queries": 16, '
-                                               '"chunking": "step"}'),
+                                               '"chunking": "step", "retrieval_layer": 1}'),
                                   ("--softcap", "50", "--sinks")],
-                         ids=["paper", "kv_head-ordered-max_topk", "minmax-contiguity-last", "softcap-sinks"])
+                         ids=["paper", "kv_head-ordered-max_topk", "minmax-contiguity-last-retrieval", "softcap-sinks"])
 def test_kernels_compile_for_sm90_without_spills(tmp_path, args):
     # bf16 at head sizes 64, 128 and 256 (the --quick set), decode batches up to 40 so that both
     # the split and the one-program decode kernels are built; the paper's rule, the modes beyond
@@ -73,3 +74,5 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path, args):
     for v in built:
         assert v["spill_stores"] == 0 and v["spill_loads"] == 0, v
         assert 0 < v["regs"] <= 255 and v["shared_bytes"] <= 232_448, v
+    if any("retrieval_layer" in a for a in args):  # the retrieval layer's kernel was built too
+        assert "_score_exact_kernel" in {v["kernel"] for v in built}, sorted({v["kernel"] for v in built})

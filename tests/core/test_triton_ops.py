@@ -437,3 +437,54 @@ def test_ops_on_side_state_packed_in_the_pages(dtype):
     torch.testing.assert_close(packed.scores, mem.scores, **TOL[dtype])
     assert torch.equal(pages[:, :Hkv], kv)  # K/V of every block as the torch ops left them
     assert torch.equal(page_padding(pages, Hq, Hkv, D), padding)
+
+
+@in_process
+@pytest.mark.parametrize("Hq,Hkv,D,extra,dtype", [
+    (6, 3, 32, {}, torch.float32), (6, 3, 32, {"selection": "kv_head"}, torch.float16),
+    (4, 1, 64, {"contiguity": 1}, torch.float32),
+    (4, 2, 32, {"chunking": "step", "select_queries": 5}, torch.float16)])
+def test_select_units_exact(Hq, Hkv, D, extra, dtype):
+    """The exact score's units (unit_score="exact", retrieval_layer) as the torch op picks them;
+    a NaN key in a unit the clean scores leave out makes that unit ranked first."""
+    cfg = dataclasses.replace(CFG, unit_score="exact", **extra)
+    (kv, table, cos, sin), _ = paged_state(Hq, Hkv, D, SEQ_LENS, dtype, cfg)
+    query = torch.randn(sum(QUERY_LENS), Hq, D, generator=torch.Generator().manual_seed(4)).to(dtype=dtype,
+                                                                                               device=DEVICE)
+    chosen = 0
+    for wave in _plan():
+        a = torch_ops.select_units_exact(query, kv, table, wave, cos, sin, cfg, Hkv)
+        b = triton_ops.select_units_exact(query, kv, table, wave, cos, sin, cfg, Hkv)
+        assert a.shape == b.shape == (wave.n, cfg.selection_groups(Hkv), cfg.topk)
+        assert torch.equal(a.cpu(), b.cpu()), (a, b)
+        chosen += int((a >= 0).sum())
+    assert chosen >= 4 * cfg.topk
+    wave = _plan()[0]
+    assert wave.host["num_cand"][0] > cfg.topk
+    clean = torch_ops.select_units_exact(query, kv, table, wave, cos, sin, cfg, Hkv)[0, 0].tolist()
+    unit = min(set(range(wave.host["num_cand"][0])) - set(clean))
+    kv[table[0, cfg.init_blocks + unit], 0, 3, 1] = float("nan")  # KV head 0: group 0 either way
+    for op in (torch_ops, triton_ops):
+        assert unit in op.select_units_exact(query, kv, table, wave, cos, sin, cfg, Hkv)[0, 0].tolist()
+
+
+@in_process
+@pytest.mark.parametrize("Hq,Hkv,D,modes", [  # two cases: the interpreter takes ~30 s each
+    (4, 2, 32, {"retrieval_layer": 1, "unit_score": "exact", "positions": "ordered", "chunking": "aligned"}),
+    (4, 1, 64, {"retrieval_layer": 0, "unit_score": "minmax", "selection": "kv_head", "chunking": "step",
+                "select_queries": 4})])
+def test_runtime_retrieval_layer_and_exact_match_oracle(Hq, Hkv, D, modes):
+    """retrieval_layer and unit_score="exact" on the Triton path, three layers: the layer below
+    selects by its own score, the retrieval layer by every key, the layer above attends its units
+    (docs/design.md section 2.7); every output as the oracle's."""
+    cfg = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=3, repr_topk=3, chunk=32, **modes)
+    g = torch.Generator().manual_seed(8)
+    reqs = [make_request([45, 77, 60], 4, Hq, Hkv, D, g), make_request([9], 20, Hq, Hkv, D, g),
+            make_request([150], 3, Hq, Hkv, D, g)]
+    cos, sin = rope_table(D, 1024)
+    run = run_paged(reqs, cfg, cos, sin, ops=triton_ops, device=DEVICE, layers=3)
+    for layer in range(3):
+        traces = run_oracle(reqs, cfg, cos, sin, layer)
+        assert sum(c.num_candidates > cfg.topk for tr in traces for c in tr.chunks) > 5  # selection chose
+        for out, tr in zip(run.outs[layer], traces, strict=True):
+            torch.testing.assert_close(out, tr.out, rtol=1e-4, atol=1e-4)

@@ -112,13 +112,6 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
         self.infllm_config = infllm_config_from_vllm(vllm_config)
         self.offload_config = offload_config_from_vllm(vllm_config)
         cfg = self.infllm_config
-        if (cfg.retrieval_layer >= 0 or cfg.unit_score == "exact") and torch.device(device).type != "cpu":
-            raise ValueError(
-                "infllm: the exact unit score (unit_score='exact', retrieval_layer) runs on the CPU "
-                "path only for now (a torch op with host-side loops that a CUDA graph cannot "
-                "replay; no Triton kernel yet); use another unit_score and drop retrieval_layer on "
-                "this device"
-            )
         # Also checked before the engine starts (engine_args.py) when the model's config can be
         # read there; a layer past the model would otherwise leave every layer selecting alone.
         layers = getattr(getattr(getattr(vllm_config, "model_config", None), "hf_text_config", None),

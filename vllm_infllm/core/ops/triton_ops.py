@@ -5,6 +5,8 @@
   seal_units    one program per unit of the scan window, all query heads at once (so the `sealed`
                 flag is written by the only program that writes the unit's representatives)
   select_units  q̄ kernel + one-pass scoring kernel over the representatives, then torch.topk
+                (select_units_exact: the exact score over every candidate's keys, one program
+                per candidate and selection group)
   attend        flash attention per (chunk, query tile, KV head) with the tile's rows = (query,
                 query head of that KV head), so K/V are read once for all G heads; local window and
                 global keys (RoPE remapped in-kernel) share one online softmax; a second pass over
@@ -256,6 +258,23 @@ def _seal_minmax_kernel(
     tl.store(sealed_ptr + phys * s_z, tl.full([], 1, tl.uint8))
 
 
+@triton.jit
+def _seal_flags_kernel(
+    bt_ptr, req_ptr, ncand_ptr, sealed_ptr,  # as _seal_kernel
+    s_bt, s_z, INIT_BLOCKS: tl.constexpr, WINDOW: tl.constexpr,
+):
+    """unit_score="exact": sealing stores nothing (the score reads the unit's keys); one program
+    per unit of the scan window sets its flag."""
+    pid = tl.program_id(0)
+    c = pid // WINDOW
+    unit = tl.load(ncand_ptr + c) - WINDOW + pid % WINDOW
+    if unit < 0:
+        return
+    req = tl.load(req_ptr + c).to(tl.int64)
+    phys = tl.load(bt_ptr + req * s_bt + INIT_BLOCKS + unit).to(tl.int64)
+    tl.store(sealed_ptr + phys * s_z, 1)
+
+
 def seal_units(
     kv_cache: torch.Tensor,
     memory: LayerMemory,
@@ -283,6 +302,12 @@ def seal_units(
     s_sb, s_sh, s_so = memory.scores.stride()
     s_rb, s_rh, s_rd = memory.reprs.stride()
     sealed = memory.sealed.view(torch.uint8)  # one byte per KV page in vLLM: index by its stride
+    if config.unit_score == "exact":
+        _seal_flags_kernel[(chunks.n * window,)](
+            bt_ptr=block_table, req_ptr=chunks.req, ncand_ptr=chunks.num_cand, sealed_ptr=sealed,
+            s_bt=block_table.stride(0), s_z=sealed.stride(0), INIT_BLOCKS=config.init_blocks, WINDOW=window,
+        )
+        return
     if config.unit_score == "minmax":
         _seal_minmax_kernel[(chunks.n * window,)](
             kv_ptr=kv_cache, bt_ptr=block_table, req_ptr=chunks.req, ncand_ptr=chunks.num_cand,
@@ -468,6 +493,64 @@ def _score_max_kernel(
     tl.store(dst, acc, mask=u < MAX_CAND)
 
 
+@triton.jit(do_not_specialize=["MAX_CAND"])
+def _score_exact_kernel(
+    qbar_ptr,  # [n, Hq*D] fp32
+    kv_ptr,  # [num_blocks, Hkv, B, 2*D] (K in [..., :D]), strides s_cb, s_ch, s_co, s_cd
+    bt_ptr, req_ptr, ncand_ptr,  # as _score_kernel
+    cos_ptr, sin_ptr,  # [rows, D/2] rotary table, row strides s_cos, s_sin
+    score_ptr,  # [n, S, MAX_CAND] fp32 out
+    s_bt, s_cb, s_ch, s_co, s_cd, s_cos, s_sin, MAX_CAND,
+    HQ: tl.constexpr, D2: tl.constexpr, G: tl.constexpr,
+    KV_HEADS: tl.constexpr,  # KV heads per selection group (Hkv or 1)
+    B: tl.constexpr, N_INIT: tl.constexpr, INIT_BLOCKS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D2: tl.constexpr,
+):
+    """unit_score="exact" and the retrieval layer: one program per (chunk, candidate, selection
+    group); score[c, grp, u] = sum over the group's query heads h of max_k <q̄_h, k_raw>, every
+    key of the unit (of h's KV head), each un-rotated once (raw = R(-j) k at position j) for
+    the G heads that share it. A NaN dot makes the score NaN (as torch's amax): it ranks first."""
+    c = tl.program_id(0)
+    u = tl.program_id(1)
+    grp = tl.program_id(2)
+    dst = score_ptr + (c * tl.num_programs(2) + grp) * MAX_CAND + u
+    ncand = tl.load(ncand_ptr + c)
+    if u >= ncand:  # past this chunk's candidates (MAX_CAND is a bound)
+        tl.store(dst, float("-inf"))
+        return
+    req = tl.load(req_ptr + c).to(tl.int64)
+    phys = tl.load(bt_ptr + req * s_bt + INIT_BLOCKS + u).to(tl.int64)
+    i = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D2)
+    qm = (i[:, None] < G) & (d[None, :] < D2)
+    total = 0.0
+    for kk in range(KV_HEADS):
+        kvh = grp * KV_HEADS + kk
+        qrow = qbar_ptr + c * HQ * 2 * D2 + (kvh * G + i[:, None]) * 2 * D2 + d[None, :]
+        qa = tl.load(qrow, mask=qm, other=0.0)  # [BLOCK_G, BLOCK_D2]: the G heads' halves
+        qb = tl.load(qrow + D2, mask=qm, other=0.0)
+        best = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        nan = tl.zeros([BLOCK_G], tl.int32)
+        for o0 in range(0, B, BLOCK_B):
+            o = o0 + tl.arange(0, BLOCK_B)
+            km = (o[:, None] < B) & (d[None, :] < D2)
+            kbase = kv_ptr + phys * s_cb + kvh * s_ch + o[:, None] * s_co + d[None, :] * s_cd
+            ka = tl.load(kbase, mask=km, other=0.0).to(tl.float32)  # [BLOCK_B, BLOCK_D2]
+            kb = tl.load(kbase + D2 * s_cd, mask=km, other=0.0).to(tl.float32)
+            j = N_INIT + u * B + o  # the keys' positions
+            cs = tl.load(cos_ptr + j[:, None] * s_cos + d[None, :], mask=km, other=1.0).to(tl.float32)
+            sn = tl.load(sin_ptr + j[:, None] * s_sin + d[None, :], mask=km, other=0.0).to(tl.float32)
+            ra = ka * cs + kb * sn  # R(-j) k in NeoX halves
+            rb = kb * cs - ka * sn
+            dots = tl.sum(qa[:, None, :] * ra[None, :, :], 2) + tl.sum(qb[:, None, :] * rb[None, :, :], 2)
+            dots = tl.where(o[None, :] < B, dots, float("-inf"))  # [BLOCK_G, BLOCK_B]
+            nan += tl.sum((dots != dots).to(tl.int32), 1)
+            best = tl.maximum(best, tl.max(dots, 1))
+        best = tl.where(nan > 0, float("nan"), best)
+        total += tl.sum(tl.where(i < G, best, 0.0), 0)
+    tl.store(dst, total)
+
+
 def _no_store(store) -> None:
     if store is not None:
         raise NotImplementedError(
@@ -513,19 +596,7 @@ def select_units(
     T, Hq, D = query.shape
     reprs = memory.reprs
     assert reprs.stride(2) == 1 and reprs.stride(1) == D, "reprs[block] must be a contiguous [R, D]"
-    cos, sin = _table(cos), _table(sin)
-    qbar = torch.empty(n, Hq * D, dtype=torch.float32, device=device)
-    s_qt, s_qh, s_qd = query.stride()
-    _qbar_kernel[(n, Hq)](
-        q_ptr=query, qbar_ptr=qbar, c0_ptr=chunks.c0, len_ptr=chunks.length, q0_ptr=chunks.q0,
-        cos_ptr=cos, sin_ptr=sin,
-        s_qt=s_qt, s_qh=s_qh, s_qd=s_qd, s_cos=cos.stride(0), s_sin=sin.stride(0),
-        SELECT_QUERIES=config.select_queries, FIRST_ONLY=int(config.chunking == "aligned"),
-        D2=D // 2, X=Hq * D, N_LOCAL=config.n_local,
-        # Two builds only (decode, prefill): a block sized by each step's longest chunk would
-        # compile anew for every power of two it meets.
-        BLOCK_Q=1 if chunks.max_len == 1 else (128 if _INTERPRET else 32), BLOCK_D2=_p2(D // 2),
-    )
+    qbar = _qbar(query, chunks, _table(cos), _table(sin), config)
     score = torch.empty(n, S, max_k, dtype=torch.float32, device=device)
     block_u = 64 if _INTERPRET else 16
     XG = Hq * D // S
@@ -553,6 +624,75 @@ def select_units(
             INIT_BLOCKS=config.init_blocks, MAX_CAND=max_k,
             BLOCK_U=block_u, BLOCK_X=min(_p2(XG), 1024 if _INTERPRET else 256),
         )
+    return top_units(score, chunks.num_cand, config)  # ascending: slot k is the unit's rank
+
+
+def _qbar(query: torch.Tensor, chunks: ChunkBatch, cos: torch.Tensor, sin: torch.Tensor,
+          config: InfLLMConfig) -> torch.Tensor:
+    """q̄ of every chunk, [n, Hq*D] fp32 (_qbar_kernel)."""
+    n, (_, Hq, D) = chunks.n, query.shape
+    qbar = torch.empty(n, Hq * D, dtype=torch.float32, device=query.device)
+    s_qt, s_qh, s_qd = query.stride()
+    _qbar_kernel[(n, Hq)](
+        q_ptr=query, qbar_ptr=qbar, c0_ptr=chunks.c0, len_ptr=chunks.length, q0_ptr=chunks.q0,
+        cos_ptr=cos, sin_ptr=sin,
+        s_qt=s_qt, s_qh=s_qh, s_qd=s_qd, s_cos=cos.stride(0), s_sin=sin.stride(0),
+        SELECT_QUERIES=config.select_queries, FIRST_ONLY=int(config.chunking == "aligned"),
+        D2=D // 2, X=Hq * D, N_LOCAL=config.n_local,
+        # Two builds only (decode, prefill): a block sized by each step's longest chunk would
+        # compile anew for every power of two it meets.
+        BLOCK_Q=1 if chunks.max_len == 1 else (128 if _INTERPRET else 32), BLOCK_D2=_p2(D // 2),
+    )
+    return qbar
+
+
+def exact_block_b(G: int, D: int, B: int) -> int:
+    """Keys per iteration of _score_exact_kernel: about 4K elements of the [G, keys, D/2]
+    products (registers on a GPU), at most the block."""
+    return max(1, min(_p2(B), 4096 // (_p2(G) * _p2(D // 2))))
+
+
+def select_units_exact(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    chunks: ChunkBatch,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    config: InfLLMConfig,
+    num_kv_heads: int,
+    *,
+    store=None,
+) -> torch.Tensor:
+    """unit_score="exact" and config.retrieval_layer's selection: the topk candidates by
+    sum_h max_k <q̄_h, k_raw> over every raw key of the unit (as torch_ops.select_units_exact),
+    one program per (chunk, candidate, selection group) reading the unit's keys in place.
+    Static launch sizes for a static plan (chunks.max_cand a bound): a CUDA graph replays it."""
+    _no_store(store)
+    n, topk, max_k = chunks.n, config.topk, chunks.max_cand
+    device = query.device
+    S = config.selection_groups(num_kv_heads)
+    selected = torch.full((n, S, topk), -1, dtype=torch.long, device=device)
+    if n == 0 or max_k == 0:
+        return selected
+    units = torch.arange(max_k, device=device)
+    if max_k <= topk:  # every chunk takes all its candidates
+        selected[:, :, :max_k] = torch.where(units < chunks.num_cand[:, None], units, -1)[:, None]
+        return selected
+    T, Hq, D = query.shape
+    G, B = Hq // num_kv_heads, config.block_size
+    cos, sin = _table(cos), _table(sin)
+    qbar = _qbar(query, chunks, cos, sin, config)
+    score = torch.empty(n, S, max_k, dtype=torch.float32, device=device)
+    s_cb, s_ch, s_co, s_cd = kv_cache.stride()
+    _score_exact_kernel[(n, max_k, S)](
+        qbar_ptr=qbar, kv_ptr=kv_cache, bt_ptr=block_table, req_ptr=chunks.req, ncand_ptr=chunks.num_cand,
+        cos_ptr=cos, sin_ptr=sin, score_ptr=score,
+        s_bt=block_table.stride(0), s_cb=s_cb, s_ch=s_ch, s_co=s_co, s_cd=s_cd,
+        s_cos=cos.stride(0), s_sin=sin.stride(0), MAX_CAND=max_k,
+        HQ=Hq, D2=D // 2, G=G, KV_HEADS=num_kv_heads // S, B=B, N_INIT=config.n_init,
+        INIT_BLOCKS=config.init_blocks, BLOCK_B=exact_block_b(G, D, B), BLOCK_G=_p2(G), BLOCK_D2=_p2(D // 2),
+    )
     return top_units(score, chunks.num_cand, config)  # ascending: slot k is the unit's rank
 
 
