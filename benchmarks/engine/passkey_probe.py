@@ -133,12 +133,18 @@ def main(argv=None) -> int:
     ap.add_argument("--share-from", type=int,
                     help="with --exact-select: the layers above this one read its selection "
                          "(an experiment, exact_select's docstring)")
+    ap.add_argument("--sketch-bits", type=int, default=0,
+                    help="the exact score (unit_score 'exact', retrieval_layer) of b-bit key sketches instead of "
+                         "the keys (torch_ops.exact_unit_scores' sketch_bits; a study of a cheaper score)")
     ap.add_argument("--exact-layers", help="with --exact-select: only these layers score exactly, e.g. 18 or "
                                            "14-18 (0-based, inclusive); the others by the config's rule")
     ap.add_argument("--force-layers", help="force the needle only in these layers, e.g. 14-29 (0-based, "
                                            "inclusive; default every layer); with --exact-select the "
                                            "other layers select by the exact score")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--haystack-start", type=int, default=0,
+                    help="--task niah: read the essays from the first sentence at or after this token "
+                         "(other text around the needle; --seed changes only the key)")
     args = ap.parse_args(argv)
     if (args.force_needle or args.exact_select) and args.full:
         ap.error("--force-needle and --exact-select need --infllm")
@@ -156,7 +162,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    if args.force_needle or args.exact_select:
+    if args.force_needle or args.exact_select or args.sketch_bits:
         os.environ["VLLM_INFLLM_CPU_KERNEL"] = "torch"  # the wrappers below are on the torch ops
     from vllm_infllm.core.config import InfLLMConfig
     from vllm_infllm.core.ops import torch_ops
@@ -167,6 +173,10 @@ def main(argv=None) -> int:
     trace: list = []
     if (args.carry or args.share_from is not None) and not args.exact_select:
         ap.error("--carry and --share-from need --exact-select")
+    if args.sketch_bits:  # select_units_exact (and exact_select) read exact_unit_scores by name
+        import functools
+
+        torch_ops.exact_unit_scores = functools.partial(torch_ops.exact_unit_scores, sketch_bits=args.sketch_bits)
     if args.exact_select:
         exact_select(torch_ops, carry=args.carry, trace=trace, share_from=args.share_from,
                      exact_layers=exact_layers)
@@ -205,8 +215,8 @@ def main(argv=None) -> int:
                   additional_config={"infllm": cfg})
     llm = LLM(**kw)
     sp = SamplingParams(max_tokens=8, temperature=0)
-    prompts, sentences = zip(*(make_prompt(args.task, tok, args.length, d, args.seed) for d in args.depths),
-                             strict=True)
+    prompts, sentences = zip(*(make_prompt(args.task, tok, args.length, d, args.seed, args.haystack_start)
+                               for d in args.depths), strict=True)
     t = time.time()
     if args.force_needle or args.carry:
         outs = []
@@ -236,9 +246,12 @@ def main(argv=None) -> int:
                                                   + (f" in layers {args.force_layers}" if args.force_layers else "")
                                                   + (" exact selection" if args.exact_select else "")
                                                   + (f" in layers {args.exact_layers}" if args.exact_layers else "")
+                                                  + (f" of {args.sketch_bits}-bit sketches" if args.sketch_bits else "")
                                                   + (" carried up" if args.carry else "")
                                                   + (f" shared from layer {args.share_from}"
                                                      if args.share_from is not None else ""))
+    if args.haystack_start:
+        what += f" essays from token {args.haystack_start}"
     print(f"RESULT length={args.length} {what} ({time.time() - t:.0f} s): " + " | ".join(cells), flush=True)
     return 0
 

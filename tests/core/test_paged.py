@@ -386,3 +386,37 @@ def test_aligned_plan_continues_chunks_and_takes_prompt_lengths():
         (0, 40, 24, 32, 0), (0, 64, 32, 64, 0), (0, 96, 3, 96, 0), (0, 99, 1, 99, 0),
         (1, 200, 1, 200, cfg.num_candidates(200)), (2, 224, 1, 224, cfg.num_candidates(224)),
     ]
+
+
+@pytest.mark.parametrize("bits", [0, 4, 2])
+def test_exact_unit_scores_against_a_brute_force_of_the_raw_keys(bits):
+    """torch_ops.exact_unit_scores (what "exact" and retrieval_layer rank) against a brute force
+    from the paged keys: un-rotate each key of each candidate, keep each query head's best dot,
+    sum over the heads; with sketch_bits b, every raw key first rounded to one of 2^b levels
+    between its channel's min and max over the unit (the study of a cheaper score)."""
+    from vllm_infllm.core.ops import torch_ops
+    from vllm_infllm.core.rope import rotate
+    from vllm_infllm.testing import paged_state
+
+    cfg = dataclasses.replace(SMALL, unit_score="exact", topk=3)
+    Hq, Hkv, D, G = 6, 3, 16, 2
+    st = paged_state(Hq, Hkv, D, [300], torch.float32, cfg, seed=13)
+    cos, sin = rope_table(D, 512)
+    q = torch.randn(1, Hq, D, generator=torch.Generator().manual_seed(14))
+    wave = plan_step([0, 1], [300], cfg).waves[-1]
+    got = torch_ops.exact_unit_scores(q, st.kv_cache, st.block_table, wave, cos, sin, cfg, Hkv, sketch_bits=bits)
+    q_bar = rotate(q, cos, sin, torch.tensor([cfg.n_local - 1 - 299]))[0]  # [Hq, D]
+    K = wave.host["num_cand"][0]
+    assert K > 8
+    for u in range(K):
+        keys = st.kv_cache[st.block_table[0, cfg.init_blocks + u], :, :, :D].transpose(0, 1)  # [B, Hkv, D]
+        pos = cfg.n_init + u * cfg.block_size + torch.arange(cfg.block_size)
+        raw = rotate(keys, cos, sin, -pos)
+        if bits:
+            lo, hi = raw.amin(0), raw.amax(0)
+            step = (hi - lo) / (2**bits - 1)
+            raw = lo + torch.round((raw - lo) / step) * step
+            assert len(raw[:, 0, 0].unique()) <= 2**bits
+        best = torch.einsum("hd,bhd->bh", q_bar, raw.repeat_interleave(G, 1)).amax(0)
+        torch.testing.assert_close(got[0, 0, u], best.sum(), rtol=1e-5, atol=1e-4)
+    assert (got[0, 0, K:] == float("-inf")).all()

@@ -7,12 +7,14 @@ from .niah import NEEDLES, make_niah_prompt
 from .passkey import NEEDLE, make_passkey_prompt
 
 
-def make_prompt(task: str, tokenizer, num_tokens: int, depth: float, seed: int):
+def make_prompt(task: str, tokenizer, num_tokens: int, depth: float, seed: int, start: int = 0):
     """(prompt, needle sentence as inserted): task "passkey" (tools/passkey.py) or "niah" (the
-    number needle in Paul Graham essays, tools/niah.py)."""
+    number needle in Paul Graham essays, tools/niah.py, read from token `start` of the essays)."""
     if task == "niah":
-        p = make_niah_prompt(tokenizer, num_tokens, depth, kind="number", seed=seed)
+        p = make_niah_prompt(tokenizer, num_tokens, depth, kind="number", seed=seed, start=start)
         return p, NEEDLES["number"]["needle"].format(key=p.key)
+    if start:
+        raise ValueError("start (another stretch of the essays) applies to the essay needle (task 'niah') only")
     p = make_passkey_prompt(tokenizer, num_tokens, depth, seed=seed)
     return p, NEEDLE.format(key=p.key)
 

