@@ -223,3 +223,65 @@ def test_runtime_matches_torch_runtime_at_real_shapes(triton_ops, dtype):
             row_err = (o.float() - o_t.float()).flatten(1).norm(dim=1) / o_t.float().flatten(1).norm(dim=1)
             q = torch.tensor([0.5, 0.97, 1.0], device=row_err.device)
             assert (row_err <= 2e-2).float().mean() >= 0.97, row_err.quantile(q)
+
+
+def test_exact_score_and_retrieval_layer(triton_ops):
+    # unit_score="exact" and retrieval_layer on the GPU (docs/design.md section 2.7): the exact
+    # score's selection against the torch op at real shapes in bf16 (near-ties may swap), then
+    # a decode step of three layers (below, the retrieval layer, above it) captured in one CUDA
+    # graph and replayed with the next step's plan, against eager runs.
+    from vllm_infllm.core.plan import PlanBuffers, plan_decode_step
+    from vllm_infllm.core.runtime import infllm_forward
+
+    cfg = InfLLMConfig(unit_score="exact", positions="ordered", retrieval_layer=1)
+    dtype, (Hq, Hkv, D) = torch.bfloat16, (9, 3, 64)
+    st = paged_state(Hq, Hkv, D, SEQ_LENS, dtype, cfg, device=DEV)
+    cos, sin = rope_table(D, max(SEQ_LENS) + cfg.n_local + 1, device=DEV)
+    query = torch.randn(sum(QUERY_LENS), Hq, D, device=DEV, dtype=dtype)
+    qsl = [0]
+    for n in QUERY_LENS:
+        qsl.append(qsl[-1] + n)
+    checked = 0
+    for wave in plan_step(qsl, SEQ_LENS, cfg, device=DEV).waves:
+        a = torch_ops.select_units_exact(query, st.kv_cache, st.block_table, wave, cos, sin, cfg, Hkv)
+        b = triton_ops.select_units_exact(query, st.kv_cache, st.block_table, wave, cos, sin, cfg, Hkv)
+        for x, y in zip(a.flatten(0, 1).tolist(), b.flatten(0, 1).tolist(), strict=True):
+            want = {u for u in x if u >= 0}
+            if want:
+                assert len(want & set(y)) / len(want) >= 0.85, (x, y)
+                checked += len(want)
+    assert checked >= 2 * cfg.topk
+
+    seq_a = [20_000, 9_000, 5_000, 300]
+    seq_b = [s + 1 for s in seq_a]
+    n, pad = len(seq_a), 2
+    st = paged_state(Hq, Hkv, D, seq_b, dtype, cfg, device=DEV)
+    q = torch.randn(n + pad, Hq, D, device=DEV, dtype=dtype)
+    rows = list(range(n + 1)) + [n] * pad
+    bound = cfg.num_candidates(32_767)
+    buffers = PlanBuffers(16, DEV)
+
+    def step(plan, mems, outs, queries):
+        for layer in range(3):  # each layer its own inputs (scaled) and memory, one K/V cache
+            infllm_forward(queries * (1 + layer), st.kv_cache, st.block_table, plan, mems[layer], cos, sin, cfg,
+                           D**-0.5, outs[layer], ops=triton_ops, layer=layer)
+
+    mem_e = [st.memory.clone() for _ in range(3)]
+    mem_g = [st.memory.clone() for _ in range(3)]
+    outs_g = [torch.zeros(n + pad, Hq, D, device=DEV, dtype=dtype) for _ in range(3)]
+    plan = plan_decode_step(rows, seq_a + [0] * pad, cfg, buffers, bound)
+    step(plan, [m.clone() for m in mem_g], [o.clone() for o in outs_g], q)  # warm-up: compiles
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(plan, mem_g, outs_g, q)
+    for i, seq in enumerate((seq_a, seq_b)):
+        if i:
+            plan_decode_step(rows, seq + [0] * pad, cfg, buffers, bound)
+        want = [torch.zeros(n, Hq, D, device=DEV, dtype=dtype) for _ in range(3)]
+        step(plan_step(list(range(n + 1)), seq, cfg, device=DEV), mem_e, want, q[:n])
+        graph.replay()
+        torch.cuda.synchronize()
+        for layer in range(3):
+            got = outs_g[layer][:n]
+            assert max_abs_err(got, want[layer]) <= 3e-2 and rel_l2_err(got, want[layer]) <= 1e-2, layer
+            assert torch.equal(mem_g[layer].sealed, mem_e[layer].sealed)
