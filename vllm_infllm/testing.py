@@ -113,7 +113,7 @@ def paged_state(
     table, nb = random_block_table(seq_lens, config.block_size, 2, g)
     B = config.block_size
     kv = torch.empty(nb, Hkv, B, 2 * D, dtype=dtype, device=device).normal_(generator=g)
-    mem = LayerMemory.allocate(nb, Hq, D, B, dtype, device, config.repr_rows(Hq, Hkv),
+    mem = LayerMemory.allocate(nb, Hq, D, B, dtype, device, config.repr_rows(Hq, Hkv, dtype.itemsize),
                                config.chosen_shape(Hkv))
     mem.reprs.normal_(generator=g)
     if stale:
@@ -239,7 +239,7 @@ def run_paged(
         caches, memories = reuse.caches, reuse.memories
     for _ in range(layers if reuse is None else 0):
         kv = torch.randn(num_blocks, Hkv, B, 2 * D, generator=gen).to(dtype=dtype, device=device)
-        mem = LayerMemory.allocate(num_blocks, Hq, D, B, dtype, device, config.repr_rows(Hq, Hkv),
+        mem = LayerMemory.allocate(num_blocks, Hq, D, B, dtype, device, config.repr_rows(Hq, Hkv, dtype.itemsize),
                                    config.chosen_shape(Hkv))
         if mem.chosen is not None:
             # stale selections, as a recycled block holds: must never be read
@@ -253,7 +253,7 @@ def run_paged(
     done = [0] * len(requests)
     store = None
     if offload:
-        store = UnitStore(layers, Hkv, B, D, config.repr_rows(Hq, Hkv), dtype, slab_units=slab_units,
+        store = UnitStore(layers, Hkv, B, D, config.repr_rows(Hq, Hkv, dtype.itemsize), dtype, slab_units=slab_units,
                           path=offload_path)
     moved, poisoned = [0] * len(requests), []
     reads = [UnitReadTally() for _ in range(layers)] if offload else None

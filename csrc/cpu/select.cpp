@@ -17,6 +17,12 @@
 //   query head, the best <q̄_h, k_raw> over every raw key of the unit (h's KV head), summed
 //   over the group's heads. No representatives: the unit's keys are read where they lie, in the
 //   pool or the store, each un-rotated once for the G query heads that share it.
+// select_units with unit_score="sketch": the exact score of the 4-bit sketches sealing stored
+//   (torch_ops.sketch_unit_scores): per KV head, rows 2g/2g+1 of the unit's representatives are
+//   the box lo/hi, and the bytes after the box rows are the codes [Hkv, B, D/2] (low nibble:
+//   channel i, high nibble: channel i + D/2). <q, lo + c * step> = <q, lo> + <q * step, c>: per
+//   head one constant and one scaled query, then each key's codes are unpacked once for the G
+//   heads that share them.
 
 #include <torch/extension.h>
 
@@ -38,7 +44,7 @@
 namespace infllm {
 namespace {
 
-enum UnitScore : int64_t { kMeanTopk = 0, kMinmax = 1, kMaxTopk = 2, kExact = 3 };
+enum UnitScore : int64_t { kMeanTopk = 0, kMinmax = 1, kMaxTopk = 2, kExact = 3, kSketch = 4 };
 
 template <typename T>
 void seal_impl(const torch::Tensor& kv_cache, torch::Tensor& reprs, const torch::Tensor& scores,
@@ -237,6 +243,7 @@ void select_impl(const torch::Tensor& query, const torch::Tensor& reprs, const t
   const int64_t repr_rows = unit_score == kMinmax   ? 2 * Hkv
                            : unit_score == kMaxTopk ? Hq * repr_topk
                            : unit_score == kExact   ? 1  // no prefetch: B rows per head, read in order
+                           : unit_score == kSketch  ? 1
                                                     : Hq;
   const int64_t repr_bytes = ((repr_rows - 1) * s_rr_pool + D) * static_cast<int64_t>(sizeof(R));
 #pragma omp parallel num_threads(nt)
@@ -247,12 +254,67 @@ void select_impl(const torch::Tensor& query, const torch::Tensor& reprs, const t
 #else
     const int64_t tile = 16;
 #endif
-    std::vector<float> raw(unit_score == kExact ? tile * D : 0), dots(tile);
+    const bool keys = unit_score == kExact || unit_score == kSketch;
+    std::vector<float> raw(keys ? tile * D : 0), dots(tile), qs(unit_score == kSketch ? G * D : 0), konst(G);
 #pragma omp for schedule(static)
     for (int64_t x = 0; x < total; ++x) {
       const int64_t c = chunk_of[x], u = x - off[c], K = off[c + 1] - off[c];
       const float* qbar = qbars.data() + c * Hq * D;
       float* sc = score.data() + groups * off[c];
+      if (unit_score == kSketch) {
+        const auto [base, s_rr] = unit_reprs(c, u);
+        const uint8_t* codes = reinterpret_cast<const uint8_t*>(base + 2 * Hkv * s_rr);
+        for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
+          const R* lo = base + (2 * kvh) * s_rr;
+          const R* hi = base + (2 * kvh + 1) * s_rr;
+          for (int64_t i = 0; i < G; ++i) {  // head i of this KV head: <q, lo> and q * step
+            const float* qh = qbar + (kvh * G + i) * D;
+            float cst = 0.f;
+            for (int64_t d = 0; d < D; ++d) {
+              const float l = static_cast<float>(lo[d]);
+              cst += qh[d] * l;
+              qs[i * D + d] = qh[d] * ((static_cast<float>(hi[d]) - l) / 15.f);
+            }
+            konst[i] = cst;
+          }
+          std::fill(best.begin(), best.end(), -kInf);
+          for (int64_t o0 = 0; o0 < B; o0 += tile) {
+            const int64_t m = std::min(tile, B - o0);
+            for (int64_t t = 0; t < m; ++t) {
+              const uint8_t* p = codes + (kvh * B + o0 + t) * half;
+              float* rt = raw.data() + t * D;
+              for (int64_t d = 0; d < half; ++d) {
+                rt[d] = static_cast<float>(p[d] & 15);
+                rt[d + half] = static_cast<float>(p[d] >> 4);
+              }
+            }
+            for (int64_t i = 0; i < G; ++i) {
+              const float* qh = qs.data() + i * D;
+#if INFLLM_SIMD_WIDTH
+              if (m == kW && D % kW == 0) {
+                vfloat acc[kW];
+                for (int t = 0; t < kW; ++t) {
+                  const float* rt = raw.data() + t * D;
+                  vfloat a = vmul(vload(qh), vload(rt));
+                  for (int64_t d = kW; d < D; d += kW) a = vfma(vload(qh + d), vload(rt + d), a);
+                  acc[t] = a;
+                }
+                vstore(dots.data(), vsum_each(acc));
+              } else
+#endif
+              {
+                for (int64_t t = 0; t < m; ++t) dots[t] = dot(qh, raw.data() + t * D, D);
+              }
+              for (int64_t t = 0; t < m; ++t) {  // a NaN sticks (as torch's amax): it ranks first
+                const float v = dots[t] + konst[i];
+                if (!std::isnan(best[i]) && (std::isnan(v) || v > best[i])) best[i] = v;
+              }
+            }
+          }
+          for (int64_t i = 0; i < G; ++i) sc[((kvh * G + i) / heads_per_group) * K + u] += best[i];
+        }
+        continue;
+      }
       if (unit_score == kExact) {
         const auto [keys, s_kh, s_ko] = unit_keys(c, u);
         const int64_t j0 = n_init + u * B;  // position of the unit's first token
@@ -296,7 +358,7 @@ void select_impl(const torch::Tensor& query, const torch::Tensor& reprs, const t
         continue;
       }
       const auto [base, s_rr] = unit_reprs(c, u);
-      if (unit_score != kExact && x + kPrefetchAhead < total) {  // each candidate sits in its own KV page: fetch ahead
+      if (unit_score != kExact && unit_score != kSketch && x + kPrefetchAhead < total) {  // each candidate sits in its own KV page: fetch ahead
         const int64_t xn = x + kPrefetchAhead, cn = chunk_of[xn];
         const char* nb = reinterpret_cast<const char*>(unit_reprs(cn, xn - off[cn]).first);
         for (int64_t b = 0; b < repr_bytes; b += 64) __builtin_prefetch(nb + b, 0, 3);
@@ -396,6 +458,9 @@ void select_units(const torch::Tensor& query, const torch::Tensor& reprs, const 
   TORCH_CHECK(query.scalar_type() == reprs.scalar_type(), "infllm native select: query and reprs share a dtype");
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
               "infllm native select: fp32 rotary table");
+  TORCH_CHECK(unit_score != kSketch || reprs.stride(1) == reprs.size(2),
+              "infllm native select: unit_score='sketch' reads each unit's rows as one run of bytes "
+              "(reprs[block] a contiguous [R, D])");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "infllm_select", [&] {
     const StoreSlabs<scalar_t> store(store_slots, store_reprs, store_slab_units, block_table, reprs,
                                      "infllm native select");

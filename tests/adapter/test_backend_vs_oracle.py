@@ -102,6 +102,15 @@ def vllm_config_retrieval(tmp_path_factory):
     return _vllm_config(tmp_path_factory, RETRIEVAL)
 
 
+# unit_score="sketch" below a retrieval layer: the box and the 4-bit codes in the side state.
+SKETCH = {**INFLLM, "retrieval_layer": 1, "unit_score": "sketch", "positions": "ordered"}
+
+
+@pytest.fixture(scope="module")
+def vllm_config_sketch(tmp_path_factory):
+    return _vllm_config(tmp_path_factory, SKETCH)
+
+
 def _vllm_config(tmp_path_factory, infllm):
     from transformers import LlamaConfig
     from vllm.config import ModelConfig, VllmConfig
@@ -276,7 +285,10 @@ def check_against_oracle(backend: Backend, schedule, block_table, outs, cfg=CFG)
                 blk = int(block_table[i, cfg.init_blocks + unit])
                 assert bool(memory.sealed[blk]), (layer, i, unit)
                 # the backend keeps keys in the ops' NeoX channel order (core/rope.py)
-                torch.testing.assert_close(memory.reprs[blk], reprs[:, layout.perm], rtol=1e-4, atol=1e-4)
+                stored = memory.reprs[blk]
+                if cfg.unit_score == "sketch":  # the box, then the codes: decode them to compare
+                    stored = torch.cat([stored[: 2 * HKV], decoded_sketch(stored, HKV)])
+                torch.testing.assert_close(stored, reprs[:, layout.perm], rtol=1e-4, atol=1e-4)
             chose += sum(c.num_candidates > cfg.topk for c in trace.chunks)
     assert chose >= 8 * LAYERS, f"only {chose} chunks made a real selection (more candidates than topk)"
 
@@ -358,6 +370,17 @@ def test_backend_matches_oracle_for_the_models_variants(vllm_config, variant):
     assert table.layout.is_canonical != permuted
 
 
+def decoded_sketch(rows: torch.Tensor, Hkv: int) -> torch.Tensor:
+    """unit_score="sketch": the keys a unit's stored rows [R, D] stand for, [Hkv*B, D] (row g*B +
+    o), decoded here from the layout config.sketch_code_rows documents (not by the ops)."""
+    D = rows.shape[1]
+    lo, hi = rows[: 2 * Hkv].float().view(Hkv, 2, D).unbind(1)
+    step = ((hi - lo) / 15)[:, None]
+    codes = rows[2 * Hkv :].contiguous().view(torch.uint8).view(Hkv, -1, D // 2)
+    code = torch.cat([codes & 15, codes >> 4], dim=-1).float()  # low nibble: channel i, high: i + D/2
+    return (lo[:, None] + code * step).reshape(-1, D)
+
+
 def _check_modes(vllm_config, cfg, rows, model=None, scale_qk=1.0):
     g = torch.Generator().manual_seed(1)
     backend = Backend(vllm_config, num_blocks=24, model=model)
@@ -378,6 +401,12 @@ def test_backend_with_a_retrieval_layer_matches_the_oracle(vllm_config_retrieval
     """retrieval_layer: the impls find their layer index in the layer's name, layer 0 selects by
     the exact score and leaves its choice in the step's plan, layer 1 attends it."""
     _check_modes(vllm_config_retrieval, InfLLMConfig(**RETRIEVAL), rows=2 * HKV)
+
+
+def test_backend_with_sketch_scores_matches_the_oracle(vllm_config_sketch):
+    """unit_score="sketch": the pages hold each unit's box and the 4-bit codes of its keys (fp32
+    cache: 2*Hkv + 128*Hkv/8 rows), layer 0 selects by them, layer 1 by the exact score."""
+    _check_modes(vllm_config_sketch, InfLLMConfig(**SKETCH), rows=2 * HKV + 128 * HKV // 8)
 
 
 def test_backend_with_aligned_chunking_matches_the_step_free_oracle(vllm_config_aligned):

@@ -63,6 +63,15 @@ def test_selection_groups():
     assert InfLLMConfig().repr_rows(32, 8) == 32
     assert InfLLMConfig(unit_score="minmax").repr_rows(32, 8) == 16
     assert InfLLMConfig(unit_score="max_topk", repr_topk=3).repr_rows(32, 8) == 96
+    # "sketch": the box, then 128 keys x 8 KV heads x 64 bytes of codes in rows of D elements
+    assert InfLLMConfig(unit_score="sketch").repr_rows(32, 8, 2) == 16 + 128 * 8 // 4
+    assert InfLLMConfig(unit_score="sketch").repr_rows(32, 8, 4) == 16 + 128 * 8 // 8
+    with pytest.raises(ValueError, match="unit_score='sketch' stores 4-bit codes in rows of the cache dtype.*"
+                                         "pass elem_size"):
+        InfLLMConfig(unit_score="sketch").repr_rows(32, 8)
+    with pytest.raises(ValueError, match=r"block_size \* num_kv_heads \(4\) to be a multiple of 8"):
+        InfLLMConfig(unit_score="sketch", block_size=4, n_init=4, chunk=8, n_local=16).repr_rows(2, 1, 4)
+    assert not InfLLMConfig(unit_score="sketch").accumulates_scores
     assert InfLLMConfig(unit_score="max_topk").accumulates_scores
     assert not InfLLMConfig(unit_score="minmax").accumulates_scores
 

@@ -146,7 +146,8 @@ def test_seal_units_matches_torch_ops(modes, dtype, packed):
 @pytest.mark.parametrize("modes", [
     {}, {"selection": "kv_head"}, {"unit_score": "minmax"}, {"unit_score": "minmax", "selection": "kv_head"},
     {"unit_score": "max_topk"}, {"contiguity": 1}, {"contiguity": 2, "selection": "kv_head"},
-    {"chunking": "step"}, {"chunking": "step", "select_queries": 5}])
+    {"chunking": "step"}, {"chunking": "step", "select_queries": 5},
+    {"unit_score": "sketch"}, {"unit_score": "sketch", "selection": "kv_head", "contiguity": 1}])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_select_units_matches_torch_ops(modes, dtype):
     """The same units for every chunk and selection group (ascending, then -1)."""

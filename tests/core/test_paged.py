@@ -162,11 +162,13 @@ def test_contiguity_and_select_queries_match_oracle(Hq, Hkv, modes):
     (6, 2, {"retrieval_layer": 0, "selection": "kv_head", "unit_score": "max_topk", "contiguity": 1}),
     (4, 4, {"retrieval_layer": 1, "chunking": "step", "select_queries": 5, "selection": "kv_head"}),
     (6, 2, {"retrieval_layer": 1, "unit_score": "exact", "positions": "ordered"}),
-    (8, 1, {"unit_score": "exact", "selection": "kv_head", "contiguity": 1})])
+    (8, 1, {"unit_score": "exact", "selection": "kv_head", "contiguity": 1}),
+    (6, 2, {"retrieval_layer": 1, "unit_score": "sketch", "positions": "ordered"}),
+    (8, 1, {"unit_score": "sketch", "selection": "kv_head", "contiguity": 1})])
 def test_retrieval_layer_matches_oracle(Hq, Hkv, modes):
     """retrieval_layer (docs/design.md section 2.7): the layer below selects by its own score,
     the retrieval layer by the exact score over every key, the layer above attends its units;
-    unit_score="exact": every layer selects by that score."""
+    unit_score="exact": every layer selects by that score; "sketch": by its 4-bit sketch."""
     cfg = dataclasses.replace(SMALL, topk=3, **modes)
     reqs = batch(Hq, Hkv, 64, seed=8)
     cos, sin = rope_table(64, 1024)

@@ -674,3 +674,38 @@ def test_exact_unit_score_selects_by_every_key_and_stores_nothing():
         assert c.selected == sorted(exact.topk(cfg.topk).indices.tolist())
         checked += 1
     assert checked > 10
+
+
+def test_sketch_unit_score_selects_by_the_4_bit_sketch_of_every_key():
+    """unit_score="sketch": the topk by sum_h max_{k in U} <q̄_h, sketch(k)>, brute-forced from the
+    raw keys (per unit, KV head and channel: 16 levels between the min and the max), with the
+    box and the sketched keys as the unit's stored rows; on filler keys it mostly agrees with
+    the exact score and is not it."""
+    cfg = InfLLMConfig(**{**SMALL.to_dict(), "topk": 3, "unit_score": "sketch"})
+    Hq, Hkv, G, T, D, B = 6, 3, 2, 300, 16, 16
+    q, k, v = rand_qkv(T, Hq, Hkv, D, seed=13)
+    cos, sin = rope_table(D, 512)
+    tr = infllm_reference_trace(q, k, v, cos, sin, cfg, prefill_len=260)
+    exact_tr = infllm_reference_trace(q, k, v, cos, sin, dataclasses.replace(cfg, unit_score="exact"),
+                                      prefill_len=260)
+    q_bar_all = rotate(q, cos, sin, torch.full((T,), cfg.n_local - 1))
+    checked = agree = 0
+    for c, ce in zip(tr.chunks, exact_tr.chunks, strict=True):
+        if c.num_candidates <= cfg.topk:
+            continue
+        scores = []
+        for u in range(c.num_candidates):
+            raw = k[32 + B * u : 32 + B * (u + 1)]  # [B, Hkv, D] (rand_qkv's keys are raw)
+            lo, hi = raw.amin(0), raw.amax(0)
+            step = (hi - lo) / 15
+            sketch = lo + ((raw - lo) / step).round().clamp(0, 15) * step
+            assert len(sketch[:, 0, 0].unique()) <= 16
+            assert torch.equal(tr.reprs[u][: 2 * Hkv], torch.stack([lo, hi], 1).reshape(2 * Hkv, D))
+            torch.testing.assert_close(tr.reprs[u][2 * Hkv :], sketch.transpose(0, 1).reshape(Hkv * B, D))
+            scores.append(torch.einsum("hd,bhd->bh", q_bar_all[c.c0], sketch.repeat_interleave(G, 1))
+                          .amax(0).sum())
+        assert c.selected == sorted(torch.stack(scores).topk(cfg.topk).indices.tolist())
+        checked += 1
+        agree += c.selected == ce.selected
+    assert checked > 10
+    assert checked // 2 < agree < checked  # close to the exact score, not the exact score

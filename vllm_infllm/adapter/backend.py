@@ -122,6 +122,11 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
                 f"layers, 0-based); use a layer index below {layers} (python -m "
                 "vllm_infllm.tools.retrieval_layer finds one)"
             )
+        if cfg.unit_score == "sketch" and torch.device(device).type != "cpu":
+            raise ValueError(
+                "infllm: unit_score='sketch' runs on the CPU path only for now (no Triton kernels "
+                "yet); use unit_score 'exact' (the score it approximates) or 'minmax' on this device"
+            )
         if self.offload_config is not None and torch.device(device).type != "cpu":
             raise ValueError(
                 "infllm: offload runs on the CPU path only for now (the Triton kernels cannot read "
@@ -303,7 +308,7 @@ class InfLLMAttentionBackend(AttentionBackend):
         infllm = _infllm_config()
         chosen = infllm.chosen_shape(spec.num_kv_heads)  # room for either selection mode:
         chosen_ints = spec.num_kv_heads * infllm.topk if chosen is not None else 0
-        rows = infllm.repr_rows(num_q_heads, spec.num_kv_heads)
+        rows = infllm.repr_rows(num_q_heads, spec.num_kv_heads, spec.dtype.itemsize)
         side = side_state_bytes(num_q_heads, spec.head_size, spec.dtype, spec.num_kv_heads, chosen_ints, rows)
         offload, in_flight = _offload_config()
         if type(spec) is FullAttentionSpec and spec.block_size == INFLLM_BLOCK_SIZE and spec.page_size_padded is None:
@@ -454,7 +459,7 @@ class InfLLMAttentionImpl(AttentionImpl[InfLLMMetadata]):
         if self._memory_key != key:
             if self.infllm_config is None:
                 raise RuntimeError("infllm: no InfLLM config (the impl was built outside a vLLM config)")
-            rows = self.infllm_config.repr_rows(self.num_heads, self.num_kv_heads)
+            rows = self.infllm_config.repr_rows(self.num_heads, self.num_kv_heads, kv_cache.dtype.itemsize)
             scores, reprs, sealed, chosen = side_state_views(
                 kv_cache, self.num_kv_heads, self.num_heads, self.head_size, rows,
                 self.infllm_config.chosen_shape(self.num_kv_heads),

@@ -49,6 +49,12 @@ class InfLLMConfig:
                               every raw key k of the unit (of h's KV head). Nothing is stored at
                               sealing; selection reads every candidate's keys, a cost linear in
                               the context per selection chunk (the attended keys stay bounded).
+                "sketch"    - the exact score of a 4-bit sketch of every raw key: per unit and
+                              KV head, minmax's box (per-channel min and max) and each key's
+                              channels rounded to one of 16 levels in it, stored at sealing
+                              (B*Hkv*D/2 bytes per unit: 1/8 of fp32 keys, 1/4 of bf16 ones);
+                              sum_h max_k <q̄_h, sketch(k)>. Selection still reads something of
+                              every candidate's keys, 1/8-1/4 of what "exact" reads. CPU only.
     positions:  where global keys sit (docs/design.md section 2.7):
                 "fixed"   - the paper's rule: every global key at relative distance n_local-1;
                 "ordered" - the global keys (init, selected units, remainder) in their original
@@ -108,7 +114,7 @@ class InfLLMConfig:
     #: chunking is the second).
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "selection": ("layer", "kv_head"),
-        "unit_score": ("mean_topk", "minmax", "max_topk", "exact"),
+        "unit_score": ("mean_topk", "minmax", "max_topk", "exact", "sketch"),
         "positions": ("fixed", "ordered"),
         "chunking": ("step", "aligned"),
     }
@@ -243,9 +249,9 @@ class InfLLMConfig:
     @property
     def accumulates_scores(self) -> bool:
         """Whether the ops add the local softmax mass into the representative scores: only the
-        paper's representatives read them, kept apart or not (no memory, "minmax" or "exact"
-        need none)."""
-        return self.topk > 0 and self.unit_score not in ("minmax", "exact")
+        paper's representatives read them, kept apart or not (no memory, "minmax", "exact" or
+        "sketch" need none)."""
+        return self.topk > 0 and self.unit_score not in ("minmax", "exact", "sketch")
 
     def chosen_shape(self, num_kv_heads: int) -> tuple[int, int] | None:
         """Shape per block of `LayerMemory.chosen`, the stored chunk selections: (S, topk) for
@@ -254,16 +260,40 @@ class InfLLMConfig:
             return None
         return (self.selection_groups(num_kv_heads), self.topk)
 
-    def repr_rows(self, num_q_heads: int, num_kv_heads: int) -> int:
+    def repr_rows(self, num_q_heads: int, num_kv_heads: int, elem_size: int | None = None) -> int:
         """Rows of D values per memory unit in `LayerMemory.reprs`: one representative key per
         query head ("mean_topk"), a min row and a max row per KV head ("minmax"), or repr_topk
         keys per query head, head-major: row h * repr_topk + i ("max_topk"). "exact" stores
-        none and is given the smallest of those layouts (2 * Hkv rows, never read)."""
+        none and is given the smallest of those layouts (2 * Hkv rows, never read). "sketch":
+        minmax's 2 * Hkv rows, then the 4-bit codes of the unit's raw keys, B * Hkv * D / 2
+        bytes in rows of the cache dtype (elem_size: its bytes per element, needed only then;
+        layout in `sketch_code_rows`)."""
+        if self.unit_score == "sketch":
+            return 2 * num_kv_heads + self.sketch_code_rows(num_kv_heads, elem_size)
         if self.unit_score in ("minmax", "exact"):
             return 2 * num_kv_heads
         if self.unit_score == "max_topk":
             return num_q_heads * self.repr_topk
         return num_q_heads
+
+    def sketch_code_rows(self, num_kv_heads: int, elem_size: int | None) -> int:
+        """unit_score="sketch": rows of `reprs` after the box that hold the codes. Viewed as
+        bytes, they are [Hkv, B, D/2]: byte i of key (g, o) holds channel i's code in its low
+        nibble and channel i + D/2's in its high one (the NeoX halves the score works on)."""
+        if elem_size is None:
+            raise ValueError(
+                "infllm: unit_score='sketch' stores 4-bit codes in rows of the cache dtype, so its "
+                "rows per unit depend on that dtype: pass elem_size (the cache's bytes per element, "
+                "e.g. repr_rows(Hq, Hkv, dtype.itemsize))"
+            )
+        code_bytes = self.block_size * num_kv_heads  # x D/2 bytes, in rows of D * elem_size bytes
+        if code_bytes % (2 * elem_size):
+            raise ValueError(
+                f"infllm: unit_score='sketch' needs block_size * num_kv_heads ({code_bytes}) to be a "
+                f"multiple of {2 * elem_size} (the codes fill whole rows of the cache dtype); use the "
+                "default block_size 128"
+            )
+        return code_bytes // (2 * elem_size)
 
     def selection_start(self, p: int, prompt_len: int | None) -> int:
         """chunking="aligned": first position of the selection chunk that holds position p:

@@ -12,6 +12,9 @@ It loops over selection chunks and queries in position order, exactly as the spe
           (unit_score="minmax": sum_h sum_d max(q̄_hd min_{U,d}, q̄_hd max_{U,d}), Quest's bound)
           (unit_score="max_topk": sum_h max_i <q̄_h, k_{U,h,i}>, the repr_topk keys kept apart)
           (unit_score="exact": sum_h max_{k in U} <q̄_h, k_raw>, every raw key of the unit)
+          (unit_score="sketch": the same over each raw key's 4-bit sketch: per KV head and
+           channel, lo + round((k - lo) / step) * step, step = (hi - lo) / 15, lo/hi the
+           unit's per-channel min and max of that KV head's raw keys)
           (selection="layer": h over all query heads, one set shared by all heads;
            selection="kv_head": h over the G query heads of each KV head, one set per KV head)
           (retrieval_layer=L: layer L scores sum_h max_{k in U} <q̄_h, k_raw>, every raw key
@@ -63,6 +66,9 @@ class ReferenceTrace:
     #                                 unit_score="max_topk": [Hq*repr_topk, D], head h's keys at
     #                                 rows h*repr_topk .. (most-attended first)
     #                                 unit_score="exact": [0, D] (nothing is stored)
+    #                                 unit_score="sketch": [2*Hkv + B*Hkv, D]: minmax's box, then
+    #                                 the sketched raw keys, row 2*Hkv + g*B + o (KV head g,
+    #                                 offset o), the values the stored 4-bit codes stand for
     scores: torch.Tensor  # [Hq, T] fp32 accumulated representative scores
 
 
@@ -164,6 +170,9 @@ def infllm_reference_trace(
             keys = k_global[unit_tokens(u)][:, kv_head[heads]]  # [B, h, D]
             return torch.einsum("hd,bhd->hb", q_bar[heads], keys).amax(1).sum()
         r = reprs[u]
+        if config.unit_score == "sketch":  # the exact score of the sketched keys
+            keys = r[2 * Hkv :].view(Hkv, B, D)[kv_head[heads]]  # [h, B, D]
+            return torch.einsum("hd,hbd->hb", q_bar[heads], keys).amax(1).sum()
         if config.unit_score == "minmax":  # Quest: max of q·k over the box [min, max]
             lo, hi = r.view(Hkv, 2, D)[kv_head[heads]].unbind(1)  # [h, D] each
             return torch.maximum(q_bar[heads] * lo, q_bar[heads] * hi).sum()
@@ -194,9 +203,15 @@ def infllm_reference_trace(
                 if config.unit_score == "exact":  # scored from its keys: nothing stored
                     reprs[u] = k.new_zeros(0, D)
                     continue
-                if config.unit_score == "minmax":  # rows 2g, 2g+1: min, max raw key of KV head g
+                if config.unit_score in ("minmax", "sketch"):  # rows 2g, 2g+1: min, max raw key of KV head g
                     raw = k_global[toks]  # [B, Hkv, D]
-                    reprs[u] = torch.stack([raw.amin(0), raw.amax(0)], dim=1).reshape(2 * Hkv, D)
+                    lo, hi = raw.amin(0), raw.amax(0)  # [Hkv, D]
+                    reprs[u] = torch.stack([lo, hi], dim=1).reshape(2 * Hkv, D)
+                    if config.unit_score == "sketch":  # + the keys as their 4-bit codes give them
+                        step = (hi - lo) / 15
+                        code = torch.where(step > 0, (raw - lo) / step, 0.0).round().clamp(0, 15)
+                        sketch = (lo + code * step).transpose(0, 1).reshape(Hkv * B, D)  # row g*B + o
+                        reprs[u] = torch.cat([reprs[u], sketch])
                     continue
                 apart = config.unit_score == "max_topk"
                 r = torch.empty(Hq, config.repr_topk if apart else 1, D)

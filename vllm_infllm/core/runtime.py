@@ -71,11 +71,11 @@ def infllm_forward(
     if sinks is not None and sinks.shape != (query.shape[1],):
         raise ValueError(f"infllm: sinks {tuple(sinks.shape)} must hold one logit per query head "
                          f"({query.shape[1]})")
-    rows = config.repr_rows(query.shape[1], kv_cache.shape[1])
+    rows = config.repr_rows(query.shape[1], kv_cache.shape[1], kv_cache.dtype.itemsize)
     if memory.reprs.shape[1] != rows:
         raise ValueError(
             f"infllm: LayerMemory.reprs has {memory.reprs.shape[1]} rows per block, unit_score="
-            f"{config.unit_score!r} needs {rows}: allocate it with config.repr_rows(Hq, Hkv)"
+            f"{config.unit_score!r} needs {rows}: allocate it with config.repr_rows(Hq, Hkv, dtype.itemsize)"
         )
     if ops is None:
         ops = ops_pkg.for_device(query.device)

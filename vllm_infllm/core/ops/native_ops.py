@@ -6,9 +6,11 @@
                   for prefill (a 512-query chunk, SmolLM2 geometry, 2 threads, the 2-core dev
                   machine: 27 ms at 4K dense, where the torch op takes 102; 15 ms at 32K with
                   n_local 1024 / topk 4)
-    seal_units    native: the new candidates' representatives, each unit once (csrc/cpu/select.cpp)
+    seal_units    native: the new candidates' representatives, each unit once (csrc/cpu/select.cpp);
+                  unit_score "exact" and "sketch": the torch op
     select_units  native: q̄, every candidate's score per selection group, the topk by the
-                  same ranking rule (contiguity included), each chunk in parallel
+                  same ranking rule (contiguity included), each chunk in parallel; "sketch":
+                  each key's 4-bit codes unpacked once for the query heads that share them
     select_units_exact
                   native: the exact score (unit_score="exact", retrieval_layer) over every
                   candidate's keys where they lie (pool or store), each key un-rotated once for
@@ -30,7 +32,7 @@ from ..offload import StoreView
 from ..plan import ChunkBatch, LayerMemory
 from . import cpu_threads, native, torch_ops
 
-_UNIT_SCORES = {"mean_topk": 0, "minmax": 1, "max_topk": 2}  # csrc/cpu/select.cpp's UnitScore
+_UNIT_SCORES = {"mean_topk": 0, "minmax": 1, "max_topk": 2, "sketch": 4}  # csrc/cpu/select.cpp's UnitScore
 
 #: Queries per work item (rows = queries x the G heads of a KV head); 4 and 32 measured within
 #: 10% of it on the prefill above (with the per-row kernel, before the tiled one).
@@ -125,7 +127,7 @@ def seal_units(
     """Arguments and semantics as `torch_ops.seal_units`."""
     if chunks.n == 0 or chunks.max_cand == 0:
         return
-    if config.unit_score == "exact":  # flags only (nothing stored): the torch op
+    if config.unit_score in ("exact", "sketch"):  # flags only, or box + codes: the torch op
         torch_ops.seal_units(kv_cache, memory, block_table, chunks, cos, sin, config)
         return
     native.load().seal_units(

@@ -97,11 +97,19 @@ def seal_units(
     if config.unit_score == "exact":  # scored from its keys: nothing to store
         memory.sealed[phys] = True
         return
-    if config.unit_score == "minmax":  # per KV head: per-channel min and max of the raw keys
+    if config.unit_score in ("minmax", "sketch"):  # per KV head: per-channel min and max of the raw keys
         pos = config.n_init + units[:, None, None] * B + torch.arange(B, device=phys.device)[:, None]
         raw = rotate(kv_cache[phys, :, :, :D].transpose(1, 2), cos, sin, -pos)  # [m, B, Hkv, D]
-        box = torch.stack((raw.amin(1), raw.amax(1)), dim=2)  # [m, Hkv, 2, D]
-        memory.reprs[phys] = box.view(-1, 2 * Hkv, D).to(memory.reprs.dtype)
+        box = torch.stack((raw.amin(1), raw.amax(1)), dim=2).to(memory.reprs.dtype)  # [m, Hkv, 2, D]
+        memory.reprs[phys, : 2 * Hkv] = box.view(-1, 2 * Hkv, D)
+        if config.unit_score == "sketch":  # the codes, relative to the box as stored
+            lo, hi = box.float().unsqueeze(1).unbind(3)  # [m, 1, Hkv, D]
+            step = (hi - lo) / 15
+            code = torch.where(step > 0, (raw - lo) / step, 0.0).round_().clamp_(0, 15).to(torch.uint8)
+            half = D // 2
+            packed = (code[..., :half] | (code[..., half:] << 4)).transpose(1, 2)  # [m, Hkv, B, D/2]
+            codes = _sketch_bytes(memory.reprs, Hkv)  # a byte view of reprs' code rows
+            codes[phys] = packed.reshape(len(phys), *codes.shape[1:])
         memory.sealed[phys] = True
         return
     top = memory.scores[phys].topk(config.repr_topk, dim=-1).indices  # [m, Hq, r]
@@ -185,6 +193,9 @@ def select_units(
     if max_k <= topk:  # every chunk takes all its candidates
         selected[:, :, :max_k] = torch.where(units < chunks.num_cand[:, None], units, -1)[:, None]
         return selected
+    if config.unit_score == "sketch":
+        score = sketch_unit_scores(query, memory, block_table, chunks, cos, sin, config, num_kv_heads, store=store)
+        return top_units(score, chunks.num_cand, config)
     q_bar = _chunk_mean_query(query, chunks, cos, sin, config).view(n, S, -1, 1)  # [n, S, X/S, 1]
     ragged = min(chunks.host["num_cand"]) < max_k
     step = max(1, _LOGITS_BUDGET // (max_k * max(Hq, memory.reprs.shape[1]) * D))  # gathered reprs
@@ -267,45 +278,103 @@ def exact_unit_scores(
     """The exact score of every candidate, [n, S, max_cand] fp32 (-inf past a chunk's
     candidates): what `select_units_exact` ranks (the retrieval probes read it too).
 
-    sketch_bits b > 0 (a study, not a mode yet: `passkey_probe.py --sketch-bits`): score each
-    raw key's b-bit sketch instead, lo + code * (hi - lo) / (2^b - 1) with lo/hi the per-channel
-    min and max of the unit's raw keys of that KV head (minmax's box) and code the nearest step;
-    the ranking a cheaper stored score would give (b = 4: 1/8 of the fp32 key bytes)."""
+    sketch_bits b > 0 (a study: `passkey_probe.py --sketch-bits`): score each raw key's b-bit
+    sketch instead, lo + code * (hi - lo) / (2^b - 1) with lo/hi the per-channel min and max of
+    the unit's raw keys of that KV head (minmax's box) and code the nearest step, computed from
+    the keys on the fly (unit_score="sketch" stores the 4-bit one: `sketch_unit_scores`)."""
+    B, D = config.block_size, query.shape[2]
+    half = D // 2
+    offsets = torch.arange(B, device=query.device)
+    key_rows = kv_cache[..., :D]  # a view: index_select copies the keys only
+
+    def raw_halves(req: int, u0: int, u1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logical = torch.arange(config.init_blocks + u0, config.init_blocks + u1, device=query.device)
+        keys = key_rows.index_select(0, block_table[req, logical].long())  # [m, Hkv, B, D]
+        if store is not None:  # offloaded units: the store's copy (the pool block is stale)
+            slot = store.slots[req, logical]
+            at = (slot >= 0).nonzero().squeeze(1)
+            if at.numel():
+                keys[at] = store.gather_kv(slot[at])[..., :D].to(keys.dtype)
+        keys = keys.float()
+        pos = (config.n_init + torch.arange(u0, u1, device=query.device)[:, None] * B + offsets).flatten()
+        c = cos.index_select(0, pos).float().view(u1 - u0, 1, B, half)
+        s_ = sin.index_select(0, pos).float().view(u1 - u0, 1, B, half)
+        k1, k2 = keys[..., :half], keys[..., half:]
+        # the raw key R(-j) k in NeoX halves, (k1 c + k2 s, k2 c - k1 s): the whole un-rotated
+        # key is never materialised
+        raw1 = torch.addcmul(k1 * c, k2, s_)
+        raw2 = torch.addcmul(k2 * c, k1, s_, value=-1.0)
+        if sketch_bits:
+            raw1, raw2 = _sketch(raw1, sketch_bits), _sketch(raw2, sketch_bits)
+        return raw1, raw2
+
+    return _best_key_scores(query, chunks, cos, sin, config, num_kv_heads, raw_halves)
+
+
+def sketch_unit_scores(
+    query: torch.Tensor,
+    memory: LayerMemory,
+    block_table: torch.Tensor,
+    chunks: ChunkBatch,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    config: InfLLMConfig,
+    num_kv_heads: int,
+    *,
+    store: StoreView | None = None,
+) -> torch.Tensor:
+    """unit_score="sketch": every candidate's score from the sketch its sealing stored, [n, S,
+    max_cand] fp32 (-inf past a chunk's candidates): the box rows and the 4-bit codes of
+    `memory.reprs` (the store's copy for an offloaded unit) decoded to lo + code * (hi - lo) / 15
+    per KV head and channel, then ranked by the best dot as the exact score is."""
+    B, D, Hkv = config.block_size, query.shape[2], num_kv_heads
+    half = D // 2
+
+    def sketch_halves(req: int, u0: int, u1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logical = torch.arange(config.init_blocks + u0, config.init_blocks + u1, device=query.device)
+        rows = memory.reprs.index_select(0, block_table[req, logical].long())  # [m, R, D]
+        if store is not None:
+            slot = store.slots[req, logical]
+            at = (slot >= 0).nonzero().squeeze(1)
+            if at.numel():
+                rows[at] = store.gather_reprs(slot[at]).to(rows.dtype)
+        m = u1 - u0
+        box = rows[:, : 2 * Hkv].float().view(m, Hkv, 2, 1, D)
+        lo, step = box[:, :, 0], (box[:, :, 1] - box[:, :, 0]) / 15  # [m, Hkv, 1, D]
+        codes = _sketch_bytes(rows, Hkv).reshape(m, Hkv, B, half)
+        k1 = torch.addcmul(lo[..., :half], (codes & 15).float(), step[..., :half])
+        k2 = torch.addcmul(lo[..., half:], (codes >> 4).float(), step[..., half:])
+        return k1, k2
+
+    return _best_key_scores(query, chunks, cos, sin, config, num_kv_heads, sketch_halves)
+
+
+def _sketch_bytes(reprs: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """The code rows of reprs [..., R, D] (unit_score="sketch": after the 2*Hkv box rows) as a
+    byte view [..., R - 2*Hkv, D * element size] (written through by sealing)."""
+    return reprs[..., 2 * num_kv_heads :, :].view(torch.uint8)
+
+
+def _best_key_scores(query, chunks: ChunkBatch, cos, sin, config: InfLLMConfig, num_kv_heads: int,
+                     halves_of) -> torch.Tensor:
+    """sum over each selection group's query heads h of max_k <q̄_h, k>, [n, S, max_cand] fp32
+    (-inf past a chunk's candidates), with the keys of units [u0, u1) of block-table row `req`
+    given by halves_of(req, u0, u1) as fp32 NeoX halves [m, Hkv, B, D/2] each."""
     n, max_k, device = chunks.n, chunks.max_cand, query.device
     Hq, D = query.shape[1], query.shape[2]
     B, Hkv = config.block_size, num_kv_heads
     S = config.selection_groups(Hkv)
-    units = torch.arange(max_k, device=device)
     half = D // 2
     # q̄'s NeoX halves as [n, Hkv, D/2, G] matmul operands (query head h = g * G + i)
     q_bar = _chunk_mean_query(query, chunks, cos, sin, config).view(n, Hkv, Hq // Hkv, D).transpose(2, 3)
     q1, q2 = q_bar[:, :, :half], q_bar[:, :, half:]
     score = torch.full((n, S, max_k), float("-inf"), device=device)  # -inf: not a candidate
-    keys_of = kv_cache[..., :D]  # a view: index_select copies the keys only
-    step = max(1, _LOGITS_BUDGET // 4 // (B * Hkv * D))  # units whose raw keys are held at once
-    offsets = torch.arange(B, device=device)
+    step = max(1, _LOGITS_BUDGET // 4 // (B * Hkv * D))  # units whose keys are held at once
     for j, (req, nc) in enumerate(zip(chunks.host["req"], chunks.host["num_cand"], strict=True)):
         for u0 in range(0, nc, step):
             u1 = min(nc, u0 + step)
-            logical = torch.arange(config.init_blocks + u0, config.init_blocks + u1, device=device)
-            keys = keys_of.index_select(0, block_table[req, logical].long())  # [m, Hkv, B, D]
-            if store is not None:  # offloaded units: the store's copy (the pool block is stale)
-                slot = store.slots[req, logical]
-                at = (slot >= 0).nonzero().squeeze(1)
-                if at.numel():
-                    keys[at] = store.gather_kv(slot[at])[..., :D].to(keys.dtype)
-            keys = keys.float()
-            pos = (config.n_init + units[u0:u1, None] * B + offsets).flatten()  # [m*B]
-            c = cos.index_select(0, pos).float().view(u1 - u0, 1, B, half)
-            s_ = sin.index_select(0, pos).float().view(u1 - u0, 1, B, half)
-            k1, k2 = keys[..., :half], keys[..., half:]
-            # the raw key R(-j) k in NeoX halves, (k1 c + k2 s, k2 c - k1 s), and its dot with q̄
-            # per half, without materialising the whole un-rotated key
-            raw1 = torch.addcmul(k1 * c, k2, s_)
-            raw2 = torch.addcmul(k2 * c, k1, s_, value=-1.0)
-            if sketch_bits:
-                raw1, raw2 = _sketch(raw1, sketch_bits), _sketch(raw2, sketch_bits)
-            dots = torch.matmul(raw1, q1[j]).add_(torch.matmul(raw2, q2[j]))  # [m, Hkv, B, G]
+            k1, k2 = halves_of(req, u0, u1)
+            dots = torch.matmul(k1, q1[j]).add_(torch.matmul(k2, q2[j]))  # [m, Hkv, B, G]
             best = dots.amax(2)  # [m, Hkv, G]: each query head's best key of each unit
             score[j, :, u0:u1] = best.reshape(u1 - u0, S, -1).sum(-1).T
     return score

@@ -301,6 +301,7 @@ def seal_units(
     s_cb, s_ch, s_co, s_cd = kv_cache.stride()
     s_sb, s_sh, s_so = memory.scores.stride()
     s_rb, s_rh, s_rd = memory.reprs.stride()
+    _no_sketch(config)
     sealed = memory.sealed.view(torch.uint8)  # one byte per KV page in vLLM: index by its stride
     if config.unit_score == "exact":
         _seal_flags_kernel[(chunks.n * window,)](
@@ -551,6 +552,15 @@ def _score_exact_kernel(
     tl.store(dst, total)
 
 
+def _no_sketch(config: InfLLMConfig) -> None:
+    if config.unit_score == "sketch":
+        raise NotImplementedError(
+            "infllm: unit_score='sketch' has CPU ops only (its sealing packs 4-bit codes and its "
+            "score decodes them; no Triton kernels yet). Fix: use unit_score 'exact' (the score it "
+            "approximates, with a Triton kernel) or 'minmax' on CUDA."
+        )
+
+
 def _no_store(store) -> None:
     if store is not None:
         raise NotImplementedError(
@@ -582,6 +592,7 @@ def select_units(
     returns:      [n, S, topk] int64 memory-unit ids (not block ids), ascending, then -1 = none;
                   S = config.selection_groups(Hkv) (as torch_ops.select_units)
     """
+    _no_sketch(config)
     _no_store(store)
     n, topk, max_k = chunks.n, config.topk, chunks.max_cand
     device = query.device
