@@ -171,10 +171,11 @@ def record_variants(layout, dtype: torch.dtype, cfg: InfLLMConfig, max_batch: in
     # kernels do not run, so a few blocks and an all-zero block table suffice.
     chosen_shape = cfg.chosen_shape(Hkv)  # the stored chunk selections (chunking="aligned")
     chosen_ints = 0 if chosen_shape is None else chosen_shape[0] * chosen_shape[1]
-    lay = SideStateLayout(Hq, D, B, dtype, cfg.repr_rows(Hq, Hkv), chosen_ints)
+    rows = cfg.repr_rows(Hq, Hkv, dtype.itemsize)
+    lay = SideStateLayout(Hq, D, B, dtype, rows, chosen_ints)
     nb = 8
     pages = torch.zeros(nb, Hkv + lay.num_extra_slots(), B, 2 * D, dtype=dtype)
-    scores, reprs, sealed, chosen = side_state_views(pages, Hkv, Hq, D, cfg.repr_rows(Hq, Hkv), chosen_shape)
+    scores, reprs, sealed, chosen = side_state_views(pages, Hkv, Hq, D, rows, chosen_shape)
     memory = LayerMemory(reprs=reprs, scores=scores, sealed=sealed, chosen=chosen)
     kv_cache = pages[:, :Hkv]
     # vLLM's block table: a persistent [max_num_seqs, cdiv(max_model_len, B)] int32 buffer.

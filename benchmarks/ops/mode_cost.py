@@ -16,7 +16,8 @@ Per mode and context it reports
   * bytes per query, counted from the geometry (not measured): K/V of the whole blocks attended
     (init, local window, selected units, remainder), the representatives the selection reads
     (K candidates x rows x D; "exact": the keys of every candidate, K x B x Hkv x D, in the
-    same column), and the fp32 representative scores of the local keys read and
+    same column; "sketch": the box rows and the 4-bit codes, K x (2 Hkv D elements + B Hkv D/2
+    bytes)), and the fp32 representative scores of the local keys read and
     written (the paper's representatives only; "minmax" needs none);
   * recall of the planted unit (as needle.py; a sanity check, not a retrieval benchmark).
 `select_queries` only changes prefill chunks (a decode step has one query): not listed.
@@ -46,6 +47,8 @@ MODES = {
     # every key scored: a layer of unit_score "exact", or the retrieval layer (retrieval_layer);
     # the layers above a retrieval layer score nothing (their step is the attend alone)
     "exact + ordered": {"unit_score": "exact", "positions": "ordered"},
+    # the exact score of 4-bit key sketches stored at sealing (box + codes)
+    "sketch + ordered": {"unit_score": "sketch", "positions": "ordered"},
 }
 BASE = {"n_local": 1024, "topk": 4}
 
@@ -59,7 +62,7 @@ def bytes_per_query(N: int, config, Hq: int, Hkv: int, D: int, elem: int) -> dic
     rem = max(0, w - (config.n_init + K * B))
     blocks = config.init_blocks + local_blocks + min(K, config.topk) + -(-rem // B)
     kv = blocks * Hkv * B * 2 * D * elem
-    reprs = K * config.repr_rows(Hq, Hkv) * D * elem if K > config.topk else 0
+    reprs = K * config.repr_rows(Hq, Hkv, elem) * D * elem if K > config.topk else 0
     if config.unit_score == "exact" and K > config.topk:  # every candidate's keys instead
         reprs = K * B * Hkv * D * elem
     scores = 2 * local_blocks * Hq * B * 4 if config.accumulates_scores else 0

@@ -69,7 +69,7 @@ def decode_ms(N: int, config: InfLLMConfig, ops, steps: int, gen: torch.Generato
     caches = [torch.randn(nb, HKV, B, 2 * D, generator=gen) for _ in range(LAYERS)]
     mems = []
     for _ in range(LAYERS):
-        m = LayerMemory.allocate(nb, HQ, D, B, torch.float32, "cpu", config.repr_rows(HQ, HKV),
+        m = LayerMemory.allocate(nb, HQ, D, B, torch.float32, "cpu", config.repr_rows(HQ, HKV, 4),
                                  config.chosen_shape(HKV))
         m.reprs.normal_(generator=gen)
         m.sealed.fill_(True)
@@ -81,7 +81,7 @@ def decode_ms(N: int, config: InfLLMConfig, ops, steps: int, gen: torch.Generato
     store, E = None, 0
     if offload:  # the units a block manager would have freed after N - 1 tokens
         E = offloadable_units(N - 1, N, config)
-        store = UnitStore(LAYERS, HKV, B, D, config.repr_rows(HQ, HKV), torch.float32)
+        store = UnitStore(LAYERS, HKV, B, D, config.repr_rows(HQ, HKV, 4), torch.float32)
         logical = list(range(config.init_blocks, config.init_blocks + E))
         slots = store.allocate(0, logical)
         for layer in range(LAYERS):

@@ -93,7 +93,7 @@ def run_length(N, args, config, gen, signals):
         kv[b0:b1, :, :, D:] = torch.randn(b1 - b0, Hkv, B, D, generator=gen).to(dtype)
         del k
     block_table = torch.arange(nb, dtype=torch.int32)[None]
-    memory = LayerMemory.allocate(nb, Hq, D, B, dtype, "cpu", repr_rows=config.repr_rows(Hq, Hkv),
+    memory = LayerMemory.allocate(nb, Hq, D, B, dtype, "cpu", repr_rows=config.repr_rows(Hq, Hkv, dtype.itemsize),
                                   chosen=config.chosen_shape(Hkv))
     memory.scores.uniform_(0, 1, generator=gen)
     K = config.num_candidates(N)  # candidate units of the decode query at position N

@@ -22,7 +22,9 @@ class LayerMemory:
 
     reprs:  [num_blocks, R, D]    representative keys (raw, un-rotated), one per query head
                                   (R = Hq), or unit_score="minmax": min and max raw key per KV
-                                  head (R = 2*Hkv); R = InfLLMConfig.repr_rows(Hq, Hkv)
+                                  head (R = 2*Hkv); unit_score="sketch": that box, then the
+                                  keys' 4-bit codes as bytes; R = InfLLMConfig.repr_rows(Hq, Hkv,
+                                  element size)
     scores: [num_blocks, Hq, B]   fp32 sum of softmax mass each token received inside local windows
     sealed: [num_blocks] bool     representatives computed (the unit became a candidate)
     chosen: [num_blocks, S, topk] int32, chunking="aligned" only (else None): the selection of
@@ -51,7 +53,8 @@ class LayerMemory:
         repr_rows: int | None = None,
         chosen: tuple[int, int] | None = None,
     ) -> LayerMemory:
-        """repr_rows: `config.repr_rows(Hq, Hkv)` (default Hq: the paper's representatives);
+        """repr_rows: `config.repr_rows(Hq, Hkv, dtype.itemsize)` (default Hq: the paper's
+        representatives);
         chosen: `config.chosen_shape(Hkv)`, (S, topk) for chunking="aligned" (default none)."""
         rows = num_q_heads if repr_rows is None else repr_rows
         return cls(
