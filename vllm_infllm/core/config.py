@@ -93,7 +93,8 @@ class InfLLMConfig:
                 reads every key of its context once per selection chunk (per generated token
                 when decoding), linear in the context in that one layer; the layers above it
                 score nothing. On SmolLM2-135M the layers below need unit_score="exact" too
-                (RESULTS 2j). Find L with `python -m vllm_infllm.tools.retrieval_layer`.
+                (RESULTS 2j), or "sketch", its 4-bit sketch: the same answers (RESULTS 2k).
+                Find L with `python -m vllm_infllm.tools.retrieval_layer`.
     """
 
     n_init: int = 128
