@@ -147,6 +147,25 @@ void seal_impl(const torch::Tensor& kv_cache, torch::Tensor& reprs, const torch:
 // Candidates ahead whose representatives are prefetched.
 constexpr int64_t kPrefetchAhead = 2;
 
+// dots[t] = <q, rows[t]> for the m rows of D floats at `rows` (row t at rows + t * D): a full
+// tile of kW rows at once (one shuffle tree, not kW reductions), otherwise row by row.
+inline void tile_dots(const float* q, const float* rows, int64_t m, int64_t D, float* dots) {
+#if INFLLM_SIMD_WIDTH
+  if (m == kW && D % kW == 0) {
+    vfloat acc[kW];
+    for (int t = 0; t < kW; ++t) {
+      const float* r = rows + t * D;
+      vfloat a = vmul(vload(q), vload(r));
+      for (int64_t d = kW; d < D; d += kW) a = vfma(vload(q + d), vload(r + d), a);
+      acc[t] = a;
+    }
+    vstore(dots, vsum_each(acc));
+    return;
+  }
+#endif
+  for (int64_t t = 0; t < m; ++t) dots[t] = dot(q, rows + t * D, D);
+}
+
 template <typename T, typename R>
 void select_impl(const torch::Tensor& query, const torch::Tensor& reprs, const torch::Tensor& block_table,
                  const torch::Tensor& req_t, const torch::Tensor& c0_t, const torch::Tensor& len_t,
@@ -290,21 +309,7 @@ void select_impl(const torch::Tensor& query, const torch::Tensor& reprs, const t
             }
             for (int64_t i = 0; i < G; ++i) {
               const float* qh = qs.data() + i * D;
-#if INFLLM_SIMD_WIDTH
-              if (m == kW && D % kW == 0) {
-                vfloat acc[kW];
-                for (int t = 0; t < kW; ++t) {
-                  const float* rt = raw.data() + t * D;
-                  vfloat a = vmul(vload(qh), vload(rt));
-                  for (int64_t d = kW; d < D; d += kW) a = vfma(vload(qh + d), vload(rt + d), a);
-                  acc[t] = a;
-                }
-                vstore(dots.data(), vsum_each(acc));
-              } else
-#endif
-              {
-                for (int64_t t = 0; t < m; ++t) dots[t] = dot(qh, raw.data() + t * D, D);
-              }
+              tile_dots(qh, raw.data(), m, D, dots.data());
               for (int64_t t = 0; t < m; ++t) {  // a NaN sticks (as torch's amax): it ranks first
                 const float v = dots[t] + konst[i];
                 if (!std::isnan(best[i]) && (std::isnan(v) || v > best[i])) best[i] = v;
@@ -332,21 +337,7 @@ void select_impl(const torch::Tensor& query, const torch::Tensor& reprs, const t
             }
             for (int64_t i = 0; i < G; ++i) {
               const float* qh = qbar + (kvh * G + i) * D;
-#if INFLLM_SIMD_WIDTH
-              if (m == kW && D % kW == 0) {  // kW dots at once: one shuffle tree, not kW reductions
-                vfloat acc[kW];
-                for (int t = 0; t < kW; ++t) {
-                  const float* rt = raw.data() + t * D;
-                  vfloat a = vmul(vload(qh), vload(rt));
-                  for (int64_t d = kW; d < D; d += kW) a = vfma(vload(qh + d), vload(rt + d), a);
-                  acc[t] = a;
-                }
-                vstore(dots.data(), vsum_each(acc));
-              } else
-#endif
-              {
-                for (int64_t t = 0; t < m; ++t) dots[t] = dot(qh, raw.data() + t * D, D);
-              }
+              tile_dots(qh, raw.data(), m, D, dots.data());
               for (int64_t t = 0; t < m; ++t) {  // a NaN dot sticks (as torch's amax): it ranks first
                 const float v = dots[t];
                 if (!std::isnan(best[i]) && (std::isnan(v) || v > best[i])) best[i] = v;
