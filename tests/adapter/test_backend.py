@@ -227,9 +227,9 @@ def test_builder_plans_decode_steps_statically_for_cuda_graphs():
     spec_cfg.speculative_config = SimpleNamespace(num_speculative_tokens=2)
     with pytest.raises(ValueError, match="speculative decoding is not supported"):
         InfLLMMetadataBuilder(_spec(), ["l0"], spec_cfg, torch.device("cpu"))
-    gpu_cfg = vcfg("cuda")  # no Triton kernels for the sketch score yet
-    gpu_cfg.additional_config = {"infllm": {"topk": 3, "unit_score": "sketch"}}
-    with pytest.raises(ValueError, match="unit_score='sketch' runs on the CPU path only.*use unit_score 'exact'"):
+    gpu_cfg = vcfg("cuda")  # the Triton kernels cannot read the host store yet
+    gpu_cfg.additional_config = {"infllm": {"topk": 3, "offload": {}}}
+    with pytest.raises(ValueError, match="offload runs on the CPU path only.*drop 'offload'"):
         InfLLMMetadataBuilder(_spec(), ["l0"], gpu_cfg, torch.device("cuda"))
     past = vcfg("cpu")  # a retrieval layer the model does not have
     past.additional_config = {"infllm": {"topk": 3, "retrieval_layer": 4}}

@@ -60,8 +60,11 @@ def test_variants_are_bounded_over_batch_sizes(tmp_path):
                                   # layer 0 minmax, layer 1 the retrieval layer (the exact score), layer 2 reads it
                                   ("--infllm", '{"unit_score": "minmax", "contiguity": 1, "select_queries": 16, '
                                                '"chunking": "step", "retrieval_layer": 1}'),
-                                  ("--softcap", "50", "--sinks")],
-                         ids=["paper", "kv_head-ordered-max_topk", "minmax-contiguity-last-retrieval", "softcap-sinks"])
+                                  # the models' softmax variants, with the sketch below a retrieval layer
+                                  ("--softcap", "50", "--sinks", "--infllm",
+                                   '{"unit_score": "sketch", "positions": "ordered", "retrieval_layer": 1}')],
+                         ids=["paper", "kv_head-ordered-max_topk", "minmax-contiguity-last-retrieval",
+                              "softcap-sinks-sketch-retrieval"])
 def test_kernels_compile_for_sm90_without_spills(tmp_path, args):
     # bf16 at head sizes 64, 128 and 256 (the --quick set), decode batches up to 40 so that both
     # the split and the one-program decode kernels are built; the paper's rule, the modes beyond
@@ -74,5 +77,8 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path, args):
     for v in built:
         assert v["spill_stores"] == 0 and v["spill_loads"] == 0, v
         assert 0 < v["regs"] <= 255 and v["shared_bytes"] <= 232_448, v
+    kernels = {v["kernel"] for v in built}
     if any("retrieval_layer" in a for a in args):  # the retrieval layer's kernel was built too
-        assert "_score_exact_kernel" in {v["kernel"] for v in built}, sorted({v["kernel"] for v in built})
+        assert "_score_exact_kernel" in kernels, sorted(kernels)
+    if any("sketch" in a for a in args):  # and the layer below it scored the sketches
+        assert "_score_sketch_kernel" in kernels, sorted(kernels)

@@ -225,15 +225,17 @@ def test_runtime_matches_torch_runtime_at_real_shapes(triton_ops, dtype):
             assert (row_err <= 2e-2).float().mean() >= 0.97, row_err.quantile(q)
 
 
-def test_exact_score_and_retrieval_layer(triton_ops):
-    # unit_score="exact" and retrieval_layer on the GPU (docs/design.md section 2.7): the exact
-    # score's selection against the torch op at real shapes in bf16 (near-ties may swap), then
-    # a decode step of three layers (below, the retrieval layer, above it) captured in one CUDA
-    # graph and replayed with the next step's plan, against eager runs.
+@pytest.mark.parametrize("unit_score", ["exact", "sketch"])
+def test_exact_score_and_retrieval_layer(triton_ops, unit_score):
+    # unit_score="exact" or "sketch" below retrieval_layer on the GPU (docs/design.md section
+    # 2.7): the layer's selection against the torch op at real shapes in bf16 (near-ties may
+    # swap; "sketch": after each op sealed its own copy of the memory, the box and the codes
+    # compared), then a decode step of three layers (below, the retrieval layer, above it)
+    # captured in one CUDA graph and replayed with the next step's plan, against eager runs.
     from vllm_infllm.core.plan import PlanBuffers, plan_decode_step
     from vllm_infllm.core.runtime import infllm_forward
 
-    cfg = InfLLMConfig(unit_score="exact", positions="ordered", retrieval_layer=1)
+    cfg = InfLLMConfig(unit_score=unit_score, positions="ordered", retrieval_layer=1)
     dtype, (Hq, Hkv, D) = torch.bfloat16, (9, 3, 64)
     st = paged_state(Hq, Hkv, D, SEQ_LENS, dtype, cfg, device=DEV)
     cos, sin = rope_table(D, max(SEQ_LENS) + cfg.n_local + 1, device=DEV)
@@ -242,15 +244,31 @@ def test_exact_score_and_retrieval_layer(triton_ops):
     for n in QUERY_LENS:
         qsl.append(qsl[-1] + n)
     checked = 0
+    mem_t, mem_g = st.memory.clone(), st.memory.clone()
     for wave in plan_step(qsl, SEQ_LENS, cfg, device=DEV).waves:
-        a = torch_ops.select_units_exact(query, st.kv_cache, st.block_table, wave, cos, sin, cfg, Hkv)
-        b = triton_ops.select_units_exact(query, st.kv_cache, st.block_table, wave, cos, sin, cfg, Hkv)
+        if unit_score == "exact":
+            a = torch_ops.select_units_exact(query, st.kv_cache, st.block_table, wave, cos, sin, cfg, Hkv)
+            b = triton_ops.select_units_exact(query, st.kv_cache, st.block_table, wave, cos, sin, cfg, Hkv)
+        else:
+            torch_ops.seal_units(st.kv_cache, mem_t, st.block_table, wave, cos, sin, cfg)
+            triton_ops.seal_units(st.kv_cache, mem_g, st.block_table, wave, cos, sin, cfg)
+            a = torch_ops.select_units(query, mem_t, st.block_table, wave, cos, sin, cfg, Hkv)
+            b = triton_ops.select_units(query, mem_g, st.block_table, wave, cos, sin, cfg, Hkv)
         for x, y in zip(a.flatten(0, 1).tolist(), b.flatten(0, 1).tolist(), strict=True):
             want = {u for u in x if u >= 0}
             if want:
                 assert len(want & set(y)) / len(want) >= 0.85, (x, y)
                 checked += len(want)
     assert checked >= 2 * cfg.topk
+    if unit_score == "sketch":
+        assert torch.equal(mem_g.sealed, mem_t.sealed)
+        fresh = (mem_t.sealed & ~st.memory.sealed).nonzero().squeeze(1)  # sealed by these waves
+        assert len(fresh) > 5
+        torch.testing.assert_close(mem_g.reprs[fresh, : 2 * Hkv], mem_t.reprs[fresh, : 2 * Hkv], rtol=1e-2, atol=1e-2)
+        codes, want = (torch_ops._sketch_bytes(m.reprs[fresh], Hkv).to(torch.int16) for m in (mem_g, mem_t))
+        for nibble in (lambda x: x & 15, lambda x: x >> 4):  # a midpoint may round the other way (FMA)
+            assert int((nibble(codes) - nibble(want)).abs().max()) <= 1
+        assert float((codes == want).float().mean()) > 0.99
 
     seq_a = [20_000, 9_000, 5_000, 300]
     seq_b = [s + 1 for s in seq_a]

@@ -141,6 +141,39 @@ def test_seal_units(Hq, Hkv, D, unit_score, monkeypatch):
     torch.testing.assert_close(mem.reprs, ref.reprs, rtol=1e-5, atol=1e-5)
 
 
+def assert_codes_match(got: torch.Tensor, want: torch.Tensor, Hkv: int) -> None:
+    """unit_score="sketch": the 4-bit codes in reprs rows [m, R, D] as the torch op's; on a GPU a
+    channel on a level's midpoint may round the other way (the rotation's fused multiply-adds)."""
+    codes, ref = (torch_ops._sketch_bytes(r, Hkv).to(torch.int16) for r in (got, want))
+    for nibble in (lambda x: x & 15, lambda x: x >> 4):
+        assert int((nibble(codes) - nibble(ref)).abs().max()) <= 1
+    assert float((codes == ref).float().mean()) > 0.999
+    if not ON_GPU:  # the interpreter rounds as torch does
+        assert torch.equal(codes, ref)
+
+
+@in_process
+@pytest.mark.parametrize("Hq,Hkv,D,dtype", [(4, 2, 32, torch.float32), (3, 1, 64, torch.float16)])
+def test_seal_units_sketch(Hq, Hkv, D, dtype, monkeypatch):
+    """unit_score="sketch": the box as minmax stores it, and each raw key's 4-bit codes as the
+    torch op packs them."""
+    monkeypatch.setattr(triton_ops, "SEAL_TOKENS", 8)  # two tiles per 16-token unit, both passes
+    cfg = dataclasses.replace(CFG, unit_score="sketch")
+    (kv, table, cos, sin), mem = paged_state(Hq, Hkv, D, SEQ_LENS, dtype, cfg)
+    assert mem.reprs.shape[1] == 2 * Hkv + CFG.block_size * Hkv * D // 2 // (D * dtype.itemsize)
+    ref = mem.clone()
+    for wave in _plan():
+        torch_ops.seal_units(kv, ref, table, wave, cos, sin, cfg)
+        triton_ops.seal_units(kv, mem, table, wave, cos, sin, cfg)
+    assert torch.equal(mem.sealed, ref.sealed)
+    sealed = ref.sealed.nonzero().squeeze(1)
+    assert len(sealed) > 5
+    torch.testing.assert_close(mem.reprs[:, : 2 * Hkv], ref.reprs[:, : 2 * Hkv], **TOL[dtype])
+    assert_codes_match(mem.reprs[sealed], ref.reprs[sealed], Hkv)
+    unsealed = (~ref.sealed).nonzero().squeeze(1)  # untouched: the stale state is still there
+    assert torch.equal(mem.reprs[unsealed].view(torch.uint8), ref.reprs[unsealed].view(torch.uint8))
+
+
 @in_process
 @pytest.mark.parametrize("selection,unit_score,extra", [
     ("layer", "mean_topk", {}), ("kv_head", "mean_topk", {}), ("layer", "minmax", {}),
@@ -148,7 +181,8 @@ def test_seal_units(Hq, Hkv, D, unit_score, monkeypatch):
     ("kv_head", "minmax", {"contiguity": 2, "select_queries": 5, "chunking": "step"}),
     ("layer", "minmax", {"select_queries": 3, "chunking": "step"}),
     ("layer", "mean_topk", {"chunking": "aligned"}), ("layer", "max_topk", {}),
-    ("kv_head", "max_topk", {"contiguity": 1})])
+    ("kv_head", "max_topk", {"contiguity": 1}), ("layer", "sketch", {}),
+    ("kv_head", "sketch", {"contiguity": 1})])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_select_units(dtype, selection, unit_score, extra):
     """extra: contiguity (neighbours ranked in), select_queries (q̄ of the chunk's last queries)."""
@@ -378,10 +412,11 @@ def packed_pages(Hq, Hkv, D, seq_lens, dtype, cfg=CFG, seed=0):
     from vllm_infllm.adapter.side_state import SideStateLayout, side_state_views
 
     (kv, table, cos, sin), mem = paged_state(Hq, Hkv, D, seq_lens, dtype, cfg, seed)
-    extra = SideStateLayout(Hq, D, cfg.block_size, dtype).num_extra_slots()
+    rows = cfg.repr_rows(Hq, Hkv, dtype.itemsize)
+    extra = SideStateLayout(Hq, D, cfg.block_size, dtype, rows).num_extra_slots()
     pages = torch.randn(kv.shape[0], Hkv + extra, cfg.block_size, 2 * D, device=DEVICE).to(dtype)
     pages[:, :Hkv] = kv
-    scores, reprs, sealed, _ = side_state_views(pages, Hkv, Hq, D)
+    scores, reprs, sealed, _ = side_state_views(pages, Hkv, Hq, D, rows)
     scores.copy_(mem.scores)
     reprs.copy_(mem.reprs)
     sealed.copy_(mem.sealed)
@@ -390,21 +425,25 @@ def packed_pages(Hq, Hkv, D, seq_lens, dtype, cfg=CFG, seed=0):
     return (kv, table, cos, sin), mem, pages, packed
 
 
-def page_padding(pages, Hq, Hkv, D):
+def page_padding(pages, Hq, Hkv, D, cfg=CFG):
     """The bytes of each page's extra slots after the side state: nothing may write there."""
     from vllm_infllm.adapter.side_state import SideStateLayout
 
-    used = SideStateLayout(Hq, D, pages.shape[2], pages.dtype).total_bytes
+    rows = cfg.repr_rows(Hq, Hkv, pages.dtype.itemsize)
+    used = SideStateLayout(Hq, D, pages.shape[2], pages.dtype, rows).total_bytes
     return pages[:, Hkv:].reshape(pages.shape[0], -1).view(torch.uint8)[:, used:]
 
 
 @in_process
+@pytest.mark.parametrize("unit_score", ["mean_topk", "sketch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_ops_on_side_state_packed_in_the_pages(dtype):
+def test_ops_on_side_state_packed_in_the_pages(dtype, unit_score):
     """write_kv, seal, select and attend through the adapter's strided side-state views give the
-    torch ops' results on contiguous state, and leave every other byte of the pages alone."""
+    torch ops' results on contiguous state, and leave every other byte of the pages alone
+    ("sketch": its codes are bytes in the repr rows, the box and the codes as the torch op's)."""
     Hq, Hkv, D = 4, 2, 32
-    (kv, table, cos, sin), mem, pages, packed = packed_pages(Hq, Hkv, D, SEQ_LENS, dtype)
+    cfg = dataclasses.replace(CFG, unit_score=unit_score)
+    (kv, table, cos, sin), mem, pages, packed = packed_pages(Hq, Hkv, D, SEQ_LENS, dtype, cfg)
     g = torch.Generator().manual_seed(5)
     T = sum(QUERY_LENS)
     query = torch.randn(T, Hq, D, generator=g).to(dtype=dtype, device=DEVICE)
@@ -416,27 +455,31 @@ def test_ops_on_side_state_packed_in_the_pages(dtype):
         slots.append(table[r, pos // B].long() * B + pos % B)
     slots = torch.cat(slots)
     assert bool((slots % B == 0).any())  # some block is written from offset 0: its state resets
-    padding = page_padding(pages, Hq, Hkv, D).clone()
+    padding = page_padding(pages, Hq, Hkv, D, cfg).clone()
 
     torch_ops.write_kv(kv, key, value, slots, mem)
     triton_ops.write_kv(pages[:, :Hkv], key, value, slots, packed)
     for wave in _plan():
-        torch_ops.seal_units(kv, mem, table, wave, cos, sin, CFG)
-        triton_ops.seal_units(pages[:, :Hkv], packed, table, wave, cos, sin, CFG)
-        selected = torch_ops.select_units(query, mem, table, wave, cos, sin, CFG, Hkv)
-        picked = triton_ops.select_units(query, packed, table, wave, cos, sin, CFG, Hkv)
+        torch_ops.seal_units(kv, mem, table, wave, cos, sin, cfg)
+        triton_ops.seal_units(pages[:, :Hkv], packed, table, wave, cos, sin, cfg)
+        selected = torch_ops.select_units(query, mem, table, wave, cos, sin, cfg, Hkv)
+        picked = triton_ops.select_units(query, packed, table, wave, cos, sin, cfg, Hkv)
         assert [sorted(r) for r in selected.tolist()] == [sorted(r) for r in picked.tolist()]
         o_ref = torch.zeros(T, Hq, D, dtype=dtype, device=DEVICE)
         o_tri = torch.zeros(T, Hq, D, dtype=dtype, device=DEVICE)
-        torch_ops.attend(query, kv, mem, table, wave, selected, cos, sin, CFG, D**-0.5, o_ref)
-        triton_ops.attend(query, pages[:, :Hkv], packed, table, wave, selected, cos, sin, CFG, D**-0.5, o_tri)
+        torch_ops.attend(query, kv, mem, table, wave, selected, cos, sin, cfg, D**-0.5, o_ref)
+        triton_ops.attend(query, pages[:, :Hkv], packed, table, wave, selected, cos, sin, cfg, D**-0.5, o_tri)
         torch.testing.assert_close(o_tri, o_ref, **TOL[dtype])
     assert torch.equal(packed.sealed, mem.sealed)
     assert mem.sealed.sum() > 5
-    torch.testing.assert_close(packed.reprs, mem.reprs, **TOL[dtype])
+    if unit_score == "sketch":  # box rows as floats, code rows as bytes
+        torch.testing.assert_close(packed.reprs[:, : 2 * Hkv], mem.reprs[:, : 2 * Hkv], **TOL[dtype])
+        assert_codes_match(packed.reprs, mem.reprs, Hkv)
+    else:
+        torch.testing.assert_close(packed.reprs, mem.reprs, **TOL[dtype])
     torch.testing.assert_close(packed.scores, mem.scores, **TOL[dtype])
     assert torch.equal(pages[:, :Hkv], kv)  # K/V of every block as the torch ops left them
-    assert torch.equal(page_padding(pages, Hq, Hkv, D), padding)
+    assert torch.equal(page_padding(pages, Hq, Hkv, D, cfg), padding)
 
 
 @in_process
@@ -469,14 +512,15 @@ def test_select_units_exact(Hq, Hkv, D, extra, dtype):
 
 
 @in_process
-@pytest.mark.parametrize("Hq,Hkv,D,modes", [  # two cases: the interpreter takes ~30 s each
+@pytest.mark.parametrize("Hq,Hkv,D,modes", [  # three cases: the interpreter takes ~30 s each
     (4, 2, 32, {"retrieval_layer": 1, "unit_score": "exact", "positions": "ordered", "chunking": "aligned"}),
     (4, 1, 64, {"retrieval_layer": 0, "unit_score": "minmax", "selection": "kv_head", "chunking": "step",
-                "select_queries": 4})])
-def test_runtime_retrieval_layer_and_exact_match_oracle(Hq, Hkv, D, modes):
-    """retrieval_layer and unit_score="exact" on the Triton path, three layers: the layer below
-    selects by its own score, the retrieval layer by every key, the layer above attends its units
-    (docs/design.md section 2.7); every output as the oracle's."""
+                "select_queries": 4}),
+    (4, 2, 32, {"retrieval_layer": 1, "unit_score": "sketch", "selection": "kv_head", "positions": "ordered"})])
+def test_runtime_retrieval_layer_exact_and_sketch_match_oracle(Hq, Hkv, D, modes):
+    """retrieval_layer, unit_score="exact" and "sketch" on the Triton path, three layers: the
+    layer below selects by its own score, the retrieval layer by every key, the layer above
+    attends its units (docs/design.md section 2.7); every output as the oracle's."""
     cfg = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=3, repr_topk=3, chunk=32, **modes)
     g = torch.Generator().manual_seed(8)
     reqs = [make_request([45, 77, 60], 4, Hq, Hkv, D, g), make_request([9], 20, Hq, Hkv, D, g),

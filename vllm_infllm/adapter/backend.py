@@ -122,11 +122,6 @@ class InfLLMMetadataBuilder(AttentionMetadataBuilder[InfLLMMetadata]):
                 f"layers, 0-based); use a layer index below {layers} (python -m "
                 "vllm_infllm.tools.retrieval_layer finds one)"
             )
-        if cfg.unit_score == "sketch" and torch.device(device).type != "cpu":
-            raise ValueError(
-                "infllm: unit_score='sketch' runs on the CPU path only for now (no Triton kernels "
-                "yet); use unit_score 'exact' (the score it approximates) or 'minmax' on this device"
-            )
         if self.offload_config is not None and torch.device(device).type != "cpu":
             raise ValueError(
                 "infllm: offload runs on the CPU path only for now (the Triton kernels cannot read "

@@ -54,7 +54,7 @@ class InfLLMConfig:
                               channels rounded to one of 16 levels in it, stored at sealing
                               (B*Hkv*D/2 bytes per unit: 1/8 of fp32 keys, 1/4 of bf16 ones);
                               sum_h max_k <q̄_h, sketch(k)>. Selection still reads something of
-                              every candidate's keys, 1/8-1/4 of what "exact" reads. CPU only.
+                              every candidate's keys, 1/8-1/4 of what "exact" reads.
     positions:  where global keys sit (docs/design.md section 2.7):
                 "fixed"   - the paper's rule: every global key at relative distance n_local-1;
                 "ordered" - the global keys (init, selected units, remainder) in their original

@@ -210,14 +210,18 @@ def _seal_minmax_kernel(
     kv_ptr,  # [num_blocks, Hkv, B, 2*D] strides s_cb, s_ch, s_co, s_cd
     bt_ptr, req_ptr, ncand_ptr,  # as _seal_kernel
     reprs_ptr,  # [num_blocks, 2*Hkv, D] out: rows 2g, 2g+1 = min, max raw key of KV head g
+    codes_ptr,  # SKETCH: the code rows of reprs as bytes, [Hkv, B, D/2] per block, block stride s_kb
     sealed_ptr,  # [num_blocks] uint8, stride s_z; in/out
     cos_ptr, sin_ptr,  # [rows, D/2] rotary table, row strides s_cos, s_sin
-    s_cb, s_ch, s_co, s_cd, s_bt, s_rb, s_rh, s_rd, s_z, s_cos, s_sin,
+    s_cb, s_ch, s_co, s_cd, s_bt, s_rb, s_rh, s_rd, s_kb, s_z, s_cos, s_sin,
     HKV: tl.constexpr, D2: tl.constexpr, B: tl.constexpr, N_INIT: tl.constexpr,
     INIT_BLOCKS: tl.constexpr, WINDOW: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D2: tl.constexpr,
+    SKETCH: tl.constexpr,  # unit_score="sketch": also each key's 4-bit codes within the box
 ):
-    """unit_score="minmax": one program per (chunk, scanned candidate); per KV head, the
-    per-channel min and max of the unit's B raw keys (RoPE undone: rotation by -pos)."""
+    """unit_score="minmax" and "sketch": one program per (chunk, scanned candidate); per KV head,
+    the per-channel min and max of the unit's B raw keys (RoPE undone: rotation by -pos); with
+    SKETCH, a second pass over the keys stores each channel's nearest of 16 levels between the
+    box's min and max as stored (as torch_ops.seal_units: low nibble channel i, high i + D/2)."""
     pid = tl.program_id(0)
     c = pid // WINDOW
     unit = tl.load(ncand_ptr + c) - WINDOW + pid % WINDOW
@@ -238,14 +242,8 @@ def _seal_minmax_kernel(
         for b0 in range(0, B, BLOCK_B):  # BLOCK_B tokens at a time: [B, D/2] fp32 x 4 spilled at D 256
             b = b0 + tl.arange(0, BLOCK_B)[:, None]
             m = (b < B) & (d < D2)
-            pos = N_INIT + unit * B + b
-            cs = tl.load(cos_ptr + pos * s_cos + d, mask=m, other=1.0).to(tl.float32)
-            sn = tl.load(sin_ptr + pos * s_sin + d, mask=m, other=0.0).to(tl.float32)
-            ptr = kv_ptr + phys * s_cb + g * s_ch + b * s_co
-            ka = tl.load(ptr + d * s_cd, mask=m, other=0.0).to(tl.float32)
-            kb = tl.load(ptr + (d + D2) * s_cd, mask=m, other=0.0).to(tl.float32)
-            ra = ka * cs + kb * sn
-            rb = kb * cs - ka * sn
+            ra, rb = _raw_key_halves(kv_ptr + phys * s_cb + g * s_ch, cos_ptr, sin_ptr, b, d, m, unit,
+                                     s_co, s_cd, s_cos, s_sin, D2, B, N_INIT)
             lo_a = tl.minimum(lo_a, tl.min(tl.where(m, ra, float("inf")), 0))
             lo_b = tl.minimum(lo_b, tl.min(tl.where(m, rb, float("inf")), 0))
             hi_a = tl.maximum(hi_a, tl.max(tl.where(m, ra, float("-inf")), 0))
@@ -255,7 +253,44 @@ def _seal_minmax_kernel(
         tl.store(dst + (dd + D2) * s_rd, lo_b.to(ty), mask=dd < D2)
         tl.store(dst + s_rh + dd * s_rd, hi_a.to(ty), mask=dd < D2)
         tl.store(dst + s_rh + (dd + D2) * s_rd, hi_b.to(ty), mask=dd < D2)
+        if SKETCH:  # codes relative to the box as stored (in the cache dtype), as the score reads it
+            lo_a, lo_b = lo_a.to(ty).to(tl.float32)[None, :], lo_b.to(ty).to(tl.float32)[None, :]
+            step_a = tl.div_rn(hi_a.to(ty).to(tl.float32)[None, :] - lo_a, 15.0)
+            step_b = tl.div_rn(hi_b.to(ty).to(tl.float32)[None, :] - lo_b, 15.0)
+            for b0 in range(0, B, BLOCK_B):
+                b = b0 + tl.arange(0, BLOCK_B)[:, None]
+                m = (b < B) & (d < D2)
+                ra, rb = _raw_key_halves(kv_ptr + phys * s_cb + g * s_ch, cos_ptr, sin_ptr, b, d, m, unit,
+                                         s_co, s_cd, s_cos, s_sin, D2, B, N_INIT)
+                code = _level(ra, lo_a, step_a) | (_level(rb, lo_b, step_b) << 4)
+                tl.store(codes_ptr + phys * s_kb + (g * B + b) * D2 + d, code.to(tl.uint8), mask=m)
     tl.store(sealed_ptr + phys * s_z, tl.full([], 1, tl.uint8))
+
+
+@triton.jit
+def _raw_key_halves(kv_head_ptr, cos_ptr, sin_ptr, b, d, m, unit, s_co, s_cd, s_cos, s_sin,
+                    D2: tl.constexpr, B: tl.constexpr, N_INIT: tl.constexpr):
+    """Tokens b [BLOCK_B, 1] of memory unit `unit` of one KV head, raw (RoPE undone: rotation by
+    -pos), fp32 NeoX halves [BLOCK_B, BLOCK_D2] each."""
+    pos = N_INIT + unit * B + b
+    cs = tl.load(cos_ptr + pos * s_cos + d, mask=m, other=1.0).to(tl.float32)
+    sn = tl.load(sin_ptr + pos * s_sin + d, mask=m, other=0.0).to(tl.float32)
+    ptr = kv_head_ptr + b * s_co
+    ka = tl.load(ptr + d * s_cd, mask=m, other=0.0).to(tl.float32)
+    kb = tl.load(ptr + (d + D2) * s_cd, mask=m, other=0.0).to(tl.float32)
+    return ka * cs + kb * sn, kb * cs - ka * sn
+
+
+@triton.jit
+def _level(x, lo, step):
+    """The 4-bit code of x in the box [lo, lo + 15 step]: the nearest level, ties to even (as
+    torch.round), 0 where the box is flat; int32 in [0, 15]."""
+    t = tl.where(step > 0, tl.div_rn(x - lo, tl.where(step > 0, step, 1.0)), 0.0)
+    f = tl.floor(t)
+    r = t - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+    t = f + tl.where((r > 0.5) | ((r == 0.5) & odd), 1.0, 0.0)
+    return tl.minimum(tl.maximum(t, 0.0), 15.0).to(tl.int32)
 
 
 @triton.jit
@@ -301,7 +336,6 @@ def seal_units(
     s_cb, s_ch, s_co, s_cd = kv_cache.stride()
     s_sb, s_sh, s_so = memory.scores.stride()
     s_rb, s_rh, s_rd = memory.reprs.stride()
-    _no_sketch(config)
     sealed = memory.sealed.view(torch.uint8)  # one byte per KV page in vLLM: index by its stride
     if config.unit_score == "exact":
         _seal_flags_kernel[(chunks.n * window,)](
@@ -309,15 +343,17 @@ def seal_units(
             s_bt=block_table.stride(0), s_z=sealed.stride(0), INIT_BLOCKS=config.init_blocks, WINDOW=window,
         )
         return
-    if config.unit_score == "minmax":
+    if config.unit_score in ("minmax", "sketch"):
+        sketch = config.unit_score == "sketch"
+        codes = _sketch_codes(memory.reprs, Hkv) if sketch else sealed  # (unused without SKETCH)
         _seal_minmax_kernel[(chunks.n * window,)](
             kv_ptr=kv_cache, bt_ptr=block_table, req_ptr=chunks.req, ncand_ptr=chunks.num_cand,
-            reprs_ptr=memory.reprs, sealed_ptr=sealed, cos_ptr=cos, sin_ptr=sin,
+            reprs_ptr=memory.reprs, codes_ptr=codes, sealed_ptr=sealed, cos_ptr=cos, sin_ptr=sin,
             s_cb=s_cb, s_ch=s_ch, s_co=s_co, s_cd=s_cd, s_bt=block_table.stride(0),
-            s_rb=s_rb, s_rh=s_rh, s_rd=s_rd, s_z=sealed.stride(0),
+            s_rb=s_rb, s_rh=s_rh, s_rd=s_rd, s_kb=codes.stride(0), s_z=sealed.stride(0),
             s_cos=cos.stride(0), s_sin=sin.stride(0),
             HKV=Hkv, D2=D // 2, B=B, N_INIT=config.n_init, INIT_BLOCKS=config.init_blocks,
-            WINDOW=window, BLOCK_B=min(_p2(B), SEAL_TOKENS), BLOCK_D2=_p2(D // 2),
+            WINDOW=window, BLOCK_B=min(_p2(B), SEAL_TOKENS), BLOCK_D2=_p2(D // 2), SKETCH=sketch,
             num_warps=4 if D <= 128 else 8,
         )
         return
@@ -552,13 +588,70 @@ def _score_exact_kernel(
     tl.store(dst, total)
 
 
-def _no_sketch(config: InfLLMConfig) -> None:
-    if config.unit_score == "sketch":
-        raise NotImplementedError(
-            "infllm: unit_score='sketch' has CPU ops only (its sealing packs 4-bit codes and its "
-            "score decodes them; no Triton kernels yet). Fix: use unit_score 'exact' (the score it "
-            "approximates, with a Triton kernel) or 'minmax' on CUDA."
-        )
+@triton.jit(do_not_specialize=["MAX_CAND"])
+def _score_sketch_kernel(
+    qbar_ptr,  # [n, Hq*D] fp32
+    reprs_ptr,  # [num_blocks, R, D]: rows 2g, 2g+1 = the box of KV head g; block stride s_rb
+    codes_ptr,  # the code rows of reprs as bytes, [Hkv, B, D/2] per block, block stride s_kb
+    bt_ptr, req_ptr, ncand_ptr,  # as _score_kernel
+    score_ptr,  # [n, S, MAX_CAND] fp32 out
+    s_bt, s_rb, s_kb, MAX_CAND,
+    HQ: tl.constexpr, D2: tl.constexpr, G: tl.constexpr,
+    KV_HEADS: tl.constexpr,  # KV heads per selection group (Hkv or 1)
+    B: tl.constexpr, INIT_BLOCKS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D2: tl.constexpr,
+):
+    """unit_score="sketch": _score_exact_kernel's score of the keys the unit's sealing sketched,
+    each decoded to lo + code * (hi - lo) / 15 per channel (the box as stored); no rotary table,
+    the sketch is of the raw keys. Reads 2*D box values and B*D/2 code bytes per KV head."""
+    c = tl.program_id(0)
+    u = tl.program_id(1)
+    grp = tl.program_id(2)
+    dst = score_ptr + (c * tl.num_programs(2) + grp) * MAX_CAND + u
+    ncand = tl.load(ncand_ptr + c)
+    if u >= ncand:  # past this chunk's candidates (MAX_CAND is a bound)
+        tl.store(dst, float("-inf"))
+        return
+    req = tl.load(req_ptr + c).to(tl.int64)
+    phys = tl.load(bt_ptr + req * s_bt + INIT_BLOCKS + u).to(tl.int64)
+    i = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D2)
+    qm = (i[:, None] < G) & (d[None, :] < D2)
+    dm = d < D2
+    total = 0.0
+    for kk in range(KV_HEADS):
+        kvh = grp * KV_HEADS + kk
+        qrow = qbar_ptr + c * HQ * 2 * D2 + (kvh * G + i[:, None]) * 2 * D2 + d[None, :]
+        qa = tl.load(qrow, mask=qm, other=0.0)  # [BLOCK_G, BLOCK_D2]: the G heads' halves
+        qb = tl.load(qrow + D2, mask=qm, other=0.0)
+        box = reprs_ptr + phys * s_rb + 2 * kvh * 2 * D2 + d
+        lo_a = tl.load(box, mask=dm, other=0.0).to(tl.float32)[None, :]
+        lo_b = tl.load(box + D2, mask=dm, other=0.0).to(tl.float32)[None, :]
+        step_a = tl.div_rn(tl.load(box + 2 * D2, mask=dm, other=0.0).to(tl.float32)[None, :] - lo_a, 15.0)
+        step_b = tl.div_rn(tl.load(box + 3 * D2, mask=dm, other=0.0).to(tl.float32)[None, :] - lo_b, 15.0)
+        best = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        nan = tl.zeros([BLOCK_G], tl.int32)
+        for o0 in range(0, B, BLOCK_B):
+            o = o0 + tl.arange(0, BLOCK_B)
+            km = (o[:, None] < B) & dm[None, :]
+            code = tl.load(codes_ptr + phys * s_kb + (kvh * B + o[:, None]) * D2 + d[None, :], mask=km, other=0)
+            ka = lo_a + (code & 15).to(tl.float32) * step_a  # [BLOCK_B, BLOCK_D2]
+            kb = lo_b + (code >> 4).to(tl.float32) * step_b
+            dots = tl.sum(qa[:, None, :] * ka[None, :, :], 2) + tl.sum(qb[:, None, :] * kb[None, :, :], 2)
+            dots = tl.where(o[None, :] < B, dots, float("-inf"))  # [BLOCK_G, BLOCK_B]
+            nan += tl.sum((dots != dots).to(tl.int32), 1)
+            best = tl.maximum(best, tl.max(dots, 1))
+        best = tl.where(nan > 0, float("nan"), best)
+        total += tl.sum(tl.where(i < G, best, 0.0), 0)
+    tl.store(dst, total)
+
+
+def _sketch_codes(reprs: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """unit_score="sketch": the code rows of reprs (after the 2*Hkv box rows) as bytes, [num_blocks,
+    rows, D * element size], each block's codes one contiguous run (the kernels index them flat)."""
+    codes = reprs[:, 2 * num_kv_heads :].view(torch.uint8)
+    assert codes.stride(2) == 1 and codes.stride(1) == codes.shape[2], "reprs[block] must be a contiguous [R, D]"
+    return codes
 
 
 def _no_store(store) -> None:
@@ -583,7 +676,7 @@ def select_units(
     store=None,
 ) -> torch.Tensor:
     """The topk candidates of each chunk and selection group by sum_h <q̄_h, r_{U,h}>
-    (unit_score "minmax" and "max_topk": as torch_ops.select_units).
+    (unit_score "minmax", "max_topk" and "sketch": as torch_ops.select_units).
 
     query:        [T, Hq, D] post-RoPE
     memory:       reads `reprs` [num_blocks, R, D] (each block's [R, D] contiguous; R =
@@ -592,7 +685,6 @@ def select_units(
     returns:      [n, S, topk] int64 memory-unit ids (not block ids), ascending, then -1 = none;
                   S = config.selection_groups(Hkv) (as torch_ops.select_units)
     """
-    _no_sketch(config)
     _no_store(store)
     n, topk, max_k = chunks.n, config.topk, chunks.max_cand
     device = query.device
@@ -618,6 +710,17 @@ def select_units(
             s_bt=block_table.stride(0), s_rb=reprs.stride(0), MAX_CAND=max_k, HQ=Hq, D=D,
             G=Hq // num_kv_heads, HEADS=Hq // S, INIT_BLOCKS=config.init_blocks,
             BLOCK_U=block_u, BLOCK_D=_p2(D),
+        )
+    elif config.unit_score == "sketch":  # one program per candidate, as the exact score
+        G = Hq // num_kv_heads
+        codes = _sketch_codes(reprs, num_kv_heads)
+        _score_sketch_kernel[(n, max_k, S)](
+            qbar_ptr=qbar, reprs_ptr=reprs, codes_ptr=codes, bt_ptr=block_table, req_ptr=chunks.req,
+            ncand_ptr=chunks.num_cand, score_ptr=score,
+            s_bt=block_table.stride(0), s_rb=reprs.stride(0), s_kb=codes.stride(0), MAX_CAND=max_k,
+            HQ=Hq, D2=D // 2, G=G, KV_HEADS=num_kv_heads // S, B=config.block_size,
+            INIT_BLOCKS=config.init_blocks, BLOCK_B=exact_block_b(G, D, config.block_size),
+            BLOCK_G=_p2(G), BLOCK_D2=_p2(D // 2),
         )
     elif config.unit_score == "max_topk":
         _score_max_kernel[(n, triton.cdiv(max_k, block_u), S)](
