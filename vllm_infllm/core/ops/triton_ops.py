@@ -530,6 +530,17 @@ def _score_max_kernel(
     tl.store(dst, acc, mask=u < MAX_CAND)
 
 
+@triton.jit
+def _fold_best_key(qa, qb, ka, kb, valid, best, nan):
+    """One tile of the best-key scores: the dots of the G heads' q̄ halves qa, qb [BLOCK_G,
+    BLOCK_D2] with keys ka, kb [BLOCK_B, BLOCK_D2] (valid: [BLOCK_B]) folded into each head's
+    running max `best` and NaN count `nan` [BLOCK_G] (a NaN dot makes the score NaN, as torch's
+    amax)."""
+    dots = tl.sum(qa[:, None, :] * ka[None, :, :], 2) + tl.sum(qb[:, None, :] * kb[None, :, :], 2)
+    dots = tl.where(valid[None, :], dots, float("-inf"))  # [BLOCK_G, BLOCK_B]
+    return tl.maximum(best, tl.max(dots, 1)), nan + tl.sum((dots != dots).to(tl.int32), 1)
+
+
 @triton.jit(do_not_specialize=["MAX_CAND"])
 def _score_exact_kernel(
     qbar_ptr,  # [n, Hq*D] fp32
@@ -577,12 +588,8 @@ def _score_exact_kernel(
             j = N_INIT + u * B + o  # the keys' positions
             cs = tl.load(cos_ptr + j[:, None] * s_cos + d[None, :], mask=km, other=1.0).to(tl.float32)
             sn = tl.load(sin_ptr + j[:, None] * s_sin + d[None, :], mask=km, other=0.0).to(tl.float32)
-            ra = ka * cs + kb * sn  # R(-j) k in NeoX halves
-            rb = kb * cs - ka * sn
-            dots = tl.sum(qa[:, None, :] * ra[None, :, :], 2) + tl.sum(qb[:, None, :] * rb[None, :, :], 2)
-            dots = tl.where(o[None, :] < B, dots, float("-inf"))  # [BLOCK_G, BLOCK_B]
-            nan += tl.sum((dots != dots).to(tl.int32), 1)
-            best = tl.maximum(best, tl.max(dots, 1))
+            # R(-j) k in NeoX halves
+            best, nan = _fold_best_key(qa, qb, ka * cs + kb * sn, kb * cs - ka * sn, o < B, best, nan)
         best = tl.where(nan > 0, float("nan"), best)
         total += tl.sum(tl.where(i < G, best, 0.0), 0)
     tl.store(dst, total)
@@ -637,10 +644,7 @@ def _score_sketch_kernel(
             code = tl.load(codes_ptr + phys * s_kb + (kvh * B + o[:, None]) * D2 + d[None, :], mask=km, other=0)
             ka = lo_a + (code & 15).to(tl.float32) * step_a  # [BLOCK_B, BLOCK_D2]
             kb = lo_b + (code >> 4).to(tl.float32) * step_b
-            dots = tl.sum(qa[:, None, :] * ka[None, :, :], 2) + tl.sum(qb[:, None, :] * kb[None, :, :], 2)
-            dots = tl.where(o[None, :] < B, dots, float("-inf"))  # [BLOCK_G, BLOCK_B]
-            nan += tl.sum((dots != dots).to(tl.int32), 1)
-            best = tl.maximum(best, tl.max(dots, 1))
+            best, nan = _fold_best_key(qa, qb, ka, kb, o < B, best, nan)
         best = tl.where(nan > 0, float("nan"), best)
         total += tl.sum(tl.where(i < G, best, 0.0), 0)
     tl.store(dst, total)
