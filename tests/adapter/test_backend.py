@@ -84,9 +84,10 @@ def test_customize_spec_probe_consistent(q_heads_4):
     real = InfLLMAttentionBackend.customize_spec(_spec())
     probe = InfLLMAttentionBackend.customize_spec(_spec(block_size=1))
     big = InfLLMAttentionBackend.customize_spec(_spec(block_size=256))
-    # 128-token blocks: K/V plus exactly the side state (Hq 4, D 64, fp32, 2 KV heads, room for
-    # max(Hq, 2 Hkv) representative rows and Hkv * topk stored selections), 64-byte aligned.
-    kv, side = 2 * 128 * 128 * 4, 4 * 128 * 4 + 4 * 64 * 4 + 1 + 3 + 2 * 16 * 4
+    # 128-token blocks: K/V plus exactly the side state (Hq 4, D 64, fp32, 2 KV heads; the default
+    # unit score, the sketch: the box's 2 Hkv rows, then 128 keys x Hkv x D/2 bytes of codes in
+    # rows of D fp32 values; and Hkv * topk stored selections), 64-byte aligned.
+    kv, side = 2 * 128 * 128 * 4, 4 * 128 * 4 + (2 * 2 + 128 * 2 * 32 // (64 * 4)) * 64 * 4 + 1 + 3 + 2 * 16 * 4
     assert real.num_head_slots is None and real.infllm_side_state_bytes == side
     assert real.page_size_bytes == -(-(kv + side) // 64) * 64
     # Other block sizes cannot be padded (vLLM splits 256 into kernel blocks): one extra slot.

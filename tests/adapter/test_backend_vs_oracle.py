@@ -34,8 +34,8 @@ HQ, HKV, D = 6, 2, 64
 LAYERS = 2
 MAX_POS = 4096
 # 128-token blocks (the backend's memory units), a 256-token window, 2 units per chunk.
-INFLLM = {"n_init": 128, "n_local": 256, "topk": 2, "repr_topk": 4, "chunk": 128}
-CFG = InfLLMConfig(**INFLLM)
+INFLLM = {**InfLLMConfig.PAPER, "n_init": 128, "n_local": 256, "topk": 2, "repr_topk": 4, "chunk": 128}
+CFG = InfLLMConfig.paper(**INFLLM)
 PAD = 3  # padding rows appended to some steps (slot -1), as vLLM pads for CUDA graphs
 
 
@@ -330,12 +330,12 @@ def test_backend_matches_oracle_in_the_modes_beyond_the_paper(vllm_config_modes)
     """minmax unit scores, per-KV-head selection, ordered positions, contiguity and the chunk's
     last queries selecting, through the real Builder and Impl: side-state pages sized for either
     representative layout, the views the config's."""
-    _check_modes(vllm_config_modes, InfLLMConfig(**MODES), rows=2 * HKV)  # min and max per KV head
+    _check_modes(vllm_config_modes, InfLLMConfig.paper(**MODES), rows=2 * HKV)  # min and max per KV head
 
 
 def test_backend_matches_oracle_with_the_representatives_kept_apart(vllm_config_max_topk):
     """unit_score="max_topk": repr_topk keys per query head, in pages padded for them."""
-    cfg = InfLLMConfig(**MAX_TOPK)
+    cfg = InfLLMConfig.paper(**MAX_TOPK)
     _check_modes(vllm_config_max_topk, cfg, rows=HQ * cfg.repr_topk)
 
 
@@ -400,13 +400,13 @@ def _check_modes(vllm_config, cfg, rows, model=None, scale_qk=1.0):
 def test_backend_with_a_retrieval_layer_matches_the_oracle(vllm_config_retrieval):
     """retrieval_layer: the impls find their layer index in the layer's name, layer 0 selects by
     the exact score and leaves its choice in the step's plan, layer 1 attends it."""
-    _check_modes(vllm_config_retrieval, InfLLMConfig(**RETRIEVAL), rows=2 * HKV)
+    _check_modes(vllm_config_retrieval, InfLLMConfig.paper(**RETRIEVAL), rows=2 * HKV)
 
 
 def test_backend_with_sketch_scores_matches_the_oracle(vllm_config_sketch):
     """unit_score="sketch": the pages hold each unit's box and the 4-bit codes of its keys (fp32
     cache: 2*Hkv + 128*Hkv/8 rows), layer 0 selects by them, layer 1 by the exact score."""
-    _check_modes(vllm_config_sketch, InfLLMConfig(**SKETCH), rows=2 * HKV + 128 * HKV // 8)
+    _check_modes(vllm_config_sketch, InfLLMConfig.paper(**SKETCH), rows=2 * HKV + 128 * HKV // 8)
 
 
 def test_backend_with_aligned_chunking_matches_the_step_free_oracle(vllm_config_aligned):
@@ -427,7 +427,7 @@ def test_backend_with_aligned_chunking_matches_the_step_free_oracle(vllm_config_
     outs = run_schedule(backend, schedule, table, pad_steps={1})
     memory = backend.impls[0]._layer_memory(backend.kv_caches[0])
     assert memory.chosen.shape == (24, HKV, CFG.topk)
-    check_against_oracle(backend, schedule, table, outs, InfLLMConfig(**ALIGNED))
+    check_against_oracle(backend, schedule, table, outs, InfLLMConfig.paper(**ALIGNED))
 
     t = torch.tensor([0, 4], dtype=torch.int32)
     common = CommonAttentionMetadata(

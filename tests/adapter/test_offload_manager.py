@@ -14,7 +14,7 @@ from vllm_infllm.adapter.kv_cache import InfLLMAttentionSpec, InfLLMKVCacheManag
 from vllm_infllm.core.config import InfLLMConfig, OffloadConfig
 from vllm_infllm.core.offload import max_blocks_held, units_to_release
 
-CFG = InfLLMConfig(n_local=1024, topk=4)
+CFG = InfLLMConfig.paper(n_local=1024, topk=4)
 B = 128
 
 

@@ -38,9 +38,13 @@ def _compile_check(tmp_path, *args: str) -> dict:
     return report
 
 
-def test_variants_are_bounded_over_batch_sizes(tmp_path):
+PAPER = '{"unit_score": "mean_topk", "positions": "fixed"}'
+
+
+@pytest.mark.parametrize("infllm,attends", [(PAPER, 4), ("{}", 3)], ids=["paper", "defaults"])
+def test_variants_are_bounded_over_batch_sizes(tmp_path, infllm, attends):
     # Decode steps of every batch size 1..256 plus the prefill shapes: the same few kernels.
-    rep = _compile_check(tmp_path, "--no-compile", "--max-batch", "256")
+    rep = _compile_check(tmp_path, "--no-compile", "--max-batch", "256", "--infllm", infllm)
     assert rep["rc"] == 0 and rep["ok"], rep["log"]
     per = {}
     for v in rep["variants"]:
@@ -48,13 +52,15 @@ def test_variants_are_bounded_over_batch_sizes(tmp_path):
     assert len(per) == 15  # 5 head layouts x 3 dtypes
     for key, vs in per.items():
         kernels = sorted(v["kernel"] for v in vs)
-        # attend: decode (inline scores), prefill (LSE out), split attend, split scores
-        assert kernels.count("_attend_kernel") == 4, (key, kernels)
+        # attend: decode (inline scores), prefill (LSE out), split attend, split scores; the
+        # default's sketch reads no attention mass: no score pass, and decode needs no inline one
+        assert kernels.count("_attend_kernel") == attends, (key, kernels)
         assert len(vs) <= 11, (key, kernels)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args", [("--infllm", "{}"),
+@pytest.mark.parametrize("args", [("--infllm", PAPER),
+                                  ("--infllm", "{}"),  # the defaults: the sketch, "ordered"
                                   ("--infllm", '{"selection": "kv_head", "positions": "ordered", '
                                                '"unit_score": "max_topk"}'),
                                   # layer 0 minmax, layer 1 the retrieval layer (the exact score), layer 2 reads it
@@ -64,8 +70,8 @@ def test_variants_are_bounded_over_batch_sizes(tmp_path):
                                   # (not with "ordered": its D-64 split decode with softcap spills, see
                                   # benchmarks/RESULTS.md section 7)
                                   ("--softcap", "50", "--sinks", "--infllm",
-                                   '{"unit_score": "sketch", "retrieval_layer": 1}')],
-                         ids=["paper", "kv_head-ordered-max_topk", "minmax-contiguity-last-retrieval",
+                                   '{"unit_score": "sketch", "positions": "fixed", "retrieval_layer": 1}')],
+                         ids=["paper", "defaults", "kv_head-ordered-max_topk", "minmax-contiguity-last-retrieval",
                               "softcap-sinks-sketch-retrieval"])
 def test_kernels_compile_for_sm90_without_spills(tmp_path, args):
     # bf16 at head sizes 64, 128 and 256 (the --quick set), decode batches up to 40 so that both
@@ -82,5 +88,5 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path, args):
     kernels = {v["kernel"] for v in built}
     if any("retrieval_layer" in a for a in args):  # the retrieval layer's kernel was built too
         assert "_score_exact_kernel" in kernels, sorted(kernels)
-    if any("sketch" in a for a in args):  # and the layer below it scored the sketches
+    if any("sketch" in a or a == "{}" for a in args):  # the sketch (the default) scored its codes
         assert "_score_sketch_kernel" in kernels, sorted(kernels)

@@ -3,13 +3,27 @@ import pytest
 from vllm_infllm.core.config import InfLLMConfig, InfLLMConfigError, OffloadConfig
 
 
-def test_defaults_are_the_papers_but_load_independent():
+def test_defaults_are_the_papers_sizes_with_the_sketch_ordered_and_load_independent():
     c = InfLLMConfig.from_dict({})
     assert c.to_dict() == dict(n_init=128, n_local=4096, block_size=128, topk=16, repr_topk=4, chunk=512,
-                               selection="layer", unit_score="mean_topk", positions="fixed",
+                               selection="layer", unit_score="sketch", positions="ordered",
                                contiguity=0, select_queries=0, chunking="aligned", retrieval_layer=-1)
     assert InfLLMConfig.from_dict(None) == c
     assert c.max_attended() == 128 + 4096 + 16 * 128 + 128 + 512
+
+
+def test_the_papers_rule_by_name():
+    """`paper()` is the published rule: every knob beyond the paper at its first choice (the
+    paper's), the sizes as given; from JSON the same is two keys over the defaults."""
+    p = InfLLMConfig.paper(n_local=1024, topk=4)
+    assert p.to_dict() == dict(n_init=128, n_local=1024, block_size=128, topk=4, repr_topk=4, chunk=512,
+                               selection="layer", unit_score="mean_topk", positions="fixed",
+                               contiguity=0, select_queries=0, chunking="aligned", retrieval_layer=-1)
+    assert all(getattr(p, k) == v[0] for k, v in InfLLMConfig.CHOICES.items() if k != "chunking")
+    assert InfLLMConfig.from_dict({"n_local": 1024, "topk": 4, "unit_score": "mean_topk", "positions": "fixed"}) == p
+    assert InfLLMConfig.paper(unit_score="minmax").unit_score == "minmax"  # overrides win
+    with pytest.raises(InfLLMConfigError, match="positions='order'"):
+        InfLLMConfig.paper(positions="order")
 
 
 def test_from_dict_overrides():
@@ -60,7 +74,7 @@ def test_bad_values_name_field_value_rule_and_fix(values, field, words):
 def test_selection_groups():
     assert InfLLMConfig().selection_groups(8) == 1
     assert InfLLMConfig(selection="kv_head").selection_groups(8) == 8
-    assert InfLLMConfig().repr_rows(32, 8) == 32
+    assert InfLLMConfig.paper().repr_rows(32, 8) == 32
     assert InfLLMConfig(unit_score="minmax").repr_rows(32, 8) == 16
     assert InfLLMConfig(unit_score="max_topk", repr_topk=3).repr_rows(32, 8) == 96
     # "sketch": the box, then 128 keys x 8 KV heads x 64 bytes of codes in rows of D elements
@@ -72,6 +86,7 @@ def test_selection_groups():
     with pytest.raises(ValueError, match=r"block_size \* num_kv_heads \(4\) to be a multiple of 8"):
         InfLLMConfig(unit_score="sketch", block_size=4, n_init=4, chunk=8, n_local=16).repr_rows(2, 1, 4)
     assert not InfLLMConfig(unit_score="sketch").accumulates_scores
+    assert InfLLMConfig.paper().accumulates_scores
     assert InfLLMConfig(unit_score="max_topk").accumulates_scores
     assert not InfLLMConfig(unit_score="minmax").accumulates_scores
 

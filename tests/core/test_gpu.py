@@ -48,7 +48,7 @@ SEQ_LENS = [10752, 20000, 9000, 5000, 300]
 @pytest.mark.parametrize("Hq,Hkv,D,selection", [(32, 8, 128, "layer"), (9, 3, 64, "layer"),
                                                 (16, 8, 256, "layer"), (32, 8, 128, "kv_head")])
 def test_ops_match_torch_ops(triton_ops, Hq, Hkv, D, selection, dtype):
-    cfg, tol = InfLLMConfig(selection=selection), 3e-2
+    cfg, tol = InfLLMConfig.paper(selection=selection), 3e-2
     st = paged_state(Hq, Hkv, D, SEQ_LENS, dtype, cfg, device=DEV)
     kv, table, mem = st.kv_cache, st.block_table, st.memory
     cos, sin = rope_table(D, max(SEQ_LENS) + cfg.n_local + 1, device=DEV)
@@ -118,7 +118,7 @@ def test_ops_match_torch_ops(triton_ops, Hq, Hkv, D, selection, dtype):
 def test_runtime_matches_oracle_fp32(triton_ops, Hq, Hkv, D, variant):
     """The whole Triton runtime against the oracle; a model variant: GPT-J RoPE on half of each
     head (q, k permuted to NeoX), soft-capping and sinks (docs/design.md 3.3)."""
-    cfg = InfLLMConfig(n_init=64, n_local=512, block_size=64, topk=4, repr_topk=4, chunk=256)
+    cfg = InfLLMConfig.paper(n_init=64, n_local=512, block_size=64, topk=4, repr_topk=4, chunk=256)
     g = torch.Generator().manual_seed(0)
     reqs = [make_request(p, d, Hq, Hkv, D, g) for p, d in [([600, 700], 8), ([300], 24), ([1200], 4)]]
     model = {}
@@ -136,7 +136,7 @@ def test_prefill_scores_are_deterministic(triton_ops):
     # Representative scores of a prefill chunk are summed by one program per key tile, query
     # tile by query tile in order: the same step twice gives the same bits (with atomic adds
     # from every query tile they varied run to run and could flip representative ties).
-    cfg, dtype, (Hq, Hkv, D) = InfLLMConfig(), torch.bfloat16, (32, 8, 128)
+    cfg, dtype, (Hq, Hkv, D) = InfLLMConfig.paper(), torch.bfloat16, (32, 8, 128)
     seq_lens, query_lens = [12_000, 3_000], [512, 512]
     st = paged_state(Hq, Hkv, D, seq_lens, dtype, cfg, device=DEV, stale=False)
     cos, sin = rope_table(D, max(seq_lens) + 1, device=DEV)
@@ -163,7 +163,7 @@ def test_decode_step_replays_in_a_cuda_graph(triton_ops):
     from vllm_infllm.core.plan import PlanBuffers, plan_decode_step
     from vllm_infllm.core.runtime import infllm_forward
 
-    cfg, dtype, (Hq, Hkv, D) = InfLLMConfig(), torch.bfloat16, (32, 8, 128)
+    cfg, dtype, (Hq, Hkv, D) = InfLLMConfig.paper(), torch.bfloat16, (32, 8, 128)
     seq_a = [20_000, 9_000, 5_000, 300, 13_000]
     seq_b = [s + 1 for s in seq_a]
     n, pad = len(seq_a), 3
@@ -209,7 +209,7 @@ def test_runtime_matches_torch_runtime_at_real_shapes(triton_ops, dtype):
     # The whole runtime (write, seal, select, attend; waves; several layers) with the Triton
     # ops against the same runtime with the torch ops, both on the GPU, at the package defaults
     # and Llama-3-8B's heads: prompts in 4K-token prefill steps to 12K, then decodes.
-    cfg, (Hq, Hkv, D) = InfLLMConfig(), (32, 8, 128)
+    cfg, (Hq, Hkv, D) = InfLLMConfig.paper(), (32, 8, 128)
     g = torch.Generator().manual_seed(11)
     reqs = [make_request([4096, 4096, 3800], 6, Hq, Hkv, D, g), make_request([2000, 700], 6, Hq, Hkv, D, g)]
     cos, sin = rope_table(D, 16_384)
@@ -235,7 +235,7 @@ def test_exact_score_and_retrieval_layer(triton_ops, unit_score):
     from vllm_infllm.core.plan import PlanBuffers, plan_decode_step
     from vllm_infllm.core.runtime import infllm_forward
 
-    cfg = InfLLMConfig(unit_score=unit_score, positions="ordered", retrieval_layer=1)
+    cfg = InfLLMConfig.paper(unit_score=unit_score, positions="ordered", retrieval_layer=1)
     dtype, (Hq, Hkv, D) = torch.bfloat16, (9, 3, 64)
     st = paged_state(Hq, Hkv, D, SEQ_LENS, dtype, cfg, device=DEV)
     cos, sin = rope_table(D, max(SEQ_LENS) + cfg.n_local + 1, device=DEV)

@@ -60,7 +60,7 @@ def requests(Hq, Hkv, D, seed):
     ("sketch", 6, 2, 64, torch.bfloat16),
 ])
 def test_offloaded_units_give_bitwise_the_same_attention(cpu_kernel, mode, Hq, Hkv, D, dtype, tmp_path):
-    cfg = InfLLMConfig(**{**SMALL, **MODES[mode]})
+    cfg = InfLLMConfig.paper(**{**SMALL, **MODES[mode]})
     reqs = requests(Hq, Hkv, D, seed=Hq)
     cos, sin = rope_table(D, 1024)
     base = run_paged(reqs, cfg, cos, sin, layers=2, dtype=dtype)
@@ -110,7 +110,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def test_offloaded_run_still_matches_the_oracle(cpu_kernel):
-    cfg = InfLLMConfig(**SMALL, topk=3)
+    cfg = InfLLMConfig.paper(**SMALL, topk=3)
     reqs = requests(4, 2, 64, seed=3)
     cos, sin = rope_table(64, 1024)
     off = run_paged(reqs, cfg, cos, sin, offload=True)
@@ -124,7 +124,7 @@ def test_unit_reads_count_the_oracles_selections_and_the_store_reads(cpu_kernel,
     """The statistics' unit reads: every selected unit once per chunk piece a step runs (and per
     KV head with per-KV-head selection), counted as a store read when the unit had left the
     pool before that step: both derived here from the oracle's selections and the rule."""
-    cfg = InfLLMConfig(**{**SMALL, **MODES[mode]})
+    cfg = InfLLMConfig.paper(**{**SMALL, **MODES[mode]})
     reqs = requests(4, 2, 32, seed=5)
     cos, sin = rope_table(32, 1024)
     run = run_paged(reqs, cfg, cos, sin, layers=2, offload=True)
@@ -151,7 +151,7 @@ def test_empty_selection_slots_never_read_an_offloaded_pool_block(cpu_kernel, qu
     """With fewer candidates than topk, the torch ops read the empty slots' blocks masked (as
     unit 0): an offloaded unit 0 must come from the store there too, not from its pool block,
     which may hold anything (here NaN, which a weight of 0 does not hide)."""
-    cfg = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=9, chunk=16, repr_topk=3, chunking="step")
+    cfg = InfLLMConfig.paper(n_init=32, n_local=64, block_size=16, topk=9, chunk=16, repr_topk=3, chunking="step")
     Hq, Hkv, D, B = 4, 2, 64, 16
     T = 200
     g = torch.Generator().manual_seed(5)
@@ -182,8 +182,9 @@ def test_empty_selection_slots_never_read_an_offloaded_pool_block(cpu_kernel, qu
     assert torch.equal(got, expect)
 
 
-@pytest.mark.parametrize("cfg", [InfLLMConfig(**SMALL, topk=3), InfLLMConfig(**SMALL, topk=3, chunking="step"),
-                                 InfLLMConfig(n_init=0, n_local=48, block_size=16, chunk=48, topk=2)])
+@pytest.mark.parametrize("cfg", [InfLLMConfig.paper(**SMALL, topk=3),
+                                 InfLLMConfig.paper(**SMALL, topk=3, chunking="step"),
+                                 InfLLMConfig.paper(n_init=0, n_local=48, block_size=16, chunk=48, topk=2)])
 def test_offloadable_units_are_never_candidates_to_seal_nor_outside_the_past(cfg):
     """The rule against its reasons, for every position of prompts of many lengths: a later
     chunk's candidates K' never fall below it by less than the seal window, and what it allows
@@ -200,9 +201,9 @@ def test_offloadable_units_are_never_candidates_to_seal_nor_outside_the_past(cfg
         assert offloadable_units(0, L, cfg) == 0
 
 
-@pytest.mark.parametrize("cfg", [InfLLMConfig(n_local=1024, topk=4), InfLLMConfig(),
-                                 InfLLMConfig(**SMALL, topk=3, chunking="step"),
-                                 InfLLMConfig(n_init=0, n_local=48, block_size=16, chunk=48, topk=2)])
+@pytest.mark.parametrize("cfg", [InfLLMConfig.paper(n_local=1024, topk=4), InfLLMConfig.paper(),
+                                 InfLLMConfig.paper(**SMALL, topk=3, chunking="step"),
+                                 InfLLMConfig.paper(n_init=0, n_local=48, block_size=16, chunk=48, topk=2)])
 def test_blocks_held_by_a_request_stay_under_the_bound_at_any_length(cfg):
     """A request that releases units as units_to_release says holds at most max_blocks_held
     blocks at every step, prompt and decode, whatever the step sizes (brute force), and the
@@ -262,7 +263,7 @@ def test_the_store_releases_slabs_and_memory(tmp_path):
 def test_store_errors_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="is not a directory; create it"):
         UnitStore(1, 1, 4, 8, 1, torch.float32, path=tmp_path / "missing")
-    cfg = InfLLMConfig(n_init=0, n_local=16, block_size=4, chunk=4, topk=1)
+    cfg = InfLLMConfig.paper(n_init=0, n_local=16, block_size=4, chunk=4, topk=1)
     st = UnitStore(1, 1, 4, 8, 1, torch.float32)
     plan = plan_step([0, 1], [40], cfg)
     mem = LayerMemory.allocate(10, 1, 8, 4, torch.float32, "cpu")
@@ -276,7 +277,7 @@ def test_store_errors_name_the_fix(tmp_path):
 def test_decode_at_a_million_tokens_reads_the_store(cpu_kernel):
     """The ops at 1M tokens with 8K units in the store and a pool of only init + the blocks not
     yet offloadable: decode steps give bitwise the outputs of a pool that holds everything."""
-    cfg = InfLLMConfig(n_init=128, n_local=1024, block_size=128, topk=4, chunk=512)
+    cfg = InfLLMConfig.paper(n_init=128, n_local=1024, block_size=128, topk=4, chunk=512)
     Hq, Hkv, D, B, dtype = 2, 1, 64, 128, torch.bfloat16
     T = 1 << 20
     nblk = T // B + 1  # the decodes write into one more block
@@ -334,6 +335,6 @@ def test_the_triton_path_refuses_a_store_with_the_fix():
     triton_ops = pytest.importorskip("vllm_infllm.core.ops.triton_ops", reason="needs Triton")
     store = UnitStore(1, 1, 4, 8, 1, torch.float32).view(0, torch.full((1, 1), -1, dtype=torch.int32))
     with pytest.raises(NotImplementedError, match="leave 'offload' out of the infllm config on CUDA"):
-        triton_ops.select_units(None, None, None, None, None, None, InfLLMConfig(), 1, store=store)
+        triton_ops.select_units(None, None, None, None, None, None, InfLLMConfig.paper(), 1, store=store)
     with pytest.raises(NotImplementedError, match="read by the CPU ops only"):
-        triton_ops.attend(None, None, None, None, None, None, None, None, InfLLMConfig(), 1.0, None, store=store)
+        triton_ops.attend(None, None, None, None, None, None, None, None, InfLLMConfig.paper(), 1.0, None, store=store)

@@ -22,7 +22,7 @@ def cpu_kernel(request, monkeypatch):
     return request.param
 
 
-SMALL = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32)
+SMALL = InfLLMConfig.paper(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32)
 
 
 def batch(Hq, Hkv, D, seed=0):
@@ -226,12 +226,12 @@ def test_representatives_and_selection_match_oracle():
 @pytest.mark.parametrize(
     "cfg",
     [
-        InfLLMConfig(n_init=0, n_local=48, block_size=16, topk=1, repr_topk=1, chunk=48),
-        InfLLMConfig(n_init=16, n_local=32, block_size=16, topk=0, repr_topk=2, chunk=16),
-        InfLLMConfig(n_init=64, n_local=128, block_size=32, topk=3, repr_topk=32, chunk=64),
-        InfLLMConfig(n_init=0, n_local=48, block_size=16, topk=1, repr_topk=1, chunk=48,
+        InfLLMConfig.paper(n_init=0, n_local=48, block_size=16, topk=1, repr_topk=1, chunk=48),
+        InfLLMConfig.paper(n_init=16, n_local=32, block_size=16, topk=0, repr_topk=2, chunk=16),
+        InfLLMConfig.paper(n_init=64, n_local=128, block_size=32, topk=3, repr_topk=32, chunk=64),
+        InfLLMConfig.paper(n_init=0, n_local=48, block_size=16, topk=1, repr_topk=1, chunk=48,
                      selection="kv_head", positions="ordered"),
-        InfLLMConfig(n_init=64, n_local=128, block_size=32, topk=3, repr_topk=32, chunk=64,
+        InfLLMConfig.paper(n_init=64, n_local=128, block_size=32, topk=3, repr_topk=32, chunk=64,
                      positions="ordered"),
     ],
     ids=["no-init", "topk0-control", "wide", "no-init-kv_head-ordered", "wide-ordered"],

@@ -50,7 +50,7 @@ def rand_qkv(T, Hq, Hkv, D, seed=0):
             torch.randn(T, Hkv, D, generator=g))
 
 
-SMALL = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32)
+SMALL = InfLLMConfig.paper(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32)
 
 
 @pytest.mark.parametrize("prefill_len", [None, 10, 50])
@@ -204,7 +204,7 @@ def test_all_units_selected_is_dense_without_positions(prefill_len):
     # topk >= number of units: init + every unit + remainder + local = all keys, each once.
     q, k, v = rand_qkv(300, 6, 3, 16, seed=1)
     one, zero = torch.ones(512, 8), torch.zeros(512, 8)
-    cfg = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=100, repr_topk=2, chunk=32)
+    cfg = InfLLMConfig.paper(n_init=32, n_local=64, block_size=16, topk=100, repr_topk=2, chunk=32)
     out = infllm_attention_reference(q, k, v, one, zero, cfg, prefill_len)
     torch.testing.assert_close(out, dense_causal(q, k, v, one, zero), rtol=1e-5, atol=1e-5)
 
@@ -259,7 +259,7 @@ def test_aligned_chunk_is_selected_by_its_first_query():
 def planted_needle(topk, T=700, D=32, needle_unit=7, seed=0, **modes):
     """Noise everywhere, one memory unit whose raw keys point along R(n_local-1)·d and whose
     values are a marker; decode queries point along d. `modes`: section 2.7 knobs."""
-    cfg = InfLLMConfig(n_init=16, n_local=64, block_size=16, topk=topk, repr_topk=2, chunk=32, **modes)
+    cfg = InfLLMConfig.paper(n_init=16, n_local=64, block_size=16, topk=topk, repr_topk=2, chunk=32, **modes)
     g = torch.Generator().manual_seed(seed)
     Hq, Hkv = 4, 2
     q = torch.randn(T, Hq, D, generator=g) * 0.3
@@ -325,7 +325,7 @@ def test_max_topk_keeps_the_top_scored_keys_and_selects_by_their_max(selection):
     Selection: per chunk, the topk by sum_h max_i <q̄_h, k_i> over the group's heads (q̄ = the
     chunk's first query, chunking="aligned"); the mean of the kept keys is the paper's
     representative whenever both rules attended alike (no selection yet)."""
-    cfg = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32,
+    cfg = InfLLMConfig.paper(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32,
                        unit_score="max_topk", selection=selection)
     Hq, Hkv, G, D, T = 6, 3, 2, 16, 300
     q, k, v = rand_qkv(T, Hq, Hkv, D, seed=11)
@@ -363,7 +363,7 @@ def test_max_topk_keeps_the_top_scored_keys_and_selects_by_their_max(selection):
 def test_kv_head_selection_is_layer_selection_of_each_kv_head_alone():
     """With one unit set per KV head, the KV heads never interact: KV head h (with its G query
     heads) gives exactly what the paper's rule gives on that head's slice of q/k/v alone."""
-    cfg = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32,
+    cfg = InfLLMConfig.paper(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32,
                        selection="kv_head")
     layer_cfg = InfLLMConfig(**{**cfg.to_dict(), "selection": "layer"})
     Hq, Hkv, G = 6, 3, 2
@@ -410,7 +410,7 @@ def test_a_needle_one_kv_head_holds_is_outvoted_by_layer_selection_not_by_kv_hea
     q[prefill:] = 3.0 * d
     outs = {}
     for selection in ("layer", "kv_head"):
-        cfg = InfLLMConfig(n_init=n_init, n_local=n_local, block_size=B, topk=1, repr_topk=2,
+        cfg = InfLLMConfig.paper(n_init=n_init, n_local=n_local, block_size=B, topk=1, repr_topk=2,
                            chunk=32, selection=selection)
         tr = infllm_reference_trace(q, k, v, cos, sin, cfg, prefill_len=prefill)
         decode = [c for c in tr.chunks if c.c0 >= prefill]
@@ -424,7 +424,7 @@ def test_a_needle_one_kv_head_holds_is_outvoted_by_layer_selection_not_by_kv_hea
 # --- positions="ordered": global keys in their original order just before the window ---------
 
 
-ORDERED = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32,
+ORDERED = InfLLMConfig.paper(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32,
                        positions="ordered")
 
 
@@ -474,7 +474,7 @@ def test_ordered_positions_equal_dense_attention_over_the_attended_tokens_in_ord
 
 
 # The paper's chunking: these tests check selections against the mean query of each chunk.
-MINMAX = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32,
+MINMAX = InfLLMConfig.paper(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32,
                       unit_score="minmax", chunking="step")
 
 
@@ -642,7 +642,7 @@ def test_retrieval_layer_reads_a_needle_the_bound_misses():
     k[32 + 16 * needle_unit : 48 + 16 * needle_unit] = 0.1 * torch.randn(16, 1, D, generator=g)  # a narrow unit
     direction = torch.nn.functional.normalize(torch.randn(D, generator=g), dim=0)
     k[32 + 16 * needle_unit + 5, 0] = 12 * direction  # ... holding the needle (filler's best: ~8)
-    cfg = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=1, repr_topk=3, chunk=32, unit_score="minmax")
+    cfg = InfLLMConfig.paper(n_init=32, n_local=64, block_size=16, topk=1, repr_topk=3, chunk=32, unit_score="minmax")
     cos, sin = rope_table(D, 512)
     # the last query asks for the needle: rotated to the global position n_local-1, it is `direction`
     q[T - 1, 0] = rotate(direction[None, None], cos, sin, torch.tensor([-(cfg.n_local - 1)]))[0, 0]

@@ -26,7 +26,7 @@ T, PROMPT, Hq, Hkv, D = 300, 260, 4, 2, 8
     ],
 )
 def test_step_stats_count_what_the_oracle_attends(modes, steps):
-    cfg = InfLLMConfig(**{"n_init": 32, "n_local": 64, "block_size": 16, "topk": 2, "repr_topk": 3,
+    cfg = InfLLMConfig.paper(**{"n_init": 32, "n_local": 64, "block_size": 16, "topk": 2, "repr_topk": 3,
                           "chunk": 32, **modes})
     g = torch.Generator().manual_seed(0)
     q = torch.zeros(T, Hq, D)
@@ -61,7 +61,7 @@ def test_step_stats_count_what_the_oracle_attends(modes, steps):
 
 
 def test_step_stats_of_a_batch_add_up_per_request():
-    cfg = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32)
+    cfg = InfLLMConfig.paper(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32)
     alone = StepStats()
     for n, L in ((40, 200), (1, 301), (7, 90)):
         alone += step_stats(plan_step([0, n], [L], cfg, prompt_lens=[L]), cfg)

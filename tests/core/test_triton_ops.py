@@ -63,7 +63,7 @@ from vllm_infllm.core.plan import LayerMemory, plan_step  # noqa: E402
 from vllm_infllm.core.rope import RopeLayout, rope_table  # noqa: E402
 from vllm_infllm.testing import make_request, run_oracle, run_paged  # noqa: E402
 
-CFG = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=3, repr_topk=3, chunk=32)
+CFG = InfLLMConfig.paper(n_init=32, n_local=64, block_size=16, topk=3, repr_topk=3, chunk=32)
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-2, atol=2e-2)}
 
 
@@ -271,7 +271,7 @@ def test_attend_softcap_and_sinks(softcap, sinks, dtype, splits, monkeypatch):
 @in_process
 def test_attend_without_memory_scores():
     """topk = 0 (sliding window + sinks): no selection, scores untouched."""
-    cfg = InfLLMConfig(n_init=16, n_local=48, block_size=16, topk=0, repr_topk=2, chunk=16)
+    cfg = InfLLMConfig.paper(n_init=16, n_local=48, block_size=16, topk=0, repr_topk=2, chunk=16)
     Hq, Hkv, D = 4, 1, 32
     (kv, table, cos, sin), mem = paged_state(Hq, Hkv, D, [150, 90], torch.float32, cfg)
     query = torch.randn(17, Hq, D).to(DEVICE)
@@ -348,7 +348,7 @@ def test_runtime_matches_oracle(Hq, Hkv, D, splits, selection, positions, extra,
     """The whole runtime (write, seal, select, attend; waves; recycled stale state) vs the oracle."""
     monkeypatch.setattr(triton_ops, "DECODE_SPLITS", splits)
     monkeypatch.setattr(triton_ops, "BLOCK_N", 16 if splits > 1 else 64)
-    cfg = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32,
+    cfg = InfLLMConfig.paper(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32,
                        selection=selection, positions=positions, **extra)
     g = torch.Generator().manual_seed(7)
     reqs = [
@@ -379,7 +379,7 @@ def test_runtime_model_variants_match_oracle(rope, softcap, sinks, splits, monke
     whole Triton runtime, against the oracle that applies them as the model does."""
     monkeypatch.setattr(triton_ops, "DECODE_SPLITS", splits)
     monkeypatch.setattr(triton_ops, "BLOCK_N", 16 if splits > 1 else 64)
-    cfg = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32)
+    cfg = InfLLMConfig.paper(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32)
     Hq, Hkv, D = 4, 2, 32
     g = torch.Generator().manual_seed(8)
     reqs = [make_request([45, 77, 60], 4, Hq, Hkv, D, g, scale_qk=1.7),
@@ -394,7 +394,7 @@ def test_runtime_model_variants_match_oracle(rope, softcap, sinks, splits, monke
 @in_process
 def test_runtime_dense_regime_fp16():
     """seq_len <= n_init + n_local: exactly dense causal attention, fp16 cache and queries."""
-    cfg = InfLLMConfig(n_init=32, n_local=96, block_size=16, topk=2, repr_topk=2, chunk=32)
+    cfg = InfLLMConfig.paper(n_init=32, n_local=96, block_size=16, topk=2, repr_topk=2, chunk=32)
     Hq, Hkv, D = 4, 2, 32
     g = torch.Generator().manual_seed(8)
     reqs = [make_request([70], 5, Hq, Hkv, D, g), make_request([20, 30], 2, Hq, Hkv, D, g)]
@@ -521,7 +521,7 @@ def test_runtime_retrieval_layer_exact_and_sketch_match_oracle(Hq, Hkv, D, modes
     """retrieval_layer, unit_score="exact" and "sketch" on the Triton path, three layers: the
     layer below selects by its own score, the retrieval layer by every key, the layer above
     attends its units (docs/design.md section 2.7); every output as the oracle's."""
-    cfg = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=3, repr_topk=3, chunk=32, **modes)
+    cfg = InfLLMConfig.paper(n_init=32, n_local=64, block_size=16, topk=3, repr_topk=3, chunk=32, **modes)
     g = torch.Generator().manual_seed(8)
     reqs = [make_request([45, 77, 60], 4, Hq, Hkv, D, g), make_request([9], 20, Hq, Hkv, D, g),
             make_request([150], 3, Hq, Hkv, D, g)]

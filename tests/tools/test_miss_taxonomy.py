@@ -4,7 +4,7 @@ selections: which needle tokens only selection can bring, and the four kinds of 
 from benchmarks.engine.miss_taxonomy import classify
 from vllm_infllm.core.config import InfLLMConfig
 
-CFG = InfLLMConfig(n_init=128, n_local=1024, block_size=128, topk=4)
+CFG = InfLLMConfig.paper(n_init=128, n_local=1024, block_size=128, topk=4)
 P = 8000  # answering query: window [6977, 8000], 53 candidates, remainder [6912, 6977)
 
 

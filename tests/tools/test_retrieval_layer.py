@@ -14,7 +14,7 @@ from vllm_infllm.tools.retrieval_layer import exact_scores, recommend, record_ne
 def test_recorded_ranks_are_the_exact_scores_ranks_in_every_layer(monkeypatch):
     monkeypatch.setenv("VLLM_INFLLM_CPU_KERNEL", "torch")  # the wrapper is on the torch ops
     monkeypatch.setattr(torch_ops, "attend", torch_ops.attend)  # restored after the test
-    cfg = InfLLMConfig(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32)
+    cfg = InfLLMConfig.paper(n_init=32, n_local=64, block_size=16, topk=2, repr_topk=3, chunk=32)
     Hq, Hkv, D, layers = 6, 2, 32, 3
     req = make_request([200], 3, Hq, Hkv, D, torch.Generator().manual_seed(4))
     T = req.total

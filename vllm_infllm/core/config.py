@@ -18,8 +18,12 @@ class InfLLMConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class InfLLMConfig:
-    """InfLLM hyper-parameters (defaults are the paper's Mistral/Llama-3 settings and selection
-    rules, except `chunking`: load-independent selection chunks, the rule a server needs).
+    """InfLLM hyper-parameters. The sizes default to the paper's Mistral/Llama-3 settings; the
+    selection rule defaults to what retrieves best without a per-model setting (benchmarks/
+    RESULTS.md 2l): units scored by 4-bit sketches of their keys (`unit_score="sketch"`), global
+    keys in their original order (`positions="ordered"`), load-independent selection chunks
+    (`chunking="aligned"`, the rule a server needs). `InfLLMConfig.paper()` is the paper's rule
+    (`PAPER`: "mean_topk" and "fixed" over these defaults), its semantics unchanged.
 
     n_init:     tokens at the start of the sequence attended by every query ("init", attention sinks).
     n_local:    sliding window of ordinary attention ("local window").
@@ -49,16 +53,16 @@ class InfLLMConfig:
                               every raw key k of the unit (of h's KV head). Nothing is stored at
                               sealing; selection reads every candidate's keys, a cost linear in
                               the context per selection chunk (the attended keys stay bounded).
-                "sketch"    - the exact score of a 4-bit sketch of every raw key: per unit and
-                              KV head, minmax's box (per-channel min and max) and each key's
+                "sketch"    - the default: the exact score of a 4-bit sketch of every raw
+                              key: per unit and KV head, minmax's box (per-channel min and max) and each key's
                               channels rounded to one of 16 levels in it, stored at sealing
                               (B*Hkv*D/2 bytes per unit: 1/8 of fp32 keys, 1/4 of bf16 ones);
                               sum_h max_k <q̄_h, sketch(k)>. Selection still reads something of
                               every candidate's keys, 1/8-1/4 of what "exact" reads.
     positions:  where global keys sit (docs/design.md section 2.7):
                 "fixed"   - the paper's rule: every global key at relative distance n_local-1;
-                "ordered" - the global keys (init, selected units, remainder) in their original
-                            order at consecutive positions just before the local window, so the
+                "ordered" - the default: the global keys (init, selected units, remainder)
+                            in their original order at consecutive positions just before the local window, so the
                             model sees the order of the tokens it reads from memory (all at one
                             distance, a number's digits have none). Distances stay below
                             max_attended(); a context within n_init + n_local is exactly dense.
@@ -76,7 +80,7 @@ class InfLLMConfig:
                             again at every step's start and before every step's last query,
                             each selected by the mean of its queries. The answer depends on how
                             the scheduler splits the prompt (server load, max_num_batched_tokens).
-                "aligned" - load-independent: chunk-aligned spans of absolute positions whatever
+                "aligned" - the default, load-independent: chunk-aligned spans of absolute positions whatever
                             the steps, each selected by its first query (the only one every
                             schedule has computed when the chunk starts); a chunk split across
                             steps keeps that selection (stored with its first block). The
@@ -104,21 +108,38 @@ class InfLLMConfig:
     repr_topk: int = 4
     chunk: int = 512
     selection: str = "layer"
-    unit_score: str = "mean_topk"
-    positions: str = "fixed"
+    unit_score: str = "sketch"
+    positions: str = "ordered"
     contiguity: int = 0
     select_queries: int = 0
     chunking: str = "aligned"
     retrieval_layer: int = -1
 
-    #: The values each string-valued knob accepts (the first is the paper's rule; the default of
-    #: chunking is the second).
+    #: The values each string-valued knob accepts (the first is the paper's rule).
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "selection": ("layer", "kv_head"),
         "unit_score": ("mean_topk", "minmax", "max_topk", "exact", "sketch"),
         "positions": ("fixed", "ordered"),
         "chunking": ("step", "aligned"),
     }
+
+    #: The paper's rule, knob by knob: every knob beyond the paper at its paper value. `chunking`
+    #: is not among them: it says how a server cuts prompts into selection chunks, and the paper's
+    #: batch-size-1 code had one cut ("step" reproduces it under a scheduler).
+    PAPER: ClassVar[dict[str, str | int]] = {
+        "selection": "layer",
+        "unit_score": "mean_topk",
+        "positions": "fixed",
+        "contiguity": 0,
+        "select_queries": 0,
+        "retrieval_layer": -1,
+    }
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> InfLLMConfig:
+        """The paper's selection rule (`PAPER`) with the given sizes, e.g.
+        `InfLLMConfig.paper(n_local=1024, topk=4)`; overrides may name any knob."""
+        return cls(**{**cls.PAPER, **overrides})
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
