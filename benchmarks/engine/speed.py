@@ -7,8 +7,10 @@ Each configuration runs in its own subprocess of this invocation (one engine, cl
 one after the other, on the same prompts:
 
   infllm    attention_backend="infllm", additional_config {"infllm": --infllm-config}
-            (default {"n_local": 1024, "topk": 4}; other knobs = package defaults:
-            n_init 128, block 128, repr_topk 4, chunk 512)
+            (default {"n_local": 1024, "topk": 4}; other knobs = package defaults: n_init
+            128, block 128, repr_topk 4, chunk 512, and the selection rule, since 2026-12-07
+            the sketch with "ordered" positions, the paper's rule before: results files
+            older than that ran the paper's rule)
   cpu_attn  vLLM's own CPU attention backend (no attention_backend argument), max_model_len
             8192: SmolLM2's RoPE table ends at 8192, so cases with prompt + new tokens > 8192 are
             SKIPPED, unless --cpu-attn-long, which raises the table with
