@@ -54,18 +54,20 @@ class InfLLMConfig:
                               sealing; selection reads every candidate's keys, a cost linear in
                               the context per selection chunk (the attended keys stay bounded).
                 "sketch"    - the default: the exact score of a 4-bit sketch of every raw
-                              key: per unit and KV head, minmax's box (per-channel min and max) and each key's
-                              channels rounded to one of 16 levels in it, stored at sealing
-                              (B*Hkv*D/2 bytes per unit: 1/8 of fp32 keys, 1/4 of bf16 ones);
-                              sum_h max_k <q̄_h, sketch(k)>. Selection still reads something of
-                              every candidate's keys, 1/8-1/4 of what "exact" reads.
+                              key: per unit and KV head, minmax's box (per-channel min and
+                              max) and each key's channels rounded to one of 16 levels in it,
+                              stored at sealing (B*Hkv*D/2 bytes per unit: 1/8 of fp32 keys,
+                              1/4 of bf16 ones); sum_h max_k <q̄_h, sketch(k)>. Selection
+                              still reads something of every candidate's keys, 1/8-1/4 of
+                              what "exact" reads.
     positions:  where global keys sit (docs/design.md section 2.7):
                 "fixed"   - the paper's rule: every global key at relative distance n_local-1;
                 "ordered" - the default: the global keys (init, selected units, remainder)
-                            in their original order at consecutive positions just before the local window, so the
-                            model sees the order of the tokens it reads from memory (all at one
-                            distance, a number's digits have none). Distances stay below
-                            max_attended(); a context within n_init + n_local is exactly dense.
+                            in their original order at consecutive positions just before the
+                            local window, so the model sees the order of the tokens it reads
+                            from memory (all at one distance, a number's digits have none).
+                            Distances stay below max_attended(); a context within n_init +
+                            n_local is exactly dense.
     contiguity: neighbours a selected unit brings (docs/design.md section 2.7), on each side:
                 0 is the paper's rule; c > 0 ranks each candidate by the best score within c
                 units of it (then by its own score, then by position), so the best unit's
@@ -80,12 +82,12 @@ class InfLLMConfig:
                             again at every step's start and before every step's last query,
                             each selected by the mean of its queries. The answer depends on how
                             the scheduler splits the prompt (server load, max_num_batched_tokens).
-                "aligned" - the default, load-independent: chunk-aligned spans of absolute positions whatever
-                            the steps, each selected by its first query (the only one every
-                            schedule has computed when the chunk starts); a chunk split across
-                            steps keeps that selection (stored with its first block). The
-                            prompt's last query and every generated token select alone. Needs
-                            chunk to be a multiple of block_size.
+                "aligned" - the default, load-independent: chunk-aligned spans of absolute
+                            positions whatever the steps, each selected by its first query
+                            (the only one every schedule has computed when the chunk starts);
+                            a chunk split across steps keeps that selection (stored with its
+                            first block). The prompt's last query and every generated token
+                            select alone. Needs chunk to be a multiple of block_size.
     retrieval_layer: one layer that selects for the layers above it (docs/design.md section
                 2.7): -1 is the paper's rule (every layer selects its own units); L >= 0 (the
                 model's 0-based layer index) makes layer L score each candidate exactly,

@@ -2,7 +2,7 @@
 
     bash scripts/demo.sh                       # set-up, then this with the defaults
     python -m vllm_infllm.demo --length 12000 --depth 0.25 --topk 4 --n-local 1024 --control
-    python -m vllm_infllm.demo --n-local 1024 --infllm '{"unit_score": "mean_topk", "positions": "fixed"}'  # the paper's rule
+    python -m vllm_infllm.demo --infllm '{"unit_score": "mean_topk", "positions": "fixed"}'  # the paper's rule
 
 Runs vLLM's offline `LLM(attention_backend="infllm")` on the CPU build and prints, for each
 depth, the expected key, the model's answer, right/wrong and the time. `--control` also runs
