@@ -4,7 +4,6 @@ test_paged.py (every test there runs on both)."""
 
 import dataclasses
 import logging
-import subprocess
 
 import pytest
 import torch
@@ -294,14 +293,6 @@ def _cpu_has(flag: str) -> bool:
         return False
 
 
-def _native_build_macros() -> set[str]:
-    """The preprocessor macros the default build (native.cflags()) compiles with, e.g. __AVX2__."""
-    res = subprocess.run([native._compiler(), *native.cflags(), "-dM", "-E", "-x", "c++", "-"], input="",
-                         capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0, res.stderr
-    return {line.split()[1] for line in res.stdout.splitlines() if line.startswith("#define ")}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("isa", ["avx2", "portable"])
 def test_kernels_built_for_other_machines_match_torch_ops(isa, monkeypatch):
@@ -311,10 +302,6 @@ def test_kernels_built_for_other_machines_match_torch_ops(isa, monkeypatch):
     build here otherwise only ever compiles the one path this CPU selects."""
     if isa == "avx2" and not (_cpu_has("avx2") and _cpu_has("fma")):
         pytest.skip("this CPU cannot run AVX2 + FMA code")
-    if isa == "avx2" and {"__AVX2__", "__FMA__"} <= (macros := _native_build_macros()) and "__AVX512F__" not in macros:
-        # simd.h picks its path by these macros: an AVX2 machine's own build, which every other
-        # test here runs, already is the AVX2 path (a second build would cost ~100 s for nothing).
-        pytest.skip("this CPU's own build (-march=native) is the AVX2 + FMA path, run by every other test here")
     arch = {"avx2": ["-mavx2", "-mfma"], "portable": []}[isa]
     flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", *arch]
     monkeypatch.setattr(native, "cflags", lambda: flags)
