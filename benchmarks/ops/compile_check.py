@@ -26,7 +26,9 @@ spill bytes.
 
 Exit status 1 when a variant spills or fails to compile (so the quick test can assert it), or when
 the decode steps of different batch sizes need more than `--max-variants` variants in all.
-Kernels are compiled into a fresh Triton cache so that the compile times are real.
+Kernels are compiled into a fresh Triton cache so that the compile times are real, by `--jobs`
+processes at once (default: one per CPU; each compile is one thread, most of it Triton's passes and
+ptxas), forked after the variants are recorded.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import multiprocessing
 import os
 import re
 import sys
@@ -245,6 +248,26 @@ _SHOWN = ("PHASE", "SPLITS", "BLOCK_M", "QT", "G", "TOPK", "SCORES", "SOFTCAP", 
           "RESET", "BLOCK_D")
 
 
+_TO_COMPILE: list[Variant] = []  # what the forked workers compile, by index (they inherit it)
+
+
+def _compile_nth(i: int) -> dict:
+    return compile_variant(_TO_COMPILE[i])
+
+
+def compile_all(variants: list[Variant], jobs: int) -> list[dict]:
+    """compile_variant of each, `jobs` at a time in forked processes (a fork inherits the
+    recorded kernels, which do not pickle)."""
+    if jobs <= 1 or len(variants) <= 1:
+        return [compile_variant(v) for v in variants]
+    _TO_COMPILE[:] = variants
+    try:
+        with multiprocessing.get_context("fork").Pool(min(jobs, len(variants))) as pool:
+            return pool.map(_compile_nth, range(len(variants)), chunksize=1)
+    finally:
+        _TO_COMPILE.clear()
+
+
 def describe(v: Variant) -> str:
     ce = v.constexprs()
     return " ".join(f"{k}={ce[k]}" for k in _SHOWN if k in ce)
@@ -263,6 +286,7 @@ def main(argv=None) -> int:
                     help='InfLLM config over the package defaults (JSON), e.g. \'{"positions": "ordered"}\'')
     ap.add_argument("--softcap", type=float, default=0.0, help="the model's logit soft-capping (Gemma 2: 50)")
     ap.add_argument("--sinks", action="store_true", help="the model has learned sink logits (GPT-OSS)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiles at once (default: the CPUs)")
     args = ap.parse_args(argv)
 
     cfg = InfLLMConfig.from_dict(json.loads(args.infllm))  # default: the package defaults
@@ -271,10 +295,15 @@ def main(argv=None) -> int:
     print(f"# Triton kernels for sm_90 (triton {triton.__version__}, torch {torch.__version__})")
     print(f"config: {cfg}; softcap {args.softcap}, sinks {args.sinks}; steps: long/unaligned/mixed prefills "
           f"and decode batches 1..{args.max_batch}\n")
+    recorded = {(layout, dname): record_variants(layout, dtype, cfg, args.max_batch, args.softcap, args.sinks)
+                for layout in layouts for dname, dtype in dtypes.items()}
+    todo = [] if args.no_compile else [v for vs in recorded.values() for v in vs.values()
+                                       if not args.only or args.only in v.kernel]
+    compiled = dict(zip(map(id, todo), compile_all(todo, args.jobs), strict=True))
     report, ok = [], True
     for layout in layouts:
-        for dname, dtype in dtypes.items():
-            variants = record_variants(layout, dtype, cfg, args.max_batch, args.softcap, args.sinks)
+        for dname in dtypes:
+            variants = recorded[layout, dname]
             total = len(variants)
             head = f"## {layout[0]} (Hq {layout[1]}, Hkv {layout[2]}, D {layout[3]}), {dname}: {total} variants"
             if total > args.max_variants:
@@ -291,8 +320,8 @@ def main(argv=None) -> int:
                     by = (by + "; " if by else "") + f"decode batch {decode_n[0]}..{decode_n[-1]} ({len(decode_n)})"
                 row = {"layout": layout[0], "dtype": dname, "kernel": v.kernel, "constexprs": describe(v),
                        "launched_by": by}
-                if not args.no_compile and (not args.only or args.only in v.kernel):
-                    row.update(compile_variant(v))
+                if id(v) in compiled:
+                    row.update(compiled[id(v)])
                     if (row.get("error") or row.get("spill_stores") or row.get("spill_loads")
                             or row.get("shared_bytes", 0) > HOPPER_SMEM):
                         ok = False

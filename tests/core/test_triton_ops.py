@@ -48,6 +48,19 @@ def _interpret(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture
+def whole_runs(monkeypatch):
+    """For the tests that run the whole runtime over many steps: the interpreter without its
+    int32 overflow check. By default it checks every int32 add, sub and mul of a kernel (in
+    int64, then a device assert), which takes a third of these tests' time; the op-by-op tests
+    above run the same kernels with the check on. On a GPU there is no such check."""
+    if not ON_GPU:
+        from triton.runtime import interpreter
+
+        builder = interpreter.interpreter_builder
+        monkeypatch.setattr(builder, "options", dataclasses.replace(builder.options, sanitize_overflow=False))
+
+
 if not IN_PROCESS:  # the checks below cannot run here: run this file again in a subprocess
 
     def test_triton_ops_in_subprocess():
@@ -287,7 +300,7 @@ def test_attend_without_memory_scores():
 
 @in_process
 @pytest.mark.parametrize("splits", [1, 3])
-def test_static_decode_plan_replays_like_eager(splits, monkeypatch):
+def test_static_decode_plan_replays_like_eager(splits, monkeypatch, whole_runs):
     """A CUDA graph replays the launches of its capture; only buffer contents change. Emulated:
     the static decode plan of step A (padded batch, candidate bound, persistent table) is
     "captured"; step B's plan is then written into the same buffers and the ops are run again
@@ -344,7 +357,7 @@ def test_static_decode_plan_replays_like_eager(splits, monkeypatch):
     (4, 2, 32, 1, "layer", "ordered", {"unit_score": "max_topk", "chunking": "step"}),
     (2, 1, 256, 2, "layer", "fixed", {}),  # head size 256 (Gemma 2/3)
     (4, 2, 128, 1, "kv_head", "ordered", {"unit_score": "minmax"})])
-def test_runtime_matches_oracle(Hq, Hkv, D, splits, selection, positions, extra, monkeypatch):
+def test_runtime_matches_oracle(Hq, Hkv, D, splits, selection, positions, extra, monkeypatch, whole_runs):
     """The whole runtime (write, seal, select, attend; waves; recycled stale state) vs the oracle."""
     monkeypatch.setattr(triton_ops, "DECODE_SPLITS", splits)
     monkeypatch.setattr(triton_ops, "BLOCK_N", 16 if splits > 1 else 64)
@@ -374,7 +387,7 @@ def test_runtime_matches_oracle(Hq, Hkv, D, splits, selection, positions, extra,
 @pytest.mark.parametrize("rope,softcap,sinks,splits", [
     (RopeLayout(32, 16), 0.0, False, 1), (RopeLayout(32, 32, neox=False), 2.5, False, 2),
     (RopeLayout(32, 16, neox=False), 0.0, True, 2), (RopeLayout(32, 32), 3.0, True, 1)], ids=str)
-def test_runtime_model_variants_match_oracle(rope, softcap, sinks, splits, monkeypatch):
+def test_runtime_model_variants_match_oracle(rope, softcap, sinks, splits, monkeypatch, whole_runs):
     """Partial and GPT-J RoPE (channels permuted to NeoX), soft-capping and sinks through the
     whole Triton runtime, against the oracle that applies them as the model does."""
     monkeypatch.setattr(triton_ops, "DECODE_SPLITS", splits)
@@ -392,7 +405,7 @@ def test_runtime_model_variants_match_oracle(rope, softcap, sinks, splits, monke
 
 
 @in_process
-def test_runtime_dense_regime_fp16():
+def test_runtime_dense_regime_fp16(whole_runs):
     """seq_len <= n_init + n_local: exactly dense causal attention, fp16 cache and queries."""
     cfg = InfLLMConfig.paper(n_init=32, n_local=96, block_size=16, topk=2, repr_topk=2, chunk=32)
     Hq, Hkv, D = 4, 2, 32
@@ -517,7 +530,7 @@ def test_select_units_exact(Hq, Hkv, D, extra, dtype):
     (4, 1, 64, {"retrieval_layer": 0, "unit_score": "minmax", "selection": "kv_head", "chunking": "step",
                 "select_queries": 4}),
     (4, 2, 32, {"retrieval_layer": 1, "unit_score": "sketch", "selection": "kv_head", "positions": "ordered"})])
-def test_runtime_retrieval_layer_exact_and_sketch_match_oracle(Hq, Hkv, D, modes):
+def test_runtime_retrieval_layer_exact_and_sketch_match_oracle(Hq, Hkv, D, modes, whole_runs):
     """retrieval_layer, unit_score="exact" and "sketch" on the Triton path, three layers: the
     layer below selects by its own score, the retrieval layer by every key, the layer above
     attends its units (docs/design.md section 2.7); every output as the oracle's."""

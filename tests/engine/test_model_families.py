@@ -19,15 +19,20 @@ probe checks which kernel each layer ran and that every InfLLM layer holds the r
 beside it in the model. Families InfLLM cannot run fail while the engine starts, naming the
 feature and a fix (test_unsupported_family_fails_at_start).
 
-Each engine runs in its own subprocess (this file is also the child script).
+The engines run in one subprocess (this file is also the child script), one after another: the
+child's start (importing vLLM, ~15 s on 2 cores) would otherwise cost more than the tiny engines
+themselves. It reports each engine on its own line as it finishes, and an engine that raises is
+reported and the next one runs, so each family's test sees its own result or its own error.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -214,13 +219,9 @@ def _oracle_errors(model, capture: _Capture, prompt_len: int, hf_config) -> list
     return rows
 
 
-def _child(model_dir: str, backend: str) -> dict:
-    """Runs inside a fresh process: one engine, two generate rounds (and for InfLLM the long
-    prompt with the layers captured), JSON result."""
-    import vllm_infllm
-
-    vllm_infllm.register()  # the entry point is not installed in the dev venv
-
+def _engine(model_dir: str, backend: str) -> dict:
+    """One engine, two generate rounds (and for InfLLM the long prompt with the layers
+    captured), JSON result. Runs in the child process."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -281,25 +282,48 @@ def _child(model_dir: str, backend: str) -> dict:
         capture.on = False
         hf = llm.llm_engine.model_config.hf_text_config
         result["oracle"] = llm.apply_model(lambda m: _oracle_errors(m, capture, LONG_PROMPT, hf))[0]
+    del llm
     return result
 
 
-def run_engine(model_dir: Path, backend: str, timeout: int = 900) -> subprocess.CompletedProcess:
+MARKER = "@@RESULT@@"
+
+
+def _child(jobs: list[list[str]]) -> None:
+    """Runs inside a fresh process: each job (model folder, backend) in turn, one line each."""
+    import vllm_infllm
+
+    vllm_infllm.register()  # the entry point is not installed in the dev venv
+    for model_dir, backend in jobs:
+        row = {"model": model_dir, "backend": backend}
+        try:
+            row["result"] = _engine(model_dir, backend)
+        except Exception:  # reported under this job; the next engine still runs
+            row["error"] = traceback.format_exc()
+        gc.collect()  # the engine's KV cache goes before the next one allocates its own
+        print(MARKER + json.dumps(row), flush=True)
+
+
+def run_engines(jobs: list[tuple[Path, str]], timeout: int = 1800) -> tuple[dict, subprocess.CompletedProcess]:
+    """Runs the (model folder, backend) engines in one child; {(folder, backend): its line}."""
     env = dict(os.environ)
     env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    cmd = [sys.executable, __file__, "child", str(model_dir), backend]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = [sys.executable, __file__, "child", json.dumps([[str(m), b] for m, b in jobs])]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    rows = [json.loads(ln[len(MARKER):]) for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
+    return {(r["model"], r["backend"]): r for r in rows}, proc
 
 
-def engine_result(proc: subprocess.CompletedProcess) -> dict:
-    marker = "@@RESULT@@"
-    for line in proc.stdout.splitlines():
-        if line.startswith(marker):
-            return json.loads(line[len(marker):])
-    raise AssertionError(
-        f"engine child failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    )
+def engine_result(results: tuple[dict, subprocess.CompletedProcess], model_dir: Path, backend: str) -> dict:
+    rows, proc = results
+    row = rows.get((str(model_dir), backend))
+    if row is None:
+        raise AssertionError(f"the engine child ended before {backend} on {model_dir.name} "
+                             f"(rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    if "error" in row:
+        raise AssertionError(f"{backend} on {model_dir.name} raised:\n{row['error']}\n{proc.stderr[-3000:]}")
+    return row["result"]
 
 
 # ---------------------------------------------------------------- tests
@@ -319,13 +343,24 @@ SUPPORTED = {
 }
 
 
+@pytest.fixture(scope="module")
+def family_engines(request, tmp_path_factory):
+    """The families this session's tests ask for, each a tiny model with CPU_ATTN and InfLLM,
+    all in one engine child: (the models' folders, the child's results)."""
+    families = [item.callspec.params["family"] for item in request.session.items
+                if item.originalname == "test_family_matches_cpu_attn_and_the_oracle"]
+    root = tmp_path_factory.mktemp("families")
+    models = {f: make_tiny_model(f, root / f) for f in families}
+    return models, run_engines([(models[f], b) for f in families for b in ("CPU_ATTN", "infllm")])
+
+
 @pytest.mark.slow
 @pytest.mark.engine
 @pytest.mark.parametrize("family", list(SUPPORTED))
-def test_family_matches_cpu_attn_and_the_oracle(family, tmp_path):
-    model = make_tiny_model(family, tmp_path / family)
-    ref = engine_result(run_engine(model, "CPU_ATTN"))
-    ours = engine_result(run_engine(model, "infllm"))
+def test_family_matches_cpu_attn_and_the_oracle(family, family_engines):
+    models, results = family_engines
+    ref = engine_result(results, models[family], "CPU_ATTN")
+    ours = engine_result(results, models[family], "infllm")
     print(json.dumps({k: ours[k] for k in ("layers", "groups", "oracle")}, indent=1))
 
     kinds = ["window" if lay["window_impl"] else "infllm" for lay in ours["layers"]]
@@ -367,14 +402,14 @@ def test_family_matches_cpu_attn_and_the_oracle(family, tmp_path):
 def test_unsupported_family_fails_at_start(family, expect, tmp_path):
     """What InfLLM cannot run is refused while the model is built, before any request, with the
     feature named and what to do instead."""
-    proc = run_engine(make_tiny_model(family, tmp_path / family), "infllm", timeout=600)
-    assert "@@RESULT@@" not in proc.stdout
-    text = proc.stdout + proc.stderr
+    rows, proc = run_engines([(make_tiny_model(family, tmp_path / family), "infllm")], timeout=600)
+    (row,) = rows.values()
+    assert "result" not in row and "error" in row, row
+    text = row["error"] + proc.stderr
     assert "infllm does not support" in text and expect in text, text[-4000:]
     assert "attention-backend" in text or "hf-overrides" in text, text[-4000:]
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "child":
-    res = _child(sys.argv[2], sys.argv[3])
-    print("@@RESULT@@" + json.dumps(res), flush=True)
+    _child(json.loads(sys.argv[2]))
     os._exit(0)  # skip slow interpreter teardown of the engine

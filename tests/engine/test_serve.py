@@ -16,8 +16,9 @@ One shared server (module fixture, ~40 s to start on 2 cores) serves tests 1-5:
 Then, without the shared server:
 
 6. a typo in the InfLLM config makes ``vllm serve`` exit non-zero quickly, with our message;
-7. ``--attention-backend CUSTOM``, the alias registered to the same class, serves too;
-8. a fault injected into a step fails the request and stops the server loudly, with our message.
+7. ``--attention-backend CUSTOM``, the alias registered to the same class, serves too; then a
+   fault injected into a step fails the request and stops that server loudly, with our message
+   (one server for both: a start costs ~40 s).
 
 vLLM's CPU platform forces the ``spawn`` start method, so ``vllm serve``'s engine-core process
 unpickles the config -- including ``AttentionBackendEnum.INFLLM`` -- before it loads plugins;
@@ -355,21 +356,6 @@ def test_bad_infllm_config_fails_fast(model_dir, tmp_path):
     assert "Application startup complete" not in out and "EngineCore" not in out, out[-6000:]
 
 
-def test_custom_alias_serves(model_dir, tmp_path):
-    """``--attention-backend CUSTOM`` (overridden to our class by the plugin) serves as well."""
-    srv = Server(model_dir, tmp_path / "vllm-serve-custom.log", "CUSTOM", INFLLM)
-    try:
-        try:
-            srv.wait_healthy()
-        except ServerDied as e:
-            pytest.fail(str(e), pytrace=False)
-        assert "Using CUSTOM attention backend on CPU." in srv.log.read_text(errors="replace")
-        model = requests.get(srv.url + "/v1/models", timeout=30).json()["data"][0]["id"]
-        assert "Paris" in completion_text(post_completion(srv.url, model, SHORT_PROMPT, 5))
-    finally:
-        srv.stop()
-
-
 # A fault inside the backend, injected from outside the package: every Python process of the
 # server (the CLI, the API server, the spawned engine core) runs this sitecustomize, which wraps
 # the core's per-layer entry point to raise once the test creates the flag file.
@@ -386,8 +372,9 @@ _runtime.infllm_forward = _faulty
 """
 
 
-def test_a_fault_in_a_step_fails_loudly_not_silently(model_dir, tmp_path):
-    """A step that raises inside the backend: the request in flight fails (HTTP 5xx or a closed
+def test_custom_alias_serves_then_a_fault_in_a_step_fails_loudly(model_dir, tmp_path):
+    """``--attention-backend CUSTOM`` (overridden to our class by the plugin) serves a request.
+    Then a step that raises inside the backend: the request in flight fails (HTTP 5xx or a closed
     connection, never a hang), the log carries our message naming the layer and the cause, and
     the server exits: vLLM treats any error in a model step as fatal to its engine (the engine
     core reports itself dead and the API server shuts down), so an orchestrator can restart it."""
@@ -397,13 +384,14 @@ def test_a_fault_in_a_step_fails_loudly_not_silently(model_dir, tmp_path):
     flag = tmp_path / "fault-now"
     env = {"PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "INFLLM_TEST_FAULT_FILE": str(flag)}
-    srv = Server(model_dir, tmp_path / "vllm-serve-fault.log", "infllm", INFLLM, env=env)
+    srv = Server(model_dir, tmp_path / "vllm-serve-custom.log", "CUSTOM", INFLLM, env=env)
     try:
         try:
             srv.wait_healthy()
         except ServerDied as e:
             pytest.fail(str(e), pytrace=False)
-        model = str(model_dir)
+        assert "Using CUSTOM attention backend on CPU." in srv.log.read_text(errors="replace")
+        model = requests.get(srv.url + "/v1/models", timeout=30).json()["data"][0]["id"]
         assert "Paris" in completion_text(post_completion(srv.url, model, SHORT_PROMPT, 5))
         flag.touch()
         t0 = time.monotonic()

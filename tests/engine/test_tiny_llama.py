@@ -3,19 +3,22 @@
 A real ``vllm.LLM`` with ``attention_backend="infllm"``, every prompt shorter than ``n_local``
 (where InfLLM is exactly dense attention), must produce the same greedy tokens as vLLM's CPU_ATTN
 backend, on a batch with mixed prefill/decode, prompts spanning several 128-token blocks, chunked
-prefill, and prefix caching on/off. Each engine runs in its own subprocess (this file is also the
-child script). Beyond the window, the adapter is checked against the oracle without an engine
+prefill, and prefix caching on/off. The engines run one after another in one subprocess (this file
+is also the child script; the child's start, importing vLLM, costs more than these engines).
+Beyond the window, the adapter is checked against the oracle without an engine
 (tests/adapter/test_backend_vs_oracle.py).
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -63,20 +66,15 @@ def make_prompts() -> tuple[list[list[int]], list[list[int]]]:
 # ---------------------------------------------------------------- child process
 
 
-def _child(model_dir: str, backend: str, prefix_caching: bool, unit_score: str = "mean_topk") -> dict:
-    """Runs inside a fresh process: one engine, two generate rounds, JSON result."""
-    import vllm_infllm
+#: What our backend does in the child (the engines run in-process), counted per engine: forward
+#: calls with metadata, and steps whose batch mixes decodes and prefills.
+COUNTS = {"forward_calls": 0, "mixed_batches": 0}
 
-    vllm_infllm.register()  # the entry point is not installed in the dev venv
 
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
+def _count_backend_calls() -> None:
     from vllm_infllm.adapter.backend import InfLLMAttentionImpl, InfLLMMetadataBuilder
 
-    # Count what our backend does in this process (the engine runs in-process): forward calls
-    # with metadata, and steps whose batch mixes decodes and prefills.
-    counts = {"forward_calls": 0, "mixed_batches": 0}
+    counts = COUNTS
 
     build, forward = InfLLMMetadataBuilder.build, InfLLMAttentionImpl.forward
 
@@ -96,6 +94,19 @@ def _child(model_dir: str, backend: str, prefix_caching: bool, unit_score: str =
 
     InfLLMAttentionImpl.forward = counted_forward
 
+
+def _prefix_cache_hits(llm) -> float:
+    # vLLM's metrics live in the process's Prometheus registry: they add up over the engines
+    # this child ran, so each engine reads the change over its own rounds.
+    return sum(getattr(m, "value", 0) for m in llm.get_metrics() if m.name == "vllm:prefix_cache_hits")
+
+
+def _engine(model_dir: str, backend: str, prefix_caching: bool, unit_score: str) -> dict:
+    """One engine, two generate rounds, JSON result. Runs in the child process."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    COUNTS.update(forward_calls=0, mixed_batches=0)
     t0 = time.time()
     llm = LLM(
         model=model_dir,
@@ -112,6 +123,7 @@ def _child(model_dir: str, backend: str, prefix_caching: bool, unit_score: str =
         disable_log_stats=False,
     )
     t_init = time.time() - t0
+    hits0 = _prefix_cache_hits(llm)
     sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False)
     round1, round2 = make_prompts()
     t0 = time.time()
@@ -119,10 +131,8 @@ def _child(model_dir: str, backend: str, prefix_caching: bool, unit_score: str =
     out2 = llm.generate([TokensPrompt(prompt_token_ids=p) for p in round2], sp, use_tqdm=False)
     t_gen = time.time() - t0
 
-    hits = None
-    for m in llm.get_metrics():
-        if m.name == "vllm:prefix_cache_hits":
-            hits = getattr(m, "value", None)
+    hits = _prefix_cache_hits(llm) - hits0
+    counts = dict(COUNTS)
 
     def probe(model):  # runs in the (in-process) worker
         from vllm.model_executor.layers import rotary_embedding as re_mod
@@ -182,8 +192,29 @@ def _child(model_dir: str, backend: str, prefix_caching: bool, unit_score: str =
     }
 
 
-def run_engine(model_dir: Path, backend: str, prefix_caching: bool, unit_score: str = "mean_topk",
-               timeout: int = 900) -> dict:
+MARKER = "@@RESULT@@"
+
+
+def _child(model_dir: str, jobs: list[list]) -> None:
+    """Runs inside a fresh process: each job (backend, prefix caching, unit score) in turn, one
+    line each; a job that raises is reported and the next one runs."""
+    import vllm_infllm
+
+    vllm_infllm.register()  # the entry point is not installed in the dev venv
+    _count_backend_calls()
+    for job in jobs:
+        row = {"job": job}
+        try:
+            row["result"] = _engine(model_dir, *job)
+        except Exception:
+            row["error"] = traceback.format_exc()
+        gc.collect()  # the engine's KV cache goes before the next one allocates its own
+        print(MARKER + json.dumps(row), flush=True)
+
+
+def run_engines(model_dir: Path, jobs: list[tuple[str, bool, str]], timeout: int = 1500) -> dict:
+    """The engines (backend, prefix caching, unit score) in one child: {job: its line}, and the
+    child's output under "proc"."""
     env = dict(os.environ)
     env.update(
         VLLM_ENABLE_V1_MULTIPROCESSING="0",
@@ -191,35 +222,46 @@ def run_engine(model_dir: Path, backend: str, prefix_caching: bool, unit_score: 
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
     )
-    cmd = [sys.executable, __file__, "child", str(model_dir), backend, str(int(prefix_caching)), unit_score]
+    cmd = [sys.executable, __file__, "child", str(model_dir), json.dumps(jobs)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    marker = "@@RESULT@@"
-    for line in proc.stdout.splitlines():
-        if line.startswith(marker):
-            return json.loads(line[len(marker):])
-    raise AssertionError(
-        f"engine child failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    )
+    rows = [json.loads(ln[len(MARKER):]) for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
+    return {**{tuple(r["job"]): r for r in rows}, "proc": proc}
+
+
+def engine_result(results: dict, *job) -> dict:
+    row, proc = results.get(job), results["proc"]
+    if row is None:
+        raise AssertionError(f"the engine child ended before {job} (rc={proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    if "error" in row:
+        raise AssertionError(f"{job} raised:\n{row['error']}\n{proc.stderr[-3000:]}")
+    return row["result"]
 
 
 # ---------------------------------------------------------------- engine test
 
 
+CASES = [(False, "mean_topk"), (True, "mean_topk"), (True, "minmax")]
+
+
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+def tiny_engines(tmp_path_factory) -> dict:
+    """CPU_ATTN with prefix caching off and on, and InfLLM in each case, in one engine child."""
+    model = make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+    jobs = [("CPU_ATTN", caching, "mean_topk") for caching in (False, True)]
+    return run_engines(model, jobs + [("infllm", caching, score) for caching, score in CASES])
 
 
 @pytest.mark.slow
 @pytest.mark.engine
-@pytest.mark.parametrize("prefix_caching,unit_score", [(False, "mean_topk"), (True, "mean_topk"), (True, "minmax")])
-def test_engine_matches_cpu_attn(tiny_model, prefix_caching, unit_score):
+@pytest.mark.parametrize("prefix_caching,unit_score", CASES)
+def test_engine_matches_cpu_attn(tiny_engines, prefix_caching, unit_score):
     """With prefix caching, InfLLM's block manager (adapter/kv_cache.py) lets a block serve a hit
     only once its representatives are settled: with the paper's representatives that takes
     n_local (4096) more tokens of the writer, which these prompts never reach, so nothing hits;
     with minmax representatives (the block's own keys) every prompt block can."""
-    ref = run_engine(tiny_model, "CPU_ATTN", prefix_caching)
-    ours = run_engine(tiny_model, "infllm", prefix_caching, unit_score)
+    ref = engine_result(tiny_engines, "CPU_ATTN", prefix_caching, "mean_topk")
+    ours = engine_result(tiny_engines, "infllm", prefix_caching, unit_score)
     print(json.dumps({k: v for k, v in ours.items() if k not in ("round1", "round2")}, indent=1))
     print("timings: ref", ref["t_init"], ref["t_generate"], "infllm", ours["t_init"], ours["t_generate"])
 
@@ -255,6 +297,5 @@ def test_engine_matches_cpu_attn(tiny_model, prefix_caching, unit_score):
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "child":
-    res = _child(sys.argv[2], sys.argv[3], bool(int(sys.argv[4])), sys.argv[5])
-    print("@@RESULT@@" + json.dumps(res), flush=True)
+    _child(sys.argv[2], json.loads(sys.argv[3]))
     os._exit(0)  # skip slow interpreter teardown of the engine
