@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up (idempotent, fast when done), lint, and run the test suite.
-#   bash scripts/test.sh                  # everything (~9 min on a fresh 2-core clone)
-#   bash scripts/test.sh -m "not slow"    # the fast tier (~1.5 min): no real engines
+#   bash scripts/test.sh                  # everything (times by machine: README, "The two commands")
+#   bash scripts/test.sh -m "not slow"    # the fast tier: no real engines
 #   bash scripts/test.sh tests/core -x    # arguments go to pytest
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

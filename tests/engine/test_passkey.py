@@ -2,10 +2,9 @@
 window, the sliding-window control does not, and batching / prefix caching do not change it.
 
 The engines run in one subprocess (in-process engine: VLLM_ENABLE_V1_MULTIPROCESSING=0), so a
-crash cannot take pytest down; they run one after another there, each test's in turn, because the
-child's start (importing vLLM, ~15 s on 2 cores) would cost as much as a test's engines. Each
-test's run is reported on its own line as it ends, and a run that raises is reported under its
-test while the next one runs.
+crash cannot take pytest down; they run one after another there, each test's in turn, so that
+only one child pays the start (importing vLLM, ~15 s on 2 cores). Each test's run is reported on
+its own line as it ends, and a run that raises is reported under its test while the next one runs.
 """
 
 from __future__ import annotations
