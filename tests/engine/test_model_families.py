@@ -363,6 +363,8 @@ def test_family_matches_cpu_attn_and_the_oracle(family, family_engines):
     ours = engine_result(results, models[family], "infllm")
     print(json.dumps({k: ours[k] for k in ("layers", "groups", "oracle")}, indent=1))
 
+    # The reference ran vLLM's own backend (its engine ran in the child after other families' InfLLM ones).
+    assert {lay["impl"] for lay in ref["layers"]} == {"CPUAttentionBackendImpl"}, ref["layers"]
     kinds = ["window" if lay["window_impl"] else "infllm" for lay in ours["layers"]]
     assert kinds == SUPPORTED[family]
     # InfLLM layers get InfLLM's spec and block manager; sliding layers keep vLLM's, which frees
