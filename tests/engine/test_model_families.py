@@ -19,24 +19,20 @@ probe checks which kernel each layer ran and that every InfLLM layer holds the r
 beside it in the model. Families InfLLM cannot run fail while the engine starts, naming the
 feature and a fix (test_unsupported_family_fails_at_start).
 
-The engines run in one subprocess (this file is also the child script), one after another: the
-child's start (importing vLLM, ~15 s on 2 cores) would otherwise cost more than the tiny engines
-themselves. It reports each engine on its own line as it finishes, and an engine that raises is
-reported and the next one runs, so each family's test sees its own result or its own error.
+The engines run one after another in one subprocess (this file is also the child script;
+engine_child.py says why and how).
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import os
-import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
+from engine_child import ChildResults, report, run_child
 
 COMMON = dict(
     vocab_size=512,
@@ -286,44 +282,18 @@ def _engine(model_dir: str, backend: str) -> dict:
     return result
 
 
-MARKER = "@@RESULT@@"
-
-
 def _child(jobs: list[list[str]]) -> None:
-    """Runs inside a fresh process: each job (model folder, backend) in turn, one line each."""
+    """Runs inside a fresh process: each job [model folder, backend] in turn, one line each."""
     import vllm_infllm
 
     vllm_infllm.register()  # the entry point is not installed in the dev venv
-    for model_dir, backend in jobs:
-        row = {"model": model_dir, "backend": backend}
-        try:
-            row["result"] = _engine(model_dir, backend)
-        except Exception:  # reported under this job; the next engine still runs
-            row["error"] = traceback.format_exc()
-        gc.collect()  # the engine's KV cache goes before the next one allocates its own
-        print(MARKER + json.dumps(row), flush=True)
+    for job in jobs:
+        report(job, _engine, *job)
 
 
-def run_engines(jobs: list[tuple[Path, str]], timeout: int = 1800) -> tuple[dict, subprocess.CompletedProcess]:
-    """Runs the (model folder, backend) engines in one child; {(folder, backend): its line}."""
-    env = dict(os.environ)
-    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    cmd = [sys.executable, __file__, "child", json.dumps([[str(m), b] for m, b in jobs])]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    rows = [json.loads(ln[len(MARKER):]) for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
-    return {(r["model"], r["backend"]): r for r in rows}, proc
-
-
-def engine_result(results: tuple[dict, subprocess.CompletedProcess], model_dir: Path, backend: str) -> dict:
-    rows, proc = results
-    row = rows.get((str(model_dir), backend))
-    if row is None:
-        raise AssertionError(f"the engine child ended before {backend} on {model_dir.name} "
-                             f"(rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    if "error" in row:
-        raise AssertionError(f"{backend} on {model_dir.name} raised:\n{row['error']}\n{proc.stderr[-3000:]}")
-    return row["result"]
+def run_engines(jobs: list[tuple[Path, str]], timeout: int = 1800) -> ChildResults:
+    """The (model folder, backend) engines in one child; `.result([folder, backend])` each."""
+    return run_child(__file__, json.dumps([[str(m), b] for m, b in jobs]), timeout=timeout)
 
 
 # ---------------------------------------------------------------- tests
@@ -359,8 +329,8 @@ def family_engines(request, tmp_path_factory):
 @pytest.mark.parametrize("family", list(SUPPORTED))
 def test_family_matches_cpu_attn_and_the_oracle(family, family_engines):
     models, results = family_engines
-    ref = engine_result(results, models[family], "CPU_ATTN")
-    ours = engine_result(results, models[family], "infllm")
+    ref = results.result([str(models[family]), "CPU_ATTN"])
+    ours = results.result([str(models[family]), "infllm"])
     print(json.dumps({k: ours[k] for k in ("layers", "groups", "oracle")}, indent=1))
 
     # The reference ran vLLM's own backend (its engine ran in the child after other families' InfLLM ones).
@@ -404,10 +374,11 @@ def test_family_matches_cpu_attn_and_the_oracle(family, family_engines):
 def test_unsupported_family_fails_at_start(family, expect, tmp_path):
     """What InfLLM cannot run is refused while the model is built, before any request, with the
     feature named and what to do instead."""
-    rows, proc = run_engines([(make_tiny_model(family, tmp_path / family), "infllm")], timeout=600)
-    (row,) = rows.values()
+    model = make_tiny_model(family, tmp_path / family)
+    results = run_engines([(model, "infllm")], timeout=600)
+    row = results.row([str(model), "infllm"])
     assert "result" not in row and "error" in row, row
-    text = row["error"] + proc.stderr
+    text = row["error"] + results.proc.stderr
     assert "infllm does not support" in text and expect in text, text[-4000:]
     assert "attention-backend" in text or "hf-overrides" in text, text[-4000:]
 

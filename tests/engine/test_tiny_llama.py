@@ -4,7 +4,7 @@ A real ``vllm.LLM`` with ``attention_backend="infllm"``, every prompt shorter th
 (where InfLLM is exactly dense attention), must produce the same greedy tokens as vLLM's CPU_ATTN
 backend, on a batch with mixed prefill/decode, prompts spanning several 128-token blocks, chunked
 prefill, and prefix caching on/off. The engines run one after another in one subprocess (this file
-is also the child script; the child's start, importing vLLM, costs more than these engines).
+is also the child script; engine_child.py says why and how).
 Beyond the window, the adapter is checked against the oracle without an engine
 (tests/adapter/test_backend_vs_oracle.py).
 """
@@ -12,17 +12,15 @@ Beyond the window, the adapter is checked against the oracle without an engine
 from __future__ import annotations
 
 import functools
-import gc
 import json
 import os
-import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
+from engine_child import ChildResults, report, run_child
 
 # ---------------------------------------------------------------- tiny model and prompts
 
@@ -192,50 +190,20 @@ def _engine(model_dir: str, backend: str, prefix_caching: bool, unit_score: str)
     }
 
 
-MARKER = "@@RESULT@@"
-
-
 def _child(model_dir: str, jobs: list[list]) -> None:
-    """Runs inside a fresh process: each job (backend, prefix caching, unit score) in turn, one
-    line each; a job that raises is reported and the next one runs."""
+    """Runs inside a fresh process: each job [backend, prefix caching, unit score] in turn, one
+    line each."""
     import vllm_infllm
 
     vllm_infllm.register()  # the entry point is not installed in the dev venv
     _count_backend_calls()
     for job in jobs:
-        row = {"job": job}
-        try:
-            row["result"] = _engine(model_dir, *job)
-        except Exception:
-            row["error"] = traceback.format_exc()
-        gc.collect()  # the engine's KV cache goes before the next one allocates its own
-        print(MARKER + json.dumps(row), flush=True)
+        report(job, _engine, model_dir, *job)
 
 
-def run_engines(model_dir: Path, jobs: list[tuple[str, bool, str]], timeout: int = 1500) -> dict:
-    """The engines (backend, prefix caching, unit score) in one child: {job: its line}, and the
-    child's output under "proc"."""
-    env = dict(os.environ)
-    env.update(
-        VLLM_ENABLE_V1_MULTIPROCESSING="0",
-        VLLM_CPU_KVCACHE_SPACE="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-    )
-    cmd = [sys.executable, __file__, "child", str(model_dir), json.dumps(jobs)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    rows = [json.loads(ln[len(MARKER):]) for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
-    return {**{tuple(r["job"]): r for r in rows}, "proc": proc}
-
-
-def engine_result(results: dict, *job) -> dict:
-    row, proc = results.get(job), results["proc"]
-    if row is None:
-        raise AssertionError(f"the engine child ended before {job} (rc={proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    if "error" in row:
-        raise AssertionError(f"{job} raised:\n{row['error']}\n{proc.stderr[-3000:]}")
-    return row["result"]
+def run_engines(model_dir: Path, jobs: list[list], timeout: int = 1500) -> ChildResults:
+    """The engines [backend, prefix caching, unit score] in one child; `.result(job)` each."""
+    return run_child(__file__, str(model_dir), json.dumps(jobs), timeout=timeout)
 
 
 # ---------------------------------------------------------------- engine test
@@ -245,11 +213,11 @@ CASES = [(False, "mean_topk"), (True, "mean_topk"), (True, "minmax")]
 
 
 @pytest.fixture(scope="module")
-def tiny_engines(tmp_path_factory) -> dict:
+def tiny_engines(tmp_path_factory) -> ChildResults:
     """CPU_ATTN with prefix caching off and on, and InfLLM in each case, in one engine child."""
     model = make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
-    jobs = [("CPU_ATTN", caching, "mean_topk") for caching in (False, True)]
-    return run_engines(model, jobs + [("infllm", caching, score) for caching, score in CASES])
+    jobs = [["CPU_ATTN", caching, "mean_topk"] for caching in (False, True)]
+    return run_engines(model, jobs + [["infllm", caching, score] for caching, score in CASES])
 
 
 @pytest.mark.slow
@@ -260,8 +228,8 @@ def test_engine_matches_cpu_attn(tiny_engines, prefix_caching, unit_score):
     only once its representatives are settled: with the paper's representatives that takes
     n_local (4096) more tokens of the writer, which these prompts never reach, so nothing hits;
     with minmax representatives (the block's own keys) every prompt block can."""
-    ref = engine_result(tiny_engines, "CPU_ATTN", prefix_caching, "mean_topk")
-    ours = engine_result(tiny_engines, "infllm", prefix_caching, unit_score)
+    ref = tiny_engines.result(["CPU_ATTN", prefix_caching, "mean_topk"])
+    ours = tiny_engines.result(["infllm", prefix_caching, unit_score])
     print(json.dumps({k: v for k, v in ours.items() if k not in ("round1", "round2")}, indent=1))
     print("timings: ref", ref["t_init"], ref["t_generate"], "infllm", ours["t_init"], ours["t_generate"])
 
