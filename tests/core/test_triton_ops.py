@@ -52,8 +52,9 @@ def _interpret(monkeypatch):
 def whole_runs(monkeypatch):
     """For the tests that run the whole runtime over many steps: the interpreter without its
     int32 overflow check. By default it checks every int32 add, sub and mul of a kernel (in
-    int64, then a device assert), which takes a third of these tests' time; the op-by-op tests
-    above run the same kernels with the check on. On a GPU there is no such check."""
+    int64, then a device assert), which takes a third of these tests' time; the op-by-op tests in
+    this file run each kernel with the check on. (A compiled kernel drops those asserts unless
+    Triton's debug mode is on.)"""
     if not ON_GPU:
         from triton.runtime import interpreter
 
