@@ -62,6 +62,11 @@ inline vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
 inline vfloat vsub(vfloat a, vfloat b) { return _mm512_sub_ps(a, b); }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
 inline vfloat vmax(vfloat a, vfloat b) { return _mm512_max_ps(a, b); }
+// max(best, x) lane by lane in which a NaN sticks: maxps returns its second operand when
+// either is NaN (so a NaN best stays), and an x that is NaN is blended in.
+inline vfloat vmax_sticky(vfloat best, vfloat x) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_max_ps(x, best), x);
+}
 inline float vsum(vfloat a) { return _mm512_reduce_add_ps(a); }
 inline vfloat vround(vfloat x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline vfloat vpow2i(vfloat p, vfloat n) { return _mm512_scalef_ps(p, n); }  // p * 2^n
@@ -112,6 +117,9 @@ inline vfloat vadd(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
 inline vfloat vsub(vfloat a, vfloat b) { return _mm256_sub_ps(a, b); }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
 inline vfloat vmax(vfloat a, vfloat b) { return _mm256_max_ps(a, b); }
+inline vfloat vmax_sticky(vfloat best, vfloat x) {
+  return _mm256_blendv_ps(_mm256_max_ps(x, best), x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
 inline float vsum(vfloat a) {
   __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   h = _mm_add_ps(h, _mm_movehl_ps(h, h));

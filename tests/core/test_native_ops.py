@@ -168,6 +168,36 @@ def test_select_units_matches_torch_ops(modes, dtype):
     assert (differ > 0) == (cfg.selection == "kv_head")
 
 
+@pytest.mark.parametrize("B,dtype", [(12, torch.float32), (12, torch.float16), (16, torch.float32)])
+def test_select_units_sketch_odd_unit_size_and_nan_box(B, dtype):
+    """unit_score="sketch" with units of 12 keys, which the vector path cannot tile whole (one
+    8-key tile and 4 keys left with AVX2, all 12 left with AVX-512), and of 16 (whole tiles
+    only): the torch op's units; and a NaN in a unit's box (so in every sketched key of that
+    channel) ranks the unit first on both paths, as a broken key must show (with 16 keys the
+    vector path's lane-wise max must keep it)."""
+    cfg = InfLLMConfig(n_init=2 * B, n_local=4 * B, block_size=B, topk=3, chunk=2 * B)
+    assert cfg.unit_score == "sketch"
+    Hq, Hkv, D = 6, 2, 64  # block_size * Hkv a multiple of 8: the codes fill whole fp32 rows
+    st = paged_state(Hq, Hkv, D, SEQ_LENS, dtype, cfg, device="cpu", seed=11)
+    cos, sin = rope_table(D, 1024)
+    query = torch.randn(sum(QUERY_LENS), Hq, D, generator=torch.Generator().manual_seed(12)).to(dtype)
+    chosen = 0
+    for wave in waves(cfg):
+        a = torch_ops.select_units(query, st.memory, st.block_table, wave, cos, sin, cfg, Hkv)
+        b = native_ops.select_units(query, st.memory, st.block_table, wave, cos, sin, cfg, Hkv)
+        assert torch.equal(a, b), (a, b)
+        chosen += int((a >= 0).sum())
+    assert chosen >= 4 * cfg.topk
+    wave = waves(cfg)[0]
+    assert wave.host["num_cand"][0] > cfg.topk
+    clean = torch_ops.select_units(query, st.memory, st.block_table, wave, cos, sin, cfg, Hkv)[0, 0].tolist()
+    unit = min(set(range(wave.host["num_cand"][0])) - set(clean))
+    st.memory.reprs[st.block_table[0, cfg.init_blocks + unit], 3, 5] = float("nan")  # KV head 1's max
+    for op in (torch_ops, native_ops):
+        got = op.select_units(query, st.memory, st.block_table, wave, cos, sin, cfg, Hkv)
+        assert unit in got[0, 0].tolist(), op.__name__
+
+
 @pytest.mark.parametrize("modes", [
     {}, {"selection": "kv_head"}, {"contiguity": 1}, {"chunking": "step", "select_queries": 5}])
 @pytest.mark.parametrize("dtype,packed", [(torch.float32, False), (torch.float16, False), (torch.bfloat16, True)])
@@ -316,3 +346,6 @@ def test_kernels_built_for_other_machines_match_torch_ops(isa, monkeypatch):
     run_both(4, 2, 64, torch.float32, CFG, softcap=2.0, sinks=True, seed=2)
     test_seal_units_matches_torch_ops({"unit_score": "max_topk"}, torch.float32, True)
     test_select_units_matches_torch_ops({}, torch.float32)
+    test_select_units_matches_torch_ops({"unit_score": "sketch"}, torch.float32)  # the sketch's vector path
+    test_select_units_sketch_odd_unit_size_and_nan_box(12, torch.float32)
+    test_select_units_sketch_odd_unit_size_and_nan_box(16, torch.float32)
