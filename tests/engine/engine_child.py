@@ -60,8 +60,8 @@ class ChildResults:
         return row["result"]
 
 
-def run_child(script: str, *args: str, timeout: int) -> ChildResults:
-    """Run `python script child ARGS...` with the engine environment."""
-    proc = subprocess.run([sys.executable, script, "child", *args], env={**os.environ, **ENV},
+def run_child(script: str, *args: str, timeout: int, env: dict | None = None) -> ChildResults:
+    """Run `python script child ARGS...` with the engine environment (and `env` over it)."""
+    proc = subprocess.run([sys.executable, script, "child", *args], env={**os.environ, **ENV, **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
     return ChildResults(proc)

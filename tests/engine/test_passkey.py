@@ -1,21 +1,20 @@
 """A real vLLM engine (CPU build) with the real model: SmolLM2-135M reads beyond InfLLM's local
 window, the sliding-window control does not, and batching / prefix caching do not change it.
 
-The engines run in one subprocess (in-process engine: VLLM_ENABLE_V1_MULTIPROCESSING=0), so a
-crash cannot take pytest down; they run one after another there, each test's in turn, so that
-only one child pays the start (importing vLLM, ~15 s on 2 cores). Each test's run is reported on
-its own line as it ends, and a run that raises is reported under its test while the next one runs.
+The engines run one after another in one child process (this file is also the child script;
+engine_child.py says why and how), each engine run once for the tests that read it: a run that
+raises is reported under the tests that need it while the next one runs.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import subprocess
 import sys
-import textwrap
 
 import pytest
+from engine_child import ChildResults, report, run_child
 
 from vllm_infllm.core.config import InfLLMConfig
 from vllm_infllm.tools.assets import default_model_dir
@@ -35,91 +34,104 @@ LENGTH = 4000
 # far outside the 512-token window; depth 0.9 (~400 tokens back) is inside it.
 DEPTHS = [0.5, 0.7, 0.9]
 
-# The child: each test's run, in turn. A run is either "engines" (each engine answers the passkey
-# prompts in its rounds, batched or one by one) or "prefix" (the prefix-cache turns below).
-RUNNER = textwrap.dedent(
-    """
-    import gc, json, sys, traceback
-    import vllm_infllm
-    vllm_infllm.register()  # as the entry point does in an installed package
+# ---------------------------------------------------------------- the child's runs
+# A run is either "engines" (each engine answers the passkey prompts in its rounds, batched or
+# one by one) or "prefix" (the prefix-cache turns of the last test).
+
+
+@functools.cache
+def _tokenizer(model: str):
     from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model)
+
+
+def _infllm_counters() -> dict:
+    """This process runs the engine: its Prometheus registry has our counters (they add up over
+    the process's engines, so each engine's are read as a difference)."""
+    from prometheus_client import REGISTRY
+
+    return {m.name: sum(x.value for x in m.samples if x.name.endswith("_total"))
+            for m in REGISTRY.collect() if m.name.startswith("vllm:infllm_")}
+
+
+def _engines(spec: dict) -> dict:
+    import gc
+
     from vllm import LLM, SamplingParams
+
     from vllm_infllm.tools.passkey import make_passkey_prompt
-
-    runs = json.loads(sys.argv[1])
-    tok = AutoTokenizer.from_pretrained(runs[0]["model"])
-
-    def infllm_counters():  # this process runs the engine: its Prometheus registry has ours
-        from prometheus_client import REGISTRY
-        return {m.name: sum(x.value for x in m.samples if x.name.endswith("_total"))
-                for m in REGISTRY.collect() if m.name.startswith("vllm:infllm_")}
 
     def preemptions(llm):
         return sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
 
-    def engines(spec):
-        prompts = [make_passkey_prompt(tok, n, d) for n, d in spec["prompts"]]
-        sp = SamplingParams(max_tokens=spec["max_tokens"], temperature=0, ignore_eos=spec["ignore_eos"])
-        result = {}
-        for name, kw in spec["engines"].items():
-            before = infllm_counters()
-            modes = kw.pop("modes", spec["modes"])  # this engine's own rounds
-            llm = LLM(**{"model": spec["model"], "enforce_eager": True, "dtype": "float32",
-                         "max_model_len": 8192, "attention_backend": "infllm", **kw})
-            stats = not kw.get("disable_log_stats", True)
-            preempted = preemptions(llm) if stats else 0
-            rounds = []
-            for mode in modes:
-                if mode == "batch":
-                    outs = llm.generate([p.text for p in prompts], sp, use_tqdm=False)
-                else:  # one by one
-                    outs = [llm.generate([p.text], sp, use_tqdm=False)[0] for p in prompts]
-                rounds.append([
-                    {"key": p.key, "text": o.outputs[0].text, "ids": list(o.outputs[0].token_ids),
-                     "ok": p.is_correct(o.outputs[0].text), "tokens": p.num_tokens,
-                     "needle": p.needle_token, "cached": o.num_cached_tokens or 0}
-                    for p, o in zip(prompts, outs)
-                ])
-            result[name] = rounds
-            result[name + ":counters"] = {k: v - before.get(k, 0) for k, v in infllm_counters().items()}
-            if stats:  # say whether vLLM preempted (its metrics add up over this process's engines)
-                result[name + ":preemptions"] = preemptions(llm) - preempted
-            del llm
-            gc.collect()
-        return result
+    prompts = [make_passkey_prompt(_tokenizer(spec["model"]), n, d) for n, d in spec["prompts"]]
+    sp = SamplingParams(max_tokens=spec["max_tokens"], temperature=0, ignore_eos=spec["ignore_eos"])
+    result = {}
+    for name, kw in spec["engines"].items():
+        before = _infllm_counters()
+        modes = kw.pop("modes", spec["modes"])  # this engine's own rounds
+        llm = LLM(**{"model": spec["model"], "enforce_eager": True, "dtype": "float32",
+                     "max_model_len": 8192, "attention_backend": "infllm", **kw})
+        stats = not kw.get("disable_log_stats", True)
+        preempted = preemptions(llm) if stats else 0
+        rounds = []
+        for mode in modes:
+            if mode == "batch":
+                outs = llm.generate([p.text for p in prompts], sp, use_tqdm=False)
+            else:  # one by one
+                outs = [llm.generate([p.text], sp, use_tqdm=False)[0] for p in prompts]
+            rounds.append([
+                {"key": p.key, "text": o.outputs[0].text, "ids": list(o.outputs[0].token_ids),
+                 "ok": p.is_correct(o.outputs[0].text), "tokens": p.num_tokens,
+                 "needle": p.needle_token, "cached": o.num_cached_tokens or 0}
+                for p, o in zip(prompts, outs, strict=True)
+            ])
+        result[name] = rounds
+        result[name + ":counters"] = {k: v - before.get(k, 0) for k, v in _infllm_counters().items()}
+        if stats:  # say whether vLLM preempted (its metrics add up over this process's engines)
+            result[name + ":preemptions"] = preemptions(llm) - preempted
+        del llm
+        gc.collect()
+    return result
 
-    def prefix(spec):
-        sp = SamplingParams(max_tokens=8, temperature=0)
-        first = make_passkey_prompt(tok, 2500, 0.5).text
-        # Another user's request: the same document, another question.
-        other = first + " Say it again. The pass key is"
-        result = {}
-        for name, caching in (("cached", True), ("fresh", False)):
-            llm = LLM(model=spec["model"], enforce_eager=True, dtype="float32", max_model_len=8192,
-                      attention_backend="infllm", enable_prefix_caching=caching,
-                      additional_config={"infllm": spec["infllm"]})
-            out = llm.generate([first], sp, use_tqdm=False)[0]
-            # The next turn: the first answer (generated tokens) is now part of the prompt.
-            turn = first + out.outputs[0].text + " Thank you. Once more: the pass key is"
-            rows = {}
-            for key, prompt in (("first", first), ("other", other), ("turn", turn)):
-                o = llm.generate([prompt], sp, use_tqdm=False)[0]
-                rows[key] = {"ids": list(o.outputs[0].token_ids), "cached": o.num_cached_tokens or 0,
-                             "tokens": len(o.prompt_token_ids)}
-            result[name] = rows
-            del llm
-            gc.collect()
-        return result
 
+def _prefix(spec: dict) -> dict:
+    import gc
+
+    from vllm import LLM, SamplingParams
+
+    from vllm_infllm.tools.passkey import make_passkey_prompt
+
+    sp = SamplingParams(max_tokens=8, temperature=0)
+    first = make_passkey_prompt(_tokenizer(spec["model"]), 2500, 0.5).text
+    # Another user's request: the same document, another question.
+    other = first + " Say it again. The pass key is"
+    result = {}
+    for name, caching in (("cached", True), ("fresh", False)):
+        llm = LLM(model=spec["model"], enforce_eager=True, dtype="float32", max_model_len=8192,
+                  attention_backend="infllm", enable_prefix_caching=caching,
+                  additional_config={"infllm": spec["infllm"]})
+        out = llm.generate([first], sp, use_tqdm=False)[0]
+        # The next turn: the first answer (generated tokens) is now part of the prompt.
+        turn = first + out.outputs[0].text + " Thank you. Once more: the pass key is"
+        rows = {}
+        for key, prompt in (("first", first), ("other", other), ("turn", turn)):
+            o = llm.generate([prompt], sp, use_tqdm=False)[0]
+            rows[key] = {"ids": list(o.outputs[0].token_ids), "cached": o.num_cached_tokens or 0,
+                         "tokens": len(o.prompt_token_ids)}
+        result[name] = rows
+        del llm
+        gc.collect()
+    return result
+
+
+def _child(runs: list[dict]) -> None:
+    import vllm_infllm
+
+    vllm_infllm.register()  # as the entry point does in an installed package
     for run in runs:
-        row = {"name": run["name"]}
-        try:
-            row["result"] = {"engines": engines, "prefix": prefix}[run["kind"]](run)
-        except Exception:  # reported under its test; the next run still goes
-            row["error"] = traceback.format_exc()
-        print("RESULT " + json.dumps(row), flush=True)
-    """
-)
+        report(run["name"], {"engines": _engines, "prefix": _prefix}[run["kind"]], run)
 
 
 def engines_run(engines: dict, prompts, modes=("batch",), max_tokens=8, ignore_eos=False) -> dict:
@@ -137,31 +149,30 @@ def beyond_window_run():
     )
 
 
-def prefix_and_batching_run():
-    # Different lengths in one generate call == one by one (prefix caching off: every request
-    # computes its own blocks), and a prefix-cached engine gives the same tokens both the first
-    # time and when the prompts hit its cache (the default's units are settled when sealed).
+# Prompts of different lengths whose needles lie ~1050, ~1500 and ~400 tokens back.
+MIXED = [(1500, 0.3), (3000, 0.5), (LENGTH, 0.9)]
+# chunking="aligned" (the default, named: the schedule tests are about it), prefix caching off:
+# every request computes its own blocks.
+ALIGNED = {"additional_config": {"infllm": {**SMALL_WINDOW, "chunking": "aligned"}}, "enable_prefix_caching": False}
+
+
+def batching_run():
+    # Different lengths in one generate call and one by one, each prompt prefilled alone in one
+    # step; and a prefix-cached engine, the first time and when the prompts hit its cache (the
+    # default's units are settled when sealed).
     return engines_run(
         {
-            "no_prefix_cache": {"additional_config": {"infllm": SMALL_WINDOW},
-                                "enable_prefix_caching": False, "max_num_batched_tokens": 8192},
-            "prefix_cache": {"additional_config": {"infllm": SMALL_WINDOW},
-                             "enable_prefix_caching": True, "max_num_batched_tokens": 8192},
+            "no_prefix_cache": {**ALIGNED, "max_num_batched_tokens": 8192},
+            "prefix_cache": {**ALIGNED, "enable_prefix_caching": True, "max_num_batched_tokens": 8192},
         },
-        [(1500, 0.3), (3000, 0.5), (LENGTH, 0.9)],
+        MIXED,
         modes=("batch", "single"),
     )
 
 
-ALIGNED = {"additional_config": {"infllm": {**SMALL_WINDOW, "chunking": "aligned"}}, "enable_prefix_caching": False}
-
-
-def aligned_schedule_run():
-    return engines_run(
-        {"one_step": {**ALIGNED, "max_num_batched_tokens": 8192, "modes": ["single"]},
-         "chunked": {**ALIGNED, "max_num_batched_tokens": 300, "modes": ["batch"]}},
-        [(3000, 0.3), (LENGTH, 0.5), (3500, 0.7)],
-    )
+def chunked_run():
+    # The same prompts batched under chunked prefill with a small odd token budget.
+    return engines_run({"chunked": {**ALIGNED, "max_num_batched_tokens": 300}}, MIXED)
 
 
 def preemption_run():
@@ -179,38 +190,35 @@ def prefix_cache_hits_run():
     return {"kind": "prefix", "model": str(MODEL), "infllm": {**SMALL_WINDOW, "chunking": "aligned"}}
 
 
-#: test -> its run
-RUNS = {
-    "test_passkey_beyond_window_and_control_fails": beyond_window_run,
-    "test_prefix_caching_and_batching_do_not_change_answers": prefix_and_batching_run,
-    "test_aligned_chunking_answers_do_not_depend_on_the_schedule": aligned_schedule_run,
-    "test_aligned_chunking_answers_survive_preemption": preemption_run,
-    "test_prefix_cache_hits_do_not_change_answers": prefix_cache_hits_run,
+#: run -> its spec
+RUNS = {"beyond_window": beyond_window_run, "batching": batching_run, "chunked": chunked_run,
+        "preemption": preemption_run, "prefix_hits": prefix_cache_hits_run}
+#: test -> the runs it reads
+NEEDS = {
+    "test_passkey_beyond_window_and_control_fails": ["beyond_window"],
+    "test_prefix_caching_and_batching_do_not_change_answers": ["batching"],
+    "test_aligned_chunking_answers_do_not_depend_on_the_schedule": ["batching", "chunked"],
+    "test_aligned_chunking_answers_survive_preemption": ["preemption"],
+    "test_prefix_cache_hits_do_not_change_answers": ["prefix_hits"],
 }
 
 
 @pytest.fixture(scope="module")
-def passkey_child(request):
-    """The runs of this session's tests in one child: (its lines by run name, the child)."""
-    names = [item.originalname for item in request.session.items if item.originalname in RUNS]
-    runs = [{"name": name, **RUNS[name]()} for name in names]
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="2",
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(runs)], env=env,
-                          capture_output=True, text=True, timeout=3000)
-    rows = [json.loads(ln[len("RESULT "):]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    return {r["name"]: r for r in rows}, proc
+def passkey_child(request) -> ChildResults:
+    """The runs this session's tests read, each once, in one child."""
+    tests = {item.originalname for item in request.session.items}
+    names = [run for run in RUNS if any(run in NEEDS[t] for t in tests & NEEDS.keys())]
+    return run_child(__file__, json.dumps([{"name": name, **RUNS[name]()} for name in names]), timeout=3000,
+                     env={"VLLM_CPU_KVCACHE_SPACE": "2", "TOKENIZERS_PARALLELISM": "false"})
 
 
 @pytest.fixture
 def result(request, passkey_child) -> dict:
-    """This test's run, from the shared child."""
-    rows, proc = passkey_child
-    row = rows.get(request.node.originalname)
-    assert row is not None, (f"the engine child ended before this test's run (rc={proc.returncode}):\n"
-                             + proc.stdout[-3000:] + proc.stderr[-6000:])
-    assert "error" not in row, row["error"] + proc.stderr[-3000:]
-    return row["result"]
+    """The runs this test reads, merged (their engines have distinct names)."""
+    merged = {}
+    for run in NEEDS[request.node.originalname]:
+        merged.update(passkey_child.result(run))
+    return merged
 
 
 def test_passkey_beyond_window_and_control_fails(result):
@@ -265,9 +273,9 @@ def test_aligned_chunking_answers_do_not_depend_on_the_schedule(result):
     """chunking="aligned" (docs/design.md 2.3): the same prompts give the same tokens prefilled
     alone in one step each and in a batch under chunked prefill with a small odd token budget
     (steps end inside selection chunks and mix with other requests' prefills and decodes). (With
-    chunking="step" the chunked-prefill engine changes the 3000-token prompt's answer:
-    benchmarks/RESULTS.md section 8.)"""
-    (alone,), (chunked,) = result["one_step"], result["chunked"]
+    chunking="step" such an engine changed a 3000-token prompt's answer: benchmarks/RESULTS.md
+    section 8.)"""
+    alone, (chunked,) = result["no_prefix_cache"][1], result["chunked"]  # [1]: one by one
     assert sum(r["ok"] for r in alone) >= 2, alone
     assert [r["ids"] for r in chunked] == [r["ids"] for r in alone], (alone, chunked)
 
@@ -296,3 +304,8 @@ def test_prefix_cache_hits_do_not_change_answers(result):
         # representatives depend on attention mass.
         tail = SMALL_WINDOW["n_local"] + 512 + 128
         assert 0 < cached[key]["cached"] and cached[key]["cached"] >= cached[key]["tokens"] - tail - 256, cached[key]
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "child":
+    _child(json.loads(sys.argv[2]))
+    os._exit(0)  # skip slow interpreter teardown of the engine
