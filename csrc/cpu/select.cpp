@@ -385,10 +385,7 @@ void select_impl(const torch::Tensor& query, const torch::Tensor& reprs, const t
             for (int64_t i = 0; i < G; ++i) {
               const float* qh = qbar + (kvh * G + i) * D;
               tile_dots(qh, raw.data(), m, D, dots.data());
-              for (int64_t t = 0; t < m; ++t) {  // a NaN dot sticks (as torch's amax): it ranks first
-                const float v = dots[t];
-                if (!std::isnan(best[i]) && (std::isnan(v) || v > best[i])) best[i] = v;
-              }
+              for (int64_t t = 0; t < m; ++t) keep_max(best[i], dots[t]);  // a NaN dot ranks first
             }
           }
           for (int64_t i = 0; i < G; ++i) sc[((kvh * G + i) / heads_per_group) * K + u] += best[i];
